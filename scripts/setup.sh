@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One-time (idempotent, cached) set-up of a fresh Debian machine for endofm:
+#   - Debian packages the build and tests need (installed only when missing);
+#   - a project-local venv `.venv` with libtorch 2.13.0 from the PyPI torch wheel (re-installed
+#     only when scripts/requirements.txt changes);
+#   - `.libtorch`, a link to the venv's torch package, which .cargo/config.toml points tch at,
+#     so plain `cargo build` / `cargo test` work in the repository root afterwards.
+# A second run takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+# --- Debian packages -------------------------------------------------------------------------
+# binutils: readelf (tests read the binaries' dynamic sections).
+debs=(binutils pkg-config)
+missing=()
+for p in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- Python venv with libtorch ------------------------------------------------------------
+py=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv with $($py --version)"
+  "$py" -m venv .venv
+fi
+stamp=.venv/.endofm-requirements
+want=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "installing scripts/requirements.txt into .venv (torch wheel with CUDA libraries, ~5 GB, a few minutes)"
+  .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
+  echo "$want" > "$stamp"
+fi
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+version=$(sed -n "s/^__version__ = '\(.*\)'/\1/p" "$site/torch/version.py")
+case "$version" in
+  2.13.0*) ;;
+  *) log "error: .venv has torch $version, endofm needs 2.13.0 (delete .venv and rerun)"; exit 1 ;;
+esac
+ln -sfn "${site#"$root"/}/torch" .libtorch
+
+# cudarc looks for libnccl.so, the wheel ships libnccl.so.2 only.
+nccl="$site/nvidia/nccl/lib"
+if [ -e "$nccl/libnccl.so.2" ] && [ ! -e "$nccl/libnccl.so" ]; then
+  ln -s libnccl.so.2 "$nccl/libnccl.so"
+fi
+log "ready: libtorch $version at .libtorch"

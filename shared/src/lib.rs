@@ -1,0 +1,9 @@
+//! Types shared by every endofm program (coordinator, CLI, worker): the model configuration with
+//! its named presets, the error type, and telemetry set-up. Never depends on libtorch.
+
+pub mod error;
+pub mod model_config;
+pub mod telemetry;
+
+pub use error::{Error, Result};
+pub use model_config::{HeadConfig, ModelConfig, ParamCounts, Preset};

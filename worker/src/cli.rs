@@ -1,0 +1,376 @@
+//! The `endofm-worker` command line: `model info | init | forward | verify | import | export`.
+//! Results go to stdout as JSON; logs go to stderr.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use tch::Device;
+
+use endofm_shared::{ModelConfig, Preset};
+
+use crate::convert;
+use crate::infer::{self, Precision};
+use crate::model::{EndoFm, LoadMode, weights};
+use crate::verify::{self, ReferenceDir, Tolerances};
+
+/// Command line of `endofm-worker`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "endofm-worker",
+    version,
+    about = "endofm worker: the Endo-FM network on libtorch"
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "auto", global = true)]
+    pub log_format: LogFormatArg,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormatArg {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
+    /// Text.
+    Text,
+    /// JSON lines.
+    Json,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The network: sizes, weights, inference, reference checks, checkpoint conversion.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+/// Which network configuration to use.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ModelSource {
+    /// A named preset (vit_b, tiny).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// A configuration file: the reference `config.json` format or endofm's own.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+impl ModelSource {
+    /// Resolves to a validated configuration.
+    pub fn resolve(&self) -> anyhow::Result<ModelConfig> {
+        match (&self.preset, &self.config) {
+            (Some(name), _) => Ok(name.parse::<Preset>()?.config()),
+            (None, Some(path)) => read_config(path),
+            (None, None) => bail!("give --preset or --config"),
+        }
+    }
+}
+
+fn read_config(path: &Path) -> anyhow::Result<ModelConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading model configuration {}", path.display()))?;
+    Ok(ModelConfig::from_json_str(
+        &text,
+        &path.display().to_string(),
+    )?)
+}
+
+/// Execution options shared by the compute commands.
+#[derive(Debug, Args)]
+pub struct Exec {
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Precision: fp32, or bf16 autocast (CUDA).
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub precision: Precision,
+    /// Intra-op CPU threads (default: libtorch's choice).
+    #[arg(long)]
+    pub threads: Option<i32>,
+}
+
+impl Exec {
+    /// Applies the thread count and parses the device.
+    pub fn setup(&self) -> anyhow::Result<Device> {
+        if let Some(n) = self.threads {
+            if n < 1 {
+                bail!("--threads must be at least 1, got {n}");
+            }
+            tch::set_num_threads(n);
+        }
+        parse_device(&self.device)
+    }
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N`; refuses CUDA when no GPU is visible.
+pub fn parse_device(s: &str) -> anyhow::Result<Device> {
+    let device = match s {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => Device::Cuda(0),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Device::Cuda(i),
+            _ => bail!("unknown device `{s}`: use cpu, cuda or cuda:N"),
+        },
+    };
+    let available = tch::Cuda::device_count() as usize;
+    match device {
+        Device::Cuda(i) if i >= available => {
+            bail!("device `{s}` requested, but this machine has {available} CUDA device(s)")
+        }
+        d => Ok(d),
+    }
+}
+
+/// `model` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Print the configuration and parameter counts as JSON.
+    Info {
+        /// Which network.
+        #[command(flatten)]
+        source: ModelSource,
+    },
+    /// Write randomly initialised weights (reference initialisation) to a safetensors file.
+    Init {
+        /// Which network.
+        #[command(flatten)]
+        source: ModelSource,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of libtorch's generator.
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+    },
+    /// Run every NAME.input of a safetensors file through the network (eval mode) and write
+    /// NAME.features and NAME.head.
+    Forward {
+        /// Which network.
+        #[command(flatten)]
+        source: ModelSource,
+        /// Weights (safetensors, published key names; loaded strictly).
+        #[arg(long)]
+        weights: PathBuf,
+        /// Inputs: safetensors with NAME.input tensors of shape (B, 3, T, H, W), float32.
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Output safetensors file.
+        #[arg(long)]
+        output: PathBuf,
+        /// Execution options.
+        #[command(flatten)]
+        exec: Exec,
+    },
+    /// Check forward and training-step parity against reference vectors; JSON per check; exit
+    /// status 1 when a check is out of tolerance.
+    Verify {
+        /// Directory with config.json, weights.safetensors, forward.safetensors and
+        /// (optionally) train_step.safetensors.
+        #[arg(long)]
+        reference: PathBuf,
+        /// Execution options.
+        #[command(flatten)]
+        exec: Exec,
+    },
+    /// Convert a PyTorch checkpoint (reference format: `student` / `teacher` dicts, keys maybe
+    /// prefixed `module.`) into safetensors files in a directory.
+    Import {
+        /// The .pth checkpoint.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Output directory (student.safetensors, teacher.safetensors, import.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Allow arbitrary pickled objects (only for files you trust).
+        #[arg(long)]
+        trust: bool,
+        /// Check the imported networks against this configuration (strict load).
+        #[command(flatten)]
+        check: OptionalModelSource,
+        /// Python with torch (default: the venv the worker was built with).
+        #[arg(long)]
+        python: Option<PathBuf>,
+    },
+    /// Write our safetensors weights as a reference-format PyTorch checkpoint.
+    Export {
+        /// Student weights.
+        #[arg(long)]
+        student: PathBuf,
+        /// Teacher weights (default: a copy of the student).
+        #[arg(long)]
+        teacher: Option<PathBuf>,
+        /// Output .pth file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Epoch recorded in the checkpoint.
+        #[arg(long)]
+        epoch: Option<u64>,
+        /// Python with torch (default: the venv the worker was built with).
+        #[arg(long)]
+        python: Option<PathBuf>,
+    },
+}
+
+/// An optional `--preset` / `--config`.
+#[derive(Debug, Args)]
+#[group(required = false, multiple = false)]
+pub struct OptionalModelSource {
+    /// A named preset to check against.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// A configuration file to check against.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{v}");
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Model(cmd) => run_model(cmd),
+    }
+}
+
+fn run_model(cmd: ModelCommand) -> anyhow::Result<()> {
+    match cmd {
+        ModelCommand::Info { source } => {
+            let cfg = source.resolve()?;
+            let analytic = cfg.param_counts();
+            let model = EndoFm::new(&cfg, Device::Cpu)?;
+            let counts = model.param_counts();
+            if counts != analytic {
+                bail!("internal: allocated {counts:?} but the configuration implies {analytic:?}");
+            }
+            let trainable: i64 = model
+                .var_store()
+                .trainable_variables()
+                .iter()
+                .map(tch::Tensor::numel)
+                .sum::<usize>() as i64;
+            print_json(&json!({
+                "preset": source.preset,
+                "params": counts.total,
+                "backbone_params": counts.backbone,
+                "head_params": counts.head,
+                "trainable_params": trainable,
+                "config": cfg,
+            }));
+            Ok(())
+        }
+        ModelCommand::Init { source, out, seed } => {
+            let cfg = source.resolve()?;
+            tch::manual_seed(seed);
+            let model = EndoFm::new(&cfg, Device::Cpu)?;
+            model.save(&out)?;
+            print_json(&json!({"out": out, "params": model.param_counts().total, "seed": seed}));
+            Ok(())
+        }
+        ModelCommand::Forward {
+            source,
+            weights: weights_path,
+            inputs,
+            output,
+            exec,
+        } => {
+            let device = exec.setup()?;
+            let cfg = source.resolve()?;
+            let inputs_map = weights::read(&inputs)?;
+            let mut model = EndoFm::new(&cfg, device)?;
+            model
+                .load(&weights_path, LoadMode::Strict)
+                .with_context(|| {
+                    format!(
+                        "loading {} into the configured network",
+                        weights_path.display()
+                    )
+                })?;
+            let started = std::time::Instant::now();
+            let outputs = infer::forward_named(&model, &inputs_map, exec.precision)?;
+            weights::write(&output, &outputs)?;
+            tracing::info!(output = %output.display(), tensors = outputs.len(), secs = started.elapsed().as_secs_f64(), "forward written");
+            print_json(&json!({
+                "output": output,
+                "tensors": outputs.keys().collect::<Vec<_>>(),
+                "seconds": started.elapsed().as_secs_f64(),
+            }));
+            Ok(())
+        }
+        ModelCommand::Verify { reference, exec } => {
+            let device = exec.setup()?;
+            let tol = Tolerances::for_precision(exec.precision);
+            let dir = ReferenceDir::open(&reference)?;
+            let model = dir.model(device)?;
+            let mut ok = true;
+            let forward = dir.file("forward.safetensors");
+            if forward.is_file() {
+                for case in verify::check_forward(&model, &forward, exec.precision, &tol)? {
+                    ok &= case.pass;
+                    print_json(
+                        &json!({"check": "forward", "device": exec.device, "precision": exec.precision, "tolerance": tol.forward_rel, "case": case}),
+                    );
+                }
+            }
+            if dir.file("train_step.safetensors").is_file() {
+                let step = verify::check_train_step(&dir, device, exec.precision, &tol)?;
+                ok &= step.pass;
+                print_json(
+                    &json!({"check": "train_step", "device": exec.device, "precision": exec.precision, "tolerances": tol, "result": step}),
+                );
+            }
+            if !ok {
+                bail!("reference check failed: see the JSON lines above");
+            }
+            Ok(())
+        }
+        ModelCommand::Import {
+            checkpoint,
+            out,
+            trust,
+            check,
+            python,
+        } => {
+            let py = convert::python(python.as_deref());
+            let report = convert::import(&py, &checkpoint, &out, trust)?;
+            let source = ModelSource {
+                preset: check.preset,
+                config: check.config,
+            };
+            if source.preset.is_some() || source.config.is_some() {
+                let cfg = source.resolve()?;
+                for name in ["student", "teacher"] {
+                    let path = out.join(format!("{name}.safetensors"));
+                    if path.is_file() {
+                        let mut model = EndoFm::new(&cfg, Device::Cpu)?;
+                        model.load(&path, LoadMode::Strict).with_context(|| {
+                            format!("imported {name} does not fit the given configuration")
+                        })?;
+                    }
+                }
+            }
+            println!("{report}");
+            Ok(())
+        }
+        ModelCommand::Export {
+            student,
+            teacher,
+            out,
+            epoch,
+            python,
+        } => {
+            let py = convert::python(python.as_deref());
+            let report = convert::export(&py, &student, teacher.as_deref(), &out, epoch)?;
+            println!("{report}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The one error type of the worker library.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the worker library, with what a person needs to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done ("reading weights", ...).
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file that is not a valid safetensors archive.
+    #[error("{path} is not a readable safetensors file: {reason}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        reason: String,
+    },
+    /// A parameter the network has but the weights lack.
+    #[error(
+        "{path}: missing parameter `{key}` (expected shape {expected:?}); the weights do not fit this model configuration"
+    )]
+    MissingKey {
+        /// The weights file.
+        path: PathBuf,
+        /// The state-dict key.
+        key: String,
+        /// The shape the network expects.
+        expected: Vec<i64>,
+    },
+    /// A tensor in the weights that the network has no parameter for.
+    #[error(
+        "{path}: unexpected tensor `{key}` with shape {found:?}: the network has no such parameter (wrong configuration, or weights of another model)"
+    )]
+    UnexpectedKey {
+        /// The weights file.
+        path: PathBuf,
+        /// The state-dict key.
+        key: String,
+        /// Its shape in the file.
+        found: Vec<i64>,
+    },
+    /// A parameter whose shape differs from the network's.
+    #[error("{path}: parameter `{key}` has shape {found:?}, the configuration needs {expected:?}")]
+    ShapeMismatch {
+        /// The weights file.
+        path: PathBuf,
+        /// The state-dict key.
+        key: String,
+        /// The shape the network expects.
+        expected: Vec<i64>,
+        /// The shape in the file.
+        found: Vec<i64>,
+    },
+    /// A tensor whose element type cannot be used where it was given.
+    #[error("`{name}` has element type {found}, expected {expected}")]
+    DType {
+        /// Name of the tensor.
+        name: String,
+        /// Its element type.
+        found: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
+    /// An input tensor of the wrong shape.
+    #[error("input `{name}`: {reason}")]
+    Input {
+        /// Name of the input.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An invalid configuration.
+    #[error(transparent)]
+    Config(#[from] endofm_shared::Error),
+    /// A libtorch failure not covered above.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// The external checkpoint converter failed.
+    #[error("checkpoint conversion failed: {0}")]
+    Convert(String),
+}
+
+/// Result alias for the worker library.
+pub type Result<T> = std::result::Result<T, Error>;

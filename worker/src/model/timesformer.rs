@@ -1,0 +1,374 @@
+//! The TimeSformer backbone with divided space-time attention, as the Endo-FM reference builds it:
+//! per-frame patch embedding, a CLS token, spatial and temporal position tables (resized by
+//! nearest-neighbour interpolation for other image sizes and frame counts), and blocks that run
+//! temporal attention, then spatial attention, then the MLP. Parameter paths equal the reference's
+//! state-dict keys under the prefix the caller gives (`backbone`).
+
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use endofm_shared::ModelConfig;
+
+use crate::{Error, Result};
+
+/// Standard deviation of the truncated-normal initialisation of linear weights and tables. The
+/// reference truncates at ±2 in absolute terms, 100 standard deviations away, so a plain normal
+/// draws the same distribution.
+const INIT_STD: f64 = 0.02;
+
+fn linear(p: nn::Path, inp: i64, out: i64, bias: bool) -> nn::Linear {
+    nn::linear(
+        p,
+        inp,
+        out,
+        nn::LinearConfig {
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: INIT_STD,
+            },
+            bs_init: Some(nn::Init::Const(0.0)),
+            bias,
+        },
+    )
+}
+
+fn layer_norm(p: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
+    nn::layer_norm(
+        p,
+        vec![dim],
+        nn::LayerNormConfig {
+            eps,
+            ..Default::default()
+        },
+    )
+}
+
+/// Stochastic depth: zeroes whole samples (first dimension) with probability `rate` and scales
+/// the survivors by `1 / (1 - rate)`, drawing from libtorch's generator like the reference.
+pub fn drop_path(x: &Tensor, rate: f64, train: bool) -> Tensor {
+    if !train || rate == 0.0 {
+        return x.shallow_clone();
+    }
+    let keep = 1.0 - rate;
+    let mut shape = vec![1i64; x.dim()];
+    shape[0] = x.size()[0];
+    let mask = (Tensor::rand(shape.as_slice(), (x.kind(), x.device())) + keep).floor();
+    x / keep * mask
+}
+
+/// Multi-head self-attention with one fused qkv projection (fused scaled-dot-product kernel).
+#[derive(Debug)]
+pub struct Attention {
+    qkv: nn::Linear,
+    proj: nn::Linear,
+    num_heads: i64,
+}
+
+impl Attention {
+    fn new(p: nn::Path, dim: i64, num_heads: i64, qkv_bias: bool) -> Self {
+        Self {
+            qkv: linear(&p / "qkv", dim, 3 * dim, qkv_bias),
+            proj: linear(&p / "proj", dim, dim, true),
+            num_heads,
+        }
+    }
+
+    /// `x`: (batch, tokens, dim) → (batch, tokens, dim).
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, n, c) = x.size3().expect("attention input is (B, N, C)");
+        let h = self.num_heads;
+        let qkv = x
+            .apply(&self.qkv)
+            .reshape([b, n, 3, h, c / h])
+            .permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        // Scale defaults to head_dim^-0.5, the reference's.
+        Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false)
+            .transpose(1, 2)
+            .reshape([b, n, c])
+            .apply(&self.proj)
+    }
+}
+
+/// The transformer MLP: fc1, exact GELU, fc2.
+#[derive(Debug)]
+pub struct Mlp {
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+}
+
+impl Mlp {
+    fn new(p: nn::Path, dim: i64, hidden: i64) -> Self {
+        Self {
+            fc1: linear(&p / "fc1", dim, hidden, true),
+            fc2: linear(&p / "fc2", hidden, dim, true),
+        }
+    }
+
+    /// Applies the MLP to the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.apply(&self.fc1).gelu("none").apply(&self.fc2)
+    }
+}
+
+/// One divided space-time block.
+#[derive(Debug)]
+pub struct Block {
+    norm1: nn::LayerNorm,
+    attn: Attention,
+    temporal_norm1: nn::LayerNorm,
+    temporal_attn: Attention,
+    temporal_fc: nn::Linear,
+    norm2: nn::LayerNorm,
+    mlp: Mlp,
+    drop_path: f64,
+}
+
+impl Block {
+    fn new(p: nn::Path, cfg: &ModelConfig, drop_path: f64) -> Self {
+        let d = cfg.embed_dim as i64;
+        let heads = cfg.num_heads as i64;
+        let eps = cfg.layer_norm_eps;
+        let temporal_fc = nn::linear(
+            &p / "temporal_fc",
+            d,
+            d,
+            nn::LinearConfig {
+                ws_init: nn::Init::Const(0.0),
+                bs_init: Some(nn::Init::Const(0.0)),
+                bias: true,
+            },
+        );
+        Self {
+            norm1: layer_norm(&p / "norm1", d, eps),
+            attn: Attention::new(&p / "attn", d, heads, cfg.qkv_bias),
+            temporal_norm1: layer_norm(&p / "temporal_norm1", d, eps),
+            temporal_attn: Attention::new(&p / "temporal_attn", d, heads, cfg.qkv_bias),
+            temporal_fc,
+            norm2: layer_norm(&p / "norm2", d, eps),
+            mlp: Mlp::new(&p / "mlp", d, cfg.mlp_hidden() as i64),
+            drop_path,
+        }
+    }
+
+    /// `x`: (B, 1 + H·W·T, D) with patch tokens ordered (h, w, t); `t` frames, `w` grid columns.
+    pub fn forward_t(&self, x: &Tensor, t: i64, w: i64, train: bool) -> Tensor {
+        let (b, n, d) = x.size3().expect("block input is (B, N, D)");
+        let hw = (n - 1) / t;
+        let cls = x.narrow(1, 0, 1);
+        let patches = x.narrow(1, 1, n - 1);
+        debug_assert_eq!(hw % w, 0);
+
+        // Temporal attention: each (b, h, w) location attends over its t frames.
+        let xt = patches.reshape([b * hw, t, d]);
+        let res = drop_path(
+            &self.temporal_attn.forward(&xt.apply(&self.temporal_norm1)),
+            self.drop_path,
+            train,
+        );
+        let res = res.reshape([b, hw * t, d]).apply(&self.temporal_fc);
+        let xt = patches + res; // (B, HW·T, D)
+
+        // Spatial attention: each (b, t) frame attends over its H·W tokens plus the CLS token.
+        let cls_rep = cls.expand([b, t, d], false).reshape([b * t, 1, d]);
+        let xs = xt
+            .reshape([b, hw, t, d])
+            .transpose(1, 2)
+            .reshape([b * t, hw, d]);
+        let xs = Tensor::cat(&[cls_rep, xs], 1);
+        let res = drop_path(
+            &self.attn.forward(&xs.apply(&self.norm1)),
+            self.drop_path,
+            train,
+        ); // (B·T, 1 + HW, D)
+        let cls_res = res
+            .select(1, 0)
+            .reshape([b, t, d])
+            .mean_dim(1, true, None::<Kind>);
+        let res_patches = res
+            .narrow(1, 1, hw)
+            .reshape([b, t, hw, d])
+            .transpose(1, 2)
+            .reshape([b, hw * t, d]);
+        let x = Tensor::cat(&[cls + cls_res, xt + res_patches], 1);
+
+        let res = drop_path(
+            &self.mlp.forward(&x.apply(&self.norm2)),
+            self.drop_path,
+            train,
+        );
+        x + res
+    }
+}
+
+/// The backbone: patch embedding, tables, blocks, final norm.
+#[derive(Debug)]
+pub struct TimeSformer {
+    patch_embed: nn::Conv2D,
+    cls_token: Tensor,
+    pos_embed: Tensor,
+    time_embed: Tensor,
+    blocks: Vec<Block>,
+    norm: nn::LayerNorm,
+    cfg: ModelConfig,
+}
+
+impl TimeSformer {
+    /// Creates the backbone's parameters under `p` (the reference prefix is `backbone`).
+    pub fn new(p: nn::Path, cfg: &ModelConfig) -> Self {
+        let d = cfg.embed_dim as i64;
+        let ps = cfg.patch_size as i64;
+        let grid = cfg.grid() as i64;
+        let patch_embed = nn::conv2d(
+            &p / "patch_embed" / "proj",
+            cfg.in_chans as i64,
+            d,
+            ps,
+            nn::ConvConfig {
+                stride: ps,
+                ..Default::default()
+            },
+        );
+        let table = nn::Init::Randn {
+            mean: 0.0,
+            stdev: INIT_STD,
+        };
+        let cls_token = p.var("cls_token", &[1, 1, d], table);
+        let pos_embed = p.var("pos_embed", &[1, 1 + grid * grid, d], table);
+        let time_embed = p.var(
+            "time_embed",
+            &[1, cfg.num_frames as i64, d],
+            nn::Init::Const(0.0),
+        );
+        let blocks = cfg
+            .drop_path_rates()
+            .into_iter()
+            .enumerate()
+            .map(|(i, rate)| Block::new(&p / "blocks" / i, cfg, rate))
+            .collect();
+        let norm = layer_norm(&p / "norm", d, cfg.layer_norm_eps);
+        Self {
+            patch_embed,
+            cls_token,
+            pos_embed,
+            time_embed,
+            blocks,
+            norm,
+            cfg: cfg.clone(),
+        }
+    }
+
+    /// The configuration the backbone was built with.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Checks that `x` is a float (B, C, T, H, W) video batch this backbone can take.
+    pub fn check_input(&self, name: &str, x: &Tensor) -> Result<()> {
+        let err = |reason: String| Error::Input {
+            name: name.to_string(),
+            reason,
+        };
+        let size = x.size();
+        if size.len() != 5 {
+            return Err(err(format!(
+                "expected a (batch, channels, frames, height, width) tensor, got shape {size:?}"
+            )));
+        }
+        if !matches!(
+            x.kind(),
+            Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+        ) {
+            return Err(Error::DType {
+                name: name.to_string(),
+                found: format!("{:?}", x.kind()),
+                expected: "a floating-point type (float32)",
+            });
+        }
+        let ps = self.cfg.patch_size as i64;
+        if size[1] != self.cfg.in_chans as i64 {
+            return Err(err(format!(
+                "has {} channels, the model takes {} (shape {size:?})",
+                size[1], self.cfg.in_chans
+            )));
+        }
+        if size[0] == 0 || size[2] == 0 {
+            return Err(err(format!("is empty (shape {size:?})")));
+        }
+        if size[3] < ps || size[4] < ps {
+            return Err(err(format!(
+                "frames of {}x{} are smaller than one {ps}x{ps} patch",
+                size[3], size[4]
+            )));
+        }
+        Ok(())
+    }
+
+    /// Patch embedding plus position and time tables: (B, C, T, H, W) → (B, 1 + h·w·T, D),
+    /// returning also T and the grid width w.
+    fn embed(&self, x: &Tensor) -> (Tensor, i64, i64) {
+        let (b, c, t, h, w) = x.size5().expect("checked by check_input");
+        let d = self.cfg.embed_dim as i64;
+        let frames = x.permute([0, 2, 1, 3, 4]).reshape([b * t, c, h, w]);
+        let tokens = frames.apply(&self.patch_embed); // (B·T, D, gh, gw)
+        let (gh, gw) = (tokens.size()[2], tokens.size()[3]);
+        let tokens = tokens.flatten(2, 3).transpose(1, 2); // (B·T, gh·gw, D)
+
+        let n_table = self.pos_embed.size()[1];
+        let pos = if 1 + gh * gw == n_table {
+            self.pos_embed.shallow_clone()
+        } else {
+            // The reference resizes the square table to the new grid, CLS entry untouched.
+            let side = ((n_table - 1) as f64).sqrt() as i64;
+            let grid = self
+                .pos_embed
+                .narrow(1, 1, n_table - 1)
+                .transpose(1, 2)
+                .reshape([1, d, side, side])
+                .upsample_nearest2d([gh, gw], None, None)
+                .flatten(2, 3)
+                .transpose(1, 2);
+            Tensor::cat(&[self.pos_embed.narrow(1, 0, 1), grid], 1)
+        };
+        let cls_pos = (&self.cls_token + pos.narrow(1, 0, 1)).expand([b, 1, d], false);
+        let patches = tokens + pos.narrow(1, 1, gh * gw); // (B·T, hw, D)
+
+        let time = if t == self.time_embed.size()[1] {
+            self.time_embed.shallow_clone()
+        } else {
+            self.time_embed
+                .transpose(1, 2)
+                .upsample_nearest1d([t], None)
+                .transpose(1, 2)
+        };
+        let patches = patches.reshape([b, t, gh * gw, d]).transpose(1, 2) + time.unsqueeze(0); // (B, hw, T, D)
+        let patches = patches.reshape([b, gh * gw * t, d]);
+        (Tensor::cat(&[cls_pos, patches], 1), t, gw)
+    }
+
+    /// All tokens after the final norm: (B, 1 + h·w·T, D), patch tokens ordered (h, w, t).
+    pub fn forward_tokens(&self, x: &Tensor, train: bool) -> Tensor {
+        let (mut tokens, t, w) = self.embed(x);
+        for block in &self.blocks {
+            tokens = block.forward_t(&tokens, t, w, train);
+        }
+        tokens.apply(&self.norm)
+    }
+
+    /// The CLS feature: (B, C, T, H, W) → (B, D).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_tokens(x, train).select(1, 0)
+    }
+}
+
+impl nn::ModuleT for TimeSformer {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        TimeSformer::forward_t(self, xs, train)
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        Mlp::forward(self, xs)
+    }
+}
