@@ -18,8 +18,10 @@ fn main() {
     check_version(&lib);
     let mut rpaths = vec![lib.clone()];
     // <site-packages>/torch/lib -> <site-packages>/nvidia/*/lib
-    if let Some(site) = lib.parent().and_then(Path::parent) {
-        if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+    if let Some(site) = lib.parent().and_then(Path::parent)
+        && let Ok(entries) = std::fs::read_dir(site.join("nvidia"))
+    {
+        {
             let mut dirs: Vec<PathBuf> = entries
                 .filter_map(|e| e.ok().map(|e| e.path().join("lib")))
                 .filter(|p| p.is_dir())

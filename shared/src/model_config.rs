@@ -238,7 +238,7 @@ impl ModelConfig {
                 return Err(Error::invalid(field, "must be at least 1"));
             }
         }
-        if self.embed_dim % self.num_heads != 0 {
+        if !self.embed_dim.is_multiple_of(self.num_heads) {
             return Err(Error::invalid(
                 "num_heads",
                 format!(

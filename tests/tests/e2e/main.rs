@@ -1,1 +1,5 @@
+//! End-to-end tests: the real binaries, driven as a user drives them.
 
+#![allow(clippy::unwrap_used)] // tests fail by panicking
+
+mod programs;
