@@ -4,6 +4,8 @@
 pub mod error;
 pub mod model_config;
 pub mod telemetry;
+pub mod train_config;
 
 pub use error::{Error, Result};
 pub use model_config::{HeadConfig, ModelConfig, ParamCounts, Preset};
+pub use train_config::{PretrainConfig, TrainPrecision};

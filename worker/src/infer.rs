@@ -7,29 +7,8 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 use crate::model::EndoFm;
+pub use crate::precision::{Precision, with_precision};
 use crate::{Error, Result};
-
-/// Numeric precision of a forward pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// Plain float32.
-    Fp32,
-    /// bfloat16 autocast (CUDA only); outputs are returned as float32.
-    Bf16,
-}
-
-/// Runs `f` under the requested precision on `device`.
-pub fn with_precision<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) -> Result<T> {
-    match precision {
-        Precision::Fp32 => Ok(f()),
-        Precision::Bf16 if device.is_cuda() => Ok(tch::autocast(true, f)),
-        Precision::Bf16 => Err(Error::Input {
-            name: "precision".into(),
-            reason: "bf16 autocast needs a CUDA device; use fp32 on the CPU".into(),
-        }),
-    }
-}
 
 /// Suffix that marks an input tensor.
 pub const INPUT_SUFFIX: &str = ".input";

@@ -3,11 +3,27 @@
 //! Nothing here does RPC yet; `model` never will.
 
 pub mod cli;
+pub mod collective;
 pub mod convert;
 pub mod error;
 pub mod infer;
 pub mod model;
+pub mod precision;
 pub mod train;
 pub mod verify;
 
 pub use error::{Error, Result};
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! libtorch's default generator is one per process: unit tests that seed it and expect
+    //! reproducible draws hold this lock so that tests running in parallel do not interleave.
+    use std::sync::{Mutex, MutexGuard};
+
+    static RNG: Mutex<()> = Mutex::new(());
+
+    /// Exclusive use of libtorch's global generator for the caller's scope.
+    pub fn rng_lock() -> MutexGuard<'static, ()> {
+        RNG.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,6 +1,9 @@
-//! Self-supervised pre-training pieces shared by the trainer and the reference checks: the
-//! DINO/SVT objective with its centre ([`loss`]) and the multi-view student/teacher forward
-//! ([`ssl`]).
+//! Self-supervised pre-training: the DINO/SVT objective with its centre ([`loss`]), the
+//! multi-view student/teacher forward ([`ssl`]), the schedules ([`schedule`]), and the updates
+//! over flat parameter buffers: AdamW, per-tensor clipping, EMA ([`optim`]).
 
 pub mod loss;
+pub mod optim;
+pub mod schedule;
 pub mod ssl;
+pub mod step;

@@ -37,7 +37,7 @@ impl Tolerances {
         loss_abs: 1e-5,
         grad_rel: 1e-3,
     };
-    /// bf16 autocast forward.
+    /// Reduced-precision (bf16/fp16) autocast forward.
     pub const BF16: Tolerances = Tolerances {
         forward_rel: 2e-2,
         outputs_rel: 2e-2,
@@ -49,7 +49,7 @@ impl Tolerances {
     pub fn for_precision(p: Precision) -> Self {
         match p {
             Precision::Fp32 => Self::FP32,
-            Precision::Bf16 => Self::BF16,
+            Precision::Bf16 | Precision::Fp16 => Self::BF16,
         }
     }
 }

@@ -165,6 +165,7 @@ mod tests {
 
     #[test]
     fn matches_the_pairwise_definition() {
+        let _rng = crate::test_support::rng_lock();
         tch::manual_seed(3);
         let (b, k) = (3, 64);
         let s = Tensor::randn([10 * b, k], (Kind::Float, tch::Device::Cpu));
@@ -180,6 +181,7 @@ mod tests {
 
     #[test]
     fn centre_is_an_ema_of_the_teacher_mean() {
+        let _rng = crate::test_support::rng_lock();
         let mut l = SslLoss::new(4, SslLossConfig::default(), tch::Device::Cpu);
         let t = Tensor::from_slice(&[1.0f32, 2., 3., 4., 3., 2., 1., 0.]).reshape([2, 4]);
         l.update_center(&SslLoss::batch_sum(&t), 2);
@@ -189,6 +191,7 @@ mod tests {
 
     #[test]
     fn only_the_student_gets_gradients() {
+        let _rng = crate::test_support::rng_lock();
         let s = Tensor::randn([10, 8], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         let t = Tensor::randn([2, 8], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         let c = Tensor::zeros([1, 8], (Kind::Float, tch::Device::Cpu));

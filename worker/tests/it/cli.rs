@@ -217,8 +217,8 @@ fn bad_inputs_get_clear_errors() {
     if !tch::Cuda::is_available() {
         let e = run(c, ws, gi, &["--device", "cuda"]);
         assert!(e.contains("cuda") && e.contains("0 CUDA device"), "{e}");
-        let e = run(c, ws, gi, &["--precision", "bf16"]);
-        assert!(e.contains("bf16") && e.contains("CUDA"), "{e}");
+        let e = run(c, ws, gi, &["--precision", "fp16"]);
+        assert!(e.contains("fp16") && e.contains("CUDA"), "{e}");
     }
     let e = run(c, ws, gi, &["--device", "tpu"]);
     assert!(e.contains("tpu"), "{e}");

@@ -63,3 +63,29 @@ fn training_step_matches_the_reference() {
     );
     assert!(r.pass);
 }
+
+#[test]
+fn bf16_autocast_forward_on_the_cpu_is_within_2e_2() {
+    let dir = ReferenceDir::open(&support::tiny()).unwrap();
+    let model = dir.model(Device::Cpu).unwrap();
+    let tol = Tolerances::BF16;
+    let cases = verify::check_forward(
+        &model,
+        &dir.file("forward.safetensors"),
+        Precision::Bf16,
+        &tol,
+    )
+    .unwrap();
+    for c in &cases {
+        assert!(
+            c.pass,
+            "bf16 case {}: features {:.3e}, head {:.3e} (tolerance {:.0e})",
+            c.name, c.features_rel_err, c.head_rel_err, tol.forward_rel
+        );
+        // And it really ran in reduced precision.
+        assert!(
+            c.features_rel_err > 1e-5,
+            "bf16 run is as exact as fp32: autocast off?"
+        );
+    }
+}

@@ -1,0 +1,476 @@
+//! One rank's self-supervised trainer: student and EMA teacher over flat buffers, the objective
+//! and its centre, AdamW, the schedules, and [`SslTrainer::step`], the complete iteration the
+//! reference runs (forward, loss, backward, gradient all-reduce, per-tensor clipping, last layer
+//! frozen in the first epoch(s), AdamW, EMA, centre update). The trainer loop and the service
+//! call `step` on every rank with that rank's views.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use endofm_shared::{ModelConfig, PretrainConfig, TrainPrecision};
+
+use crate::collective::Collective;
+use crate::model::{EndoFm, LoadMode, LoadReport};
+use crate::precision::{Precision, with_precision};
+use crate::train::loss::{SslLoss, SslLossConfig};
+use crate::train::optim::{AdamW, AdamWConfig, FlatParams};
+use crate::train::schedule::{self, Schedule};
+use crate::train::ssl;
+use crate::{Error, Result};
+
+/// Number of leading global views (seen by the teacher).
+pub const GLOBAL_VIEWS: usize = 2;
+
+/// What one step did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepStats {
+    /// Global iteration index (0-based).
+    pub step: usize,
+    /// Epoch of the iteration.
+    pub epoch: usize,
+    /// Loss (this rank's batch).
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Weight decay used.
+    pub wd: f64,
+    /// Teacher EMA momentum used.
+    pub momentum: f64,
+    /// Teacher temperature used.
+    pub teacher_temp: f64,
+    /// Whether the update was skipped (fp16 overflow).
+    pub skipped: bool,
+}
+
+/// Dynamic loss scaling for fp16 (PyTorch's GradScaler rule).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LossScaler {
+    /// Current scale.
+    pub scale: f64,
+    /// Consecutive finite steps since the last change.
+    pub good_steps: u64,
+}
+
+impl LossScaler {
+    const GROWTH_INTERVAL: u64 = 2000;
+
+    fn new() -> Self {
+        Self {
+            scale: 65536.0,
+            good_steps: 0,
+        }
+    }
+
+    fn update(&mut self, finite: bool) {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps >= Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale *= 0.5;
+            self.good_steps = 0;
+        }
+    }
+}
+
+/// Resolves the configured precision for a device.
+pub fn resolve_precision(p: TrainPrecision, device: Device) -> Result<Precision> {
+    Ok(match p {
+        TrainPrecision::Auto if device.is_cuda() => Precision::Bf16,
+        TrainPrecision::Auto | TrainPrecision::Fp32 => Precision::Fp32,
+        TrainPrecision::Bf16 => Precision::Bf16,
+        TrainPrecision::Fp16 if device.is_cuda() => Precision::Fp16,
+        TrainPrecision::Fp16 => {
+            return Err(endofm_shared::Error::invalid(
+                "precision",
+                "fp16 needs a CUDA device; use bf16 or fp32 on the CPU",
+            )
+            .into());
+        }
+    })
+}
+
+/// A 64-bit mix of the run seed, iteration and rank, for per-step generator seeds (so a
+/// resumed run draws the same drop-path masks without saving libtorch's generator state).
+pub fn step_seed(seed: u64, step: usize, rank: usize) -> i64 {
+    let mut z = seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((rank as u64) << 48);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+/// One rank's pre-training state.
+#[derive(Debug)]
+pub struct SslTrainer {
+    cfg: PretrainConfig,
+    student: EndoFm,
+    teacher: EndoFm,
+    student_flat: FlatParams,
+    teacher_flat: FlatParams,
+    optimizer: AdamW,
+    objective: SslLoss,
+    lr: Schedule,
+    wd: Schedule,
+    momentum: Schedule,
+    iters_per_epoch: usize,
+    precision: Precision,
+    scaler: Option<LossScaler>,
+}
+
+impl SslTrainer {
+    /// A randomly initialised student (seeded by `cfg.seed`) and its teacher copy, for a run of
+    /// `cfg.epochs × iters_per_epoch` steps on `world_size` ranks.
+    pub fn new(
+        model_cfg: &ModelConfig,
+        cfg: &PretrainConfig,
+        device: Device,
+        iters_per_epoch: usize,
+        world_size: usize,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if iters_per_epoch == 0 {
+            return Err(Error::Input {
+                name: "corpus".into(),
+                reason: "an epoch has no step: fewer clips than one global batch".into(),
+            });
+        }
+        let mut model_cfg = model_cfg.clone();
+        if let Some(rate) = cfg.drop_path_rate {
+            model_cfg.drop_path_rate = rate;
+        }
+        let precision = resolve_precision(cfg.precision, device)?;
+        tch::manual_seed(cfg.seed as i64);
+        let student = EndoFm::new(&model_cfg, device)?;
+        let teacher = student.try_clone()?;
+        let student_flat = FlatParams::new(&student)?;
+        let teacher_flat = FlatParams::new(&teacher)?;
+        let optimizer = AdamW::new(&student_flat, AdamWConfig::default());
+        let objective = SslLoss::new(
+            model_cfg.head.out_dim as i64,
+            SslLossConfig {
+                student_temp: cfg.student_temp,
+                center_momentum: cfg.center_momentum,
+                global_views: GLOBAL_VIEWS,
+            },
+            device,
+        );
+        let total = cfg.epochs * iters_per_epoch;
+        let lr = Schedule::cosine(
+            cfg.scaled_lr(world_size),
+            cfg.min_lr,
+            total,
+            cfg.warmup_epochs * iters_per_epoch,
+            0.0,
+        );
+        let wd = Schedule::cosine(cfg.weight_decay, cfg.weight_decay_end, total, 0, 0.0);
+        let momentum = Schedule::cosine(cfg.momentum_teacher, 1.0, total, 0, 0.0);
+        Ok(Self {
+            cfg: cfg.clone(),
+            student,
+            teacher,
+            student_flat,
+            teacher_flat,
+            optimizer,
+            objective,
+            lr,
+            wd,
+            momentum,
+            iters_per_epoch,
+            precision,
+            scaler: (precision == Precision::Fp16).then(LossScaler::new),
+        })
+    }
+
+    /// Loads initial weights: the student from `student`, the teacher from `teacher` or, when
+    /// absent, a copy of the student. Strict: both must fit the configuration.
+    pub fn load_weights(&mut self, student: &Path, teacher: Option<&Path>) -> Result<LoadReport> {
+        let report = self.student.load(student, LoadMode::Strict)?;
+        match teacher {
+            Some(t) => {
+                self.teacher.load(t, LoadMode::Strict)?;
+            }
+            None => self.teacher_flat.copy_from(&self.student_flat)?,
+        }
+        Ok(report)
+    }
+
+    /// Total steps of the run.
+    pub fn total_steps(&self) -> usize {
+        self.cfg.epochs * self.iters_per_epoch
+    }
+
+    /// Steps per epoch.
+    pub fn iters_per_epoch(&self) -> usize {
+        self.iters_per_epoch
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &PretrainConfig {
+        &self.cfg
+    }
+
+    /// The precision steps run in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The student network.
+    pub fn student(&self) -> &EndoFm {
+        &self.student
+    }
+
+    /// The teacher network.
+    pub fn teacher(&self) -> &EndoFm {
+        &self.teacher
+    }
+
+    /// The student's flat parameters.
+    pub fn student_flat(&self) -> &FlatParams {
+        &self.student_flat
+    }
+
+    /// The teacher's flat parameters.
+    pub fn teacher_flat(&self) -> &FlatParams {
+        &self.teacher_flat
+    }
+
+    /// The optimiser.
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    /// Mutable optimiser (restoring a checkpoint).
+    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+        &mut self.optimizer
+    }
+
+    /// The objective (its centre is part of a checkpoint).
+    pub fn objective(&self) -> &SslLoss {
+        &self.objective
+    }
+
+    /// Mutable objective (restoring the centre).
+    pub fn objective_mut(&mut self) -> &mut SslLoss {
+        &mut self.objective
+    }
+
+    /// The loss scaler (fp16 only).
+    pub fn scaler(&self) -> Option<&LossScaler> {
+        self.scaler.as_ref()
+    }
+
+    /// Restores the loss scaler (fp16 only).
+    pub fn set_scaler(&mut self, scaler: Option<LossScaler>) {
+        if self.scaler.is_some() {
+            self.scaler = scaler;
+        }
+    }
+
+    /// Mutable student and teacher (restoring a checkpoint).
+    pub fn networks_mut(&mut self) -> (&mut EndoFm, &mut EndoFm) {
+        (&mut self.student, &mut self.teacher)
+    }
+
+    /// One complete iteration `step` on this rank's `views` (global views first, each
+    /// (B, 3, T, S, S)); gradients and the centre are summed over `collective`.
+    pub fn step(
+        &mut self,
+        views: &[Tensor],
+        step: usize,
+        collective: &mut dyn Collective,
+    ) -> Result<StepStats> {
+        if views.len() <= GLOBAL_VIEWS {
+            return Err(Error::Input {
+                name: "views".into(),
+                reason: format!("{} views, need more than {GLOBAL_VIEWS}", views.len()),
+            });
+        }
+        let epoch = step / self.iters_per_epoch;
+        let (lr, wd, momentum) = (self.lr.at(step), self.wd.at(step), self.momentum.at(step));
+        let teacher_temp = schedule::teacher_temp(
+            self.cfg.warmup_teacher_temp,
+            self.cfg.teacher_temp,
+            self.cfg.warmup_teacher_temp_epochs,
+            epoch,
+        );
+        let world = collective.world_size();
+        tch::manual_seed(step_seed(self.cfg.seed, step, collective.rank()));
+
+        let device = self.student.device();
+        let (outs, loss) = with_precision(self.precision, device, || {
+            let outs = ssl::forward(&self.student, &self.teacher, views, GLOBAL_VIEWS);
+            let loss = self
+                .objective
+                .loss(&outs.student, &outs.teacher, teacher_temp);
+            (outs, loss)
+        })?;
+        let loss_value = loss.to_kind(Kind::Double).double_value(&[]);
+        if !loss_value.is_finite() {
+            return Err(Error::Input {
+                name: "loss".into(),
+                reason: format!("is {loss_value} at step {step}: stopping (as the reference does)"),
+            });
+        }
+        let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
+        if scale == 1.0 {
+            loss.backward();
+        } else {
+            (&loss * scale).backward();
+        }
+
+        let mut grads = self.student_flat.take_grads();
+        collective.all_reduce_sum(&mut grads)?;
+        let _ = grads.g_mul_scalar_(1.0 / (world as f64 * scale));
+        let finite = match self.scaler {
+            Some(_) => bool::try_from(grads.isfinite().all()).unwrap_or(false),
+            None => true,
+        };
+        if finite {
+            if self.cfg.clip_grad > 0.0 {
+                let _norms = self
+                    .student_flat
+                    .clip_per_tensor(&mut grads, self.cfg.clip_grad);
+            }
+            let freeze_last = epoch < self.cfg.freeze_last_layer;
+            self.optimizer
+                .step(&self.student_flat, &grads, lr, wd, freeze_last);
+        }
+        if let Some(s) = self.scaler.as_mut() {
+            s.update(finite);
+        }
+        self.teacher_flat.ema_from(&self.student_flat, momentum);
+
+        let mut summed = SslLoss::batch_sum(&outs.teacher);
+        collective.all_reduce_sum(&mut summed)?;
+        let rows = outs.teacher.size()[0] * world as i64;
+        self.objective.update_center(&summed, rows);
+
+        Ok(StepStats {
+            step,
+            epoch,
+            loss: loss_value,
+            lr,
+            wd,
+            momentum,
+            teacher_temp,
+            skipped: !finite,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::Solo;
+    use endofm_shared::Preset;
+
+    fn small() -> ModelConfig {
+        let mut c = Preset::Tiny.config();
+        c.depth = 2;
+        c.embed_dim = 48;
+        c.num_heads = 2;
+        c.img_size = 32;
+        c.head.out_dim = 64;
+        c.head.hidden_dim = 32;
+        c.head.bottleneck_dim = 16;
+        c
+    }
+
+    fn views(seed: i64) -> Vec<Tensor> {
+        tch::manual_seed(seed);
+        let mut v = vec![
+            Tensor::randn([2, 3, 4, 32, 32], (Kind::Float, Device::Cpu)),
+            Tensor::randn([2, 3, 8, 32, 32], (Kind::Float, Device::Cpu)),
+        ];
+        for t in [2, 2, 4, 4] {
+            v.push(Tensor::randn([2, 3, t, 16, 16], (Kind::Float, Device::Cpu)));
+        }
+        v
+    }
+
+    fn cfg() -> PretrainConfig {
+        PretrainConfig {
+            epochs: 2,
+            batch_per_rank: 2,
+            warmup_epochs: 1,
+            lr: 0.05,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn steps_are_deterministic_and_change_the_networks() {
+        let _rng = crate::test_support::rng_lock();
+        let run = || {
+            let mut t = SslTrainer::new(&small(), &cfg(), Device::Cpu, 3, 1).unwrap();
+            let before = t.student_flat().buffer().copy();
+            let mut stats = Vec::new();
+            for step in 0..4 {
+                stats.push(t.step(&views(step as i64), step, &mut Solo).unwrap());
+            }
+            assert!(!t.student_flat().buffer().equal(&before));
+            (
+                t.student_flat().buffer().copy(),
+                t.objective().center().copy(),
+                stats,
+            )
+        };
+        let (a, ca, sa) = run();
+        let (b, cb, _) = run();
+        assert!(a.equal(&b), "two identical runs diverged");
+        assert!(ca.equal(&cb));
+        assert!(
+            ca.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+            "centre never updated"
+        );
+        assert_eq!(sa[0].epoch, 0);
+        assert_eq!(sa[3].epoch, 1);
+        assert!(sa[0].lr < sa[2].lr, "warm-up");
+    }
+
+    #[test]
+    fn last_layer_is_frozen_in_the_first_epoch_only() {
+        let _rng = crate::test_support::rng_lock();
+        let mut t = SslTrainer::new(&small(), &cfg(), Device::Cpu, 2, 1).unwrap();
+        fn t_var(t: &SslTrainer, k: &str) -> Tensor {
+            t.student().var_store().variables()[k].copy()
+        }
+        let v0 = t_var(&t, "head.last_layer.weight_v");
+        let other0 = t_var(&t, "head.mlp.0.weight");
+        t.step(&views(0), 0, &mut Solo).unwrap();
+        t.step(&views(1), 1, &mut Solo).unwrap();
+        assert!(
+            t_var(&t, "head.last_layer.weight_v").equal(&v0),
+            "changed in epoch 0"
+        );
+        assert!(!t_var(&t, "head.mlp.0.weight").equal(&other0));
+        t.step(&views(2), 2, &mut Solo).unwrap();
+        assert!(
+            !t_var(&t, "head.last_layer.weight_v").equal(&v0),
+            "still frozen in epoch 1"
+        );
+    }
+
+    #[test]
+    fn teacher_follows_the_student_by_ema() {
+        let _rng = crate::test_support::rng_lock();
+        let mut t = SslTrainer::new(&small(), &cfg(), Device::Cpu, 2, 1).unwrap();
+        let teacher0 = t.teacher_flat().buffer().copy();
+        t.step(&views(0), 0, &mut Solo).unwrap();
+        let m = t.momentum.at(0);
+        let want = teacher0 * m + t.student_flat().buffer() * (1.0 - m);
+        let teacher = t.teacher_flat().buffer().copy();
+        assert!(teacher.allclose(&want, 1e-5, 1e-7, false));
+    }
+
+    #[test]
+    fn seeds_differ_by_step_and_rank() {
+        let _rng = crate::test_support::rng_lock();
+        assert_ne!(step_seed(0, 1, 0), step_seed(0, 2, 0));
+        assert_ne!(step_seed(0, 1, 0), step_seed(0, 1, 1));
+        assert!(step_seed(u64::MAX, usize::MAX, 7) >= 0);
+    }
+}
