@@ -98,7 +98,7 @@ impl FlatParams {
             let numel = var.numel() as i64;
             let view = buffer.narrow(0, offset, numel).view(var.size().as_slice());
             tch::no_grad(|| {
-                let _ = view.shallow_clone().copy_(&var);
+                view.shallow_clone().copy_(&var);
             });
             var.set_data(&view);
             entries.push(Entry {
