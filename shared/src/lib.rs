@@ -3,9 +3,11 @@
 
 pub mod error;
 pub mod model_config;
+pub mod storage;
 pub mod telemetry;
 pub mod train_config;
 
 pub use error::{Error, Result};
 pub use model_config::{HeadConfig, ModelConfig, ParamCounts, Preset};
+pub use storage::StorageUri;
 pub use train_config::{PretrainConfig, TrainPrecision};

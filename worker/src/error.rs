@@ -84,6 +84,14 @@ pub enum Error {
     /// A libtorch failure not covered above.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// An object-storage operation failed.
+    #[error("storage {uri}: {reason}")]
+    Storage {
+        /// The object or location.
+        uri: String,
+        /// What failed.
+        reason: String,
+    },
     /// The external checkpoint converter failed.
     #[error("checkpoint conversion failed: {0}")]
     Convert(String),

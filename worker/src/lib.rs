@@ -2,6 +2,7 @@
 //! objective (`train`), reference-vector checks (`verify`), and the worker's command line (`cli`).
 //! Nothing here does RPC yet; `model` never will.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod collective;
 pub mod convert;
@@ -9,6 +10,7 @@ pub mod error;
 pub mod infer;
 pub mod model;
 pub mod precision;
+pub mod store;
 pub mod train;
 pub mod verify;
 
