@@ -14,7 +14,9 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- Debian packages -------------------------------------------------------------------------
 # binutils: readelf (tests read the binaries' dynamic sections).
-debs=(binutils pkg-config)
+# libav*-dev, libswscale-dev, clang, libclang-dev: FFmpeg 5.1 for clip encoding/decoding
+# (ffmpeg-next; its bindgen build needs libclang).
+debs=(binutils pkg-config libavcodec-dev libavformat-dev libavutil-dev libswscale-dev clang libclang-dev)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,4 +1,5 @@
-//! The `endofm-worker` command line: `model info | init | forward | verify | import | export`.
+//! The `endofm-worker` command line: `model info | init | forward | verify | import | export` and
+//! `synth` (procedural endoscopy clips).
 //! Results go to stdout as JSON; logs go to stderr.
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use endofm_shared::{ModelConfig, Preset};
 use crate::convert;
 use crate::infer::{self, Precision};
 use crate::model::{EndoFm, LoadMode, weights};
+use crate::synth;
 use crate::verify::{self, ReferenceDir, Tolerances};
 
 /// Command line of `endofm-worker`.
@@ -48,6 +50,41 @@ pub enum Command {
     /// The network: sizes, weights, inference, reference checks, checkpoint conversion.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Write a synthetic dataset of procedural endoscopy clips; prints a JSON summary.
+    Synth(SynthArgs),
+}
+
+/// `synth` arguments.
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Which dataset.
+    #[arg(long, value_enum)]
+    pub kind: SynthKind,
+    /// Output folder (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Number of clips.
+    #[arg(long)]
+    pub clips: usize,
+    /// Seed: the same seed writes the same clips.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Frames per clip.
+    #[arg(long, default_value_t = 150)]
+    pub frames: usize,
+    /// Short side of the frames in pixels (frames are 5:4 landscape).
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// `synth --kind` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SynthKind {
+    /// Unlabelled pre-training clips: `<out>/synth/NNNNN.mp4`, `train.csv`, `labels.json`.
+    Pretrain,
 }
 
 /// Which network configuration to use.
@@ -238,6 +275,47 @@ fn print_json(v: &serde_json::Value) {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model(cmd) => run_model(cmd),
+        Command::Synth(args) => run_synth(args),
+    }
+}
+
+fn run_synth(args: SynthArgs) -> anyhow::Result<()> {
+    match args.kind {
+        SynthKind::Pretrain => {
+            if args.clips == 0 {
+                bail!("--clips must be at least 1");
+            }
+            if args.threads == Some(0) {
+                bail!("--threads must be at least 1");
+            }
+            let spec = synth::CorpusSpec {
+                clips: args.clips,
+                frames: args.frames,
+                short_side: args.size,
+                seed: args.seed,
+                threads: args.threads.unwrap_or(0),
+                ..synth::CorpusSpec::default()
+            };
+            let summary = synth::write_pretrain_corpus(&args.out, &spec).with_context(|| {
+                format!(
+                    "writing the synthetic pre-training corpus to {}",
+                    args.out.display()
+                )
+            })?;
+            print_json(&json!({
+                "kind": "pretrain",
+                "out": summary.out,
+                "clips": summary.clips,
+                "frames": summary.frames,
+                "bytes": summary.bytes,
+                "polyp_clips": summary.polyp_clips,
+                "width": summary.width,
+                "height": summary.height,
+                "threads": summary.threads,
+                "seconds": summary.seconds,
+            }));
+            Ok(())
+        }
     }
 }
 
@@ -372,5 +450,45 @@ fn run_model(cmd: ModelCommand) -> anyhow::Result<()> {
             println!("{report}");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn synth(out: &Path, clips: &str) -> anyhow::Result<()> {
+        let out = out.to_string_lossy();
+        let args = [
+            "endofm-worker",
+            "synth",
+            "--kind",
+            "pretrain",
+            "--out",
+            &out,
+            "--clips",
+            clips,
+            "--frames",
+            "4",
+            "--size",
+            "32",
+            "--threads",
+            "1",
+        ];
+        run(Cli::try_parse_from(args)?)
+    }
+
+    #[test]
+    fn synth_writes_a_corpus_and_names_bad_input() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        synth(&dir.path().join("corpus"), "1").expect("a one-clip corpus");
+        assert!(dir.path().join("corpus/synth/00000.mp4").is_file());
+        let err = synth(&dir.path().join("zero"), "0").expect_err("zero clips");
+        assert!(format!("{err:#}").contains("--clips"), "{err:#}");
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, "x").expect("writing");
+        let err = synth(&file.join("corpus"), "1").expect_err("unwritable output");
+        assert!(format!("{err:#}").contains("not-a-dir"), "{err:#}");
+        assert!(Cli::try_parse_from(["endofm-worker", "synth", "--kind", "finetune"]).is_err());
     }
 }

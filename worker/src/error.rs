@@ -95,6 +95,33 @@ pub enum Error {
     /// The external checkpoint converter failed.
     #[error("checkpoint conversion failed: {0}")]
     Convert(String),
+    /// A clip (video file, in-memory video or JPEG-frame folder) that cannot be decoded as asked:
+    /// unreadable, truncated, corrupt, or shorter than the frames requested.
+    #[error("decoding clip {uri}: {reason}")]
+    ClipDecode {
+        /// The clip: a path, an object-storage URI or a folder.
+        uri: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A clip that cannot be written.
+    #[error("encoding clip {path}: {reason}")]
+    ClipEncode {
+        /// The output file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The FFmpeg libraries found at run time lack a codec endofm needs.
+    #[error(
+        "this FFmpeg build has no {codec} {role}: install Debian's libavcodec (scripts/setup.sh) or an FFmpeg build that includes it"
+    )]
+    CodecUnavailable {
+        /// FFmpeg's codec name.
+        codec: &'static str,
+        /// "encoder" or "decoder".
+        role: &'static str,
+    },
 }
 
 /// Result alias for the worker library.
