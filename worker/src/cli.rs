@@ -52,6 +52,35 @@ pub enum Command {
     Model(ModelCommand),
     /// Write a synthetic dataset of procedural endoscopy clips; prints a JSON summary.
     Synth(SynthArgs),
+    /// Benchmarks printing one JSON object per case.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `bench` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// One complete self-supervised training step on in-memory views (2 global + 8 local).
+    SslStep {
+        /// Which network.
+        #[command(flatten)]
+        source: ModelSource,
+        /// Clips per step.
+        #[arg(long, default_value_t = 2)]
+        batch: i64,
+        /// Device: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// libtorch intra-op threads (CPU).
+        #[arg(long)]
+        threads: Option<i32>,
+        /// Precision: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.
+        #[arg(long, default_value = "auto")]
+        precision: String,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
 }
 
 /// `synth` arguments.
@@ -276,6 +305,47 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model(cmd) => run_model(cmd),
         Command::Synth(args) => run_synth(args),
+        Command::Bench(cmd) => run_bench(cmd),
+    }
+}
+
+fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::SslStep {
+            source,
+            batch,
+            device,
+            threads,
+            precision,
+            steps,
+        } => {
+            let exec = Exec {
+                device,
+                precision: Precision::Fp32,
+                threads,
+            };
+            let device = exec.setup()?;
+            let cfg = source.resolve()?;
+            if batch < 1 || steps < 1 {
+                bail!("--batch and --steps must be at least 1");
+            }
+            let precision: endofm_shared::TrainPrecision =
+                serde_json::from_value(serde_json::Value::String(precision.clone()))
+                    .map_err(|_| anyhow::anyhow!("unknown --precision `{precision}` (auto, fp32, bf16, fp16)"))?;
+            let result = crate::bench::ssl_step(
+                &cfg,
+                &crate::bench::SslStepOptions {
+                    preset: source.preset.clone().unwrap_or_else(|| "custom".into()),
+                    batch,
+                    device,
+                    precision,
+                    steps,
+                    views: crate::bench::ViewShapes::reference(cfg.img_size as i64),
+                },
+            )?;
+            print_json(&serde_json::to_value(&result)?);
+            Ok(())
+        }
     }
 }
 

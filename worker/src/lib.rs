@@ -3,6 +3,7 @@
 //! procedural endoscopy clips (`synth`), and the worker's command line (`cli`).
 //! Nothing here does RPC yet; `model`, `video` and `synth` never will.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod collective;
