@@ -1,5 +1,6 @@
 //! The endofm worker library: the Endo-FM network on libtorch (`model`), the self-supervised
-//! objective (`train`), reference-vector checks (`verify`), clip encoding and decoding (`video`),
+//! objective (`train`), pre-training views (`data`), reference-vector checks (`verify`), clip
+//! encoding and decoding (`video`),
 //! procedural endoscopy clips (`synth`), and the worker's command line (`cli`).
 //! Nothing here does RPC yet; `model`, `video` and `synth` never will.
 
@@ -8,6 +9,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod collective;
 pub mod convert;
+pub mod data;
 pub mod error;
 pub mod infer;
 pub mod model;

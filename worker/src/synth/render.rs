@@ -134,7 +134,7 @@ struct Camera {
 }
 
 fn uniform(rng: &mut ChaCha8Rng, lo: f32, hi: f32) -> f32 {
-    rng.gen_range(lo..hi)
+    rng.random_range(lo..hi)
 }
 
 impl Scene {
@@ -156,7 +156,7 @@ impl Scene {
             mottling: uniform(&mut rng, 0.08, 0.25),
             wetness: uniform(&mut rng, 0.2, 0.8),
         };
-        let texture = Texture::new(&palette, rng.r#gen());
+        let texture = Texture::new(&palette, rng.random());
 
         // Haustral folds: sharp rings, each spanning part of the circumference.
         let sharpness = uniform(&mut rng, 2.0, 6.0);
@@ -225,7 +225,7 @@ impl Scene {
             }
         }
         let noise_amp = uniform(&mut rng, 1.0, 4.0);
-        let noise_seed: u64 = rng.r#gen();
+        let noise_seed: u64 = rng.random();
         let noise = (0..NOISE_LEN)
             .map(|i| {
                 let u = (splitmix(noise_seed ^ i as u64) >> 40) as f32 / (1u64 << 24) as f32;
@@ -234,12 +234,12 @@ impl Scene {
             .collect();
 
         let camera = camera_path(&mut rng, w, h, t);
-        let polyps = if rng.gen_bool(params.polyp_probability) {
-            let count = if rng.gen_bool(0.25) { 2 } else { 1 };
+        let polyps = if rng.random_bool(params.polyp_probability) {
+            let count = if rng.random_bool(0.25) { 2 } else { 1 };
             (0..count)
                 .map(|_| {
                     // Place it a little ahead of where the camera is at some frame of the clip.
-                    let at = rng.gen_range(t as f32 * 0.15..=t as f32 * 0.85) as usize;
+                    let at = rng.random_range(t as f32 * 0.15..=t as f32 * 0.85) as usize;
                     let cam = camera[at.min(t - 1)];
                     let radius = uniform(&mut rng, 0.15, 0.4);
                     Polyp {
