@@ -8,10 +8,10 @@ use tch::{Device, Kind, Tensor};
 
 use endofm_shared::{ModelConfig, PretrainConfig, TrainPrecision};
 
+use crate::Result;
 use crate::collective::Solo;
 use crate::precision::Precision;
 use crate::train::step::SslTrainer;
-use crate::Result;
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`), 0 where unknown.
 pub fn peak_rss_mb() -> f64 {

@@ -223,6 +223,12 @@ fn prune(store: &Store, keep: usize) -> Result<()> {
             store.delete(&l.key)?;
         }
     }
+    // Object stores have no folders; on disk, remove the emptied ones.
+    if let endofm_shared::StorageUri::Local { path } = store.uri() {
+        for step in doomed {
+            let _ = std::fs::remove_dir(path.join(folder(step)));
+        }
+    }
     Ok(())
 }
 

@@ -52,9 +52,134 @@ pub enum Command {
     Model(ModelCommand),
     /// Write a synthetic dataset of procedural endoscopy clips; prints a JSON summary.
     Synth(SynthArgs),
+    /// Self-supervised pre-training from a corpus (a folder or bucket with train.csv and clips);
+    /// rerunning the same command resumes from the newest checkpoint in --out.
+    Pretrain(PretrainArgs),
     /// Benchmarks printing one JSON object per case.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// `pretrain` arguments (flags override the --config file, which overrides the defaults).
+#[derive(Debug, Args)]
+pub struct PretrainArgs {
+    /// Corpus location: a path, file://, s3://, gs:// or az:// URI holding the clip list.
+    #[arg(long)]
+    pub data: String,
+    /// Output location for checkpoints, metrics.jsonl and config.json.
+    #[arg(long)]
+    pub out: String,
+    /// Model preset (vit_b, tiny); or give the model in --config.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// JSON run configuration: {"model": {...}, "train": {...}, "views": {...}}, all optional.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Clip list inside the corpus.
+    #[arg(long, default_value = "train.csv")]
+    pub list: String,
+    /// Epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Stop after this many steps in total (schedules still span all epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Clips per step on this rank.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Base learning rate (at global batch 256).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Checkpoint every N steps (0: only at the end).
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Initial weights for a fresh run: a checkpoint folder, a .safetensors file or a .pth.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// libtorch intra-op threads for the training step.
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// Decode/augment threads (default: the machine's cores).
+    #[arg(long)]
+    pub data_threads: Option<usize>,
+    /// Progress bar: auto (on a terminal), always, never.
+    #[arg(long, default_value = "auto")]
+    pub progress: String,
+}
+
+/// Builds the run from flags, config file and defaults.
+pub fn pretrain_job(args: &PretrainArgs) -> anyhow::Result<crate::pretrain::PretrainJob> {
+    use crate::pretrain::{InitSource, PretrainJob, RunConfig, views_for};
+    use endofm_shared::StorageUri;
+    let mut run: RunConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading run configuration {}", path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("invalid run configuration {}", path.display()))?
+        }
+        None => RunConfig::default(),
+    };
+    let model = match (&args.preset, run.model.take()) {
+        (Some(_), Some(_)) => bail!("give the model either with --preset or in --config, not both"),
+        (Some(name), None) => name.parse::<Preset>()?.config(),
+        (None, Some(m)) => m,
+        (None, None) => bail!("give --preset (vit_b, tiny) or a \"model\" section in --config"),
+    };
+    let mut train = run.train;
+    if let Some(v) = args.epochs {
+        train.epochs = v;
+    }
+    if let Some(v) = args.batch {
+        train.batch_per_rank = v;
+    }
+    if let Some(v) = args.lr {
+        train.lr = v;
+    }
+    if let Some(v) = args.seed {
+        train.seed = v;
+    }
+    if let Some(v) = args.checkpoint_every {
+        train.checkpoint_every = v;
+    }
+    model.validate()?;
+    train.validate()?;
+    let views = run.views.unwrap_or_else(|| views_for(&model));
+    views.validate()?;
+    let device = parse_device(&args.device)?;
+    if let Some(n) = args.threads {
+        if n < 1 {
+            bail!("--threads must be at least 1, got {n}");
+        }
+        tch::set_num_threads(n);
+    }
+    let progress = match args.progress.as_str() {
+        "auto" => crate::pretrain::progress_default(),
+        "always" => true,
+        "never" => false,
+        other => bail!("unknown --progress `{other}` (auto, always, never)"),
+    };
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    Ok(PretrainJob {
+        data: StorageUri::parse(&args.data).context("--data")?,
+        list: args.list.clone(),
+        out: StorageUri::parse(&args.out).context("--out")?,
+        preset: args.preset.clone(),
+        model,
+        train,
+        views,
+        max_steps: args.max_steps,
+        init: args.init.as_deref().map(InitSource::parse).transpose()?,
+        device,
+        data_threads: args.data_threads.unwrap_or(cores).max(1),
+        progress,
+    })
 }
 
 /// `bench` subcommands.
@@ -306,6 +431,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model(cmd) => run_model(cmd),
         Command::Synth(args) => run_synth(args),
         Command::Bench(cmd) => run_bench(cmd),
+        Command::Pretrain(args) => {
+            let job = pretrain_job(&args)?;
+            let summary = crate::pretrain::run(&job, &mut crate::collective::Solo)?;
+            print_json(&serde_json::to_value(&summary)?);
+            Ok(())
+        }
     }
 }
 
@@ -329,9 +460,12 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
             if batch < 1 || steps < 1 {
                 bail!("--batch and --steps must be at least 1");
             }
-            let precision: endofm_shared::TrainPrecision =
-                serde_json::from_value(serde_json::Value::String(precision.clone()))
-                    .map_err(|_| anyhow::anyhow!("unknown --precision `{precision}` (auto, fp32, bf16, fp16)"))?;
+            let precision: endofm_shared::TrainPrecision = serde_json::from_value(
+                serde_json::Value::String(precision.clone()),
+            )
+            .map_err(|_| {
+                anyhow::anyhow!("unknown --precision `{precision}` (auto, fp32, bf16, fp16)")
+            })?;
             let result = crate::bench::ssl_step(
                 &cfg,
                 &crate::bench::SslStepOptions {

@@ -14,6 +14,7 @@ pub mod error;
 pub mod infer;
 pub mod model;
 pub mod precision;
+pub mod pretrain;
 pub mod store;
 pub mod synth;
 pub mod train;
