@@ -7,5 +7,6 @@ mod cli;
 mod convert;
 mod gpu;
 mod parity;
+mod pretrain;
 mod support;
 mod weights;

@@ -1,0 +1,227 @@
+//! Pre-training through the command line on generated corpora: resume equals uninterrupted,
+//! the loss goes down, bad input is refused before any work with the field named.
+
+use std::path::{Path, PathBuf};
+
+use endofm_worker::model::weights;
+
+use crate::support;
+
+/// A small generated corpus (clips of `frames` frames, short side `size`).
+fn corpus(dir: &Path, clips: usize, frames: usize, size: usize, seed: u64) -> PathBuf {
+    let out = dir.join("corpus");
+    support::worker_ok(&[
+        "synth",
+        "--kind",
+        "pretrain",
+        "--out",
+        out.to_str().unwrap(),
+        "--clips",
+        &clips.to_string(),
+        "--frames",
+        &frames.to_string(),
+        "--size",
+        &size.to_string(),
+        "--seed",
+        &seed.to_string(),
+    ]);
+    out
+}
+
+/// Small views so that CPU steps take a fraction of a second.
+fn run_config(dir: &Path, train: &str) -> PathBuf {
+    let path = dir.join("run.json");
+    std::fs::write(
+        &path,
+        format!(r#"{{"train": {train}, "views": {{"global_size": 48, "local_size": 32}}}}"#),
+    )
+    .unwrap();
+    path
+}
+
+fn pretrain(data: &Path, out: &Path, config: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "pretrain",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--config",
+        config.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--data-threads",
+        "2",
+        "--progress",
+        "never",
+    ];
+    args.extend_from_slice(extra);
+    let stdout = support::worker_ok(&args);
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("summary is not JSON ({e}): {stdout}"))
+}
+
+fn final_student(out: &Path, step: usize) -> std::collections::BTreeMap<String, tch::Tensor> {
+    weights::read(&out.join(format!("checkpoints/step-{step:09}/student.safetensors"))).unwrap()
+}
+
+#[test]
+fn interrupted_and_resumed_equals_uninterrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 6, 16, 64, 3);
+    let config = run_config(
+        dir.path(),
+        r#"{"epochs": 2, "batch_per_rank": 2, "lr": 0.05, "warmup_epochs": 1, "checkpoint_every": 2, "seed": 5}"#,
+    );
+
+    let straight = dir.path().join("straight");
+    let s = pretrain(&data, &straight, &config, &[]);
+    assert_eq!(s["steps"], 6);
+
+    let resumed = dir.path().join("resumed");
+    let first = pretrain(&data, &resumed, &config, &["--max-steps", "3"]);
+    assert_eq!(
+        (first["started_at"].as_u64(), first["steps"].as_u64()),
+        (Some(0), Some(3))
+    );
+    let second = pretrain(&data, &resumed, &config, &[]);
+    assert_eq!(
+        (second["started_at"].as_u64(), second["steps"].as_u64()),
+        (Some(3), Some(6))
+    );
+
+    let (a, b) = (final_student(&straight, 6), final_student(&resumed, 6));
+    assert_eq!(a.len(), b.len());
+    let differing: Vec<&String> = a.keys().filter(|k| !a[*k].equal(&b[*k])).collect();
+    assert!(
+        differing.is_empty(),
+        "parameters differ after resume: {differing:?}"
+    );
+    let t_a =
+        weights::read(&straight.join("checkpoints/step-000000006/teacher.safetensors")).unwrap();
+    let t_b =
+        weights::read(&resumed.join("checkpoints/step-000000006/teacher.safetensors")).unwrap();
+    assert!(
+        t_a.keys().all(|k| t_a[k].equal(&t_b[k])),
+        "teachers differ after resume"
+    );
+
+    // Metrics cover every step exactly once, and the resolved config sits next to them.
+    let metrics = std::fs::read_to_string(resumed.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, vec![0, 1, 2, 3, 4, 5]);
+    let resolved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(resumed.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(resolved["train"]["seed"], 5);
+    assert_eq!(resolved["model"]["embed_dim"], 192);
+
+    // A finished run rerun does nothing and says so.
+    let again = pretrain(&data, &resumed, &config, &[]);
+    assert_eq!(again["started_at"], 6);
+}
+
+/// With the centre held at zero (centre momentum 1) the teacher's targets move only by the EMA,
+/// so the loss measures how well the student learns to predict them across views; early in a
+/// run the moving centre otherwise raises the teacher's entropy and masks that.
+#[test]
+fn loss_goes_down_on_a_generated_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 8, 16, 64, 11);
+    let config = run_config(
+        dir.path(),
+        r#"{"epochs": 4, "batch_per_rank": 4, "lr": 0.02, "warmup_epochs": 0, "min_lr": 0.001, "freeze_last_layer": 0, "checkpoint_every": 0, "center_momentum": 1.0}"#,
+    );
+    let out = dir.path().join("run");
+    pretrain(&data, &out, &config, &[]);
+    let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(losses.len(), 8);
+    let head: f64 = losses[..2].iter().sum::<f64>() / 2.0;
+    let tail: f64 = losses[losses.len() - 2..].iter().sum::<f64>() / 2.0;
+    assert!(tail < head - 0.1, "loss did not go down: {losses:?}");
+}
+
+#[test]
+fn bad_input_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 2, 8, 48, 1);
+    let out = dir.path().join("out");
+    let run = |config: &Path, data: &str, out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "pretrain",
+            "--data",
+            data,
+            "--out",
+            out,
+            "--config",
+            config.to_str().unwrap(),
+            "--progress",
+            "never",
+        ];
+        args.extend_from_slice(extra);
+        support::worker_err(&args)
+    };
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let good = run_config(dir.path(), r#"{"epochs": 1, "batch_per_rank": 1}"#);
+
+    let bad_lr = dir.path().join("bad_lr.json");
+    std::fs::write(&bad_lr, r#"{"train": {"lr": -0.1}}"#).unwrap();
+    let e = run(&bad_lr, d, o, &["--preset", "tiny"]);
+    assert!(e.contains("`lr`"), "{e}");
+    let typo = dir.path().join("typo.json");
+    std::fs::write(&typo, r#"{"train": {"epohcs": 3}}"#).unwrap();
+    let e = run(&typo, d, o, &["--preset", "tiny"]);
+    assert!(e.contains("epohcs"), "{e}");
+    let view = dir.path().join("view.json");
+    std::fs::write(&view, r#"{"views": {"flip_p": 2.0}}"#).unwrap();
+    let e = run(&view, d, o, &["--preset", "tiny"]);
+    assert!(e.contains("flip_p"), "{e}");
+    let e = run(&good, d, o, &["--preset", "vit_huge"]);
+    assert!(e.contains("vit_huge"), "{e}");
+    let e = run(&good, d, o, &[]);
+    assert!(e.contains("--preset"), "{e}");
+
+    // Missing corpus, empty corpus, a corpus smaller than one batch, a bad URI.
+    let e = run(&good, "/no/such/corpus", o, &["--preset", "tiny"]);
+    assert!(e.contains("/no/such/corpus"), "{e}");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join("train.csv"), "\n").unwrap();
+    let e = run(&good, empty.to_str().unwrap(), o, &["--preset", "tiny"]);
+    assert!(e.contains("lists no clips"), "{e}");
+    let e = run(&good, d, o, &["--preset", "tiny", "--batch", "3"]);
+    assert!(e.contains("fewer than one global batch"), "{e}");
+    let e = run(&good, "ftp://host/x", o, &["--preset", "tiny"]);
+    assert!(e.contains("ftp"), "{e}");
+
+    // An output location that cannot be written.
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, "x").unwrap();
+    let e = run(
+        &good,
+        d,
+        blocker.join("out").to_str().unwrap(),
+        &["--preset", "tiny"],
+    );
+    assert!(e.contains("file/out") || e.contains("file"), "{e}");
+
+    // Nothing was started: no checkpoint anywhere.
+    assert!(!out.join("checkpoints").exists());
+}
