@@ -470,19 +470,11 @@ pub fn manifest_for(
 mod tests {
     use super::*;
     use crate::collective::Solo;
-    use endofm_shared::{Preset, StorageUri};
+    use endofm_shared::StorageUri;
     use tch::Kind;
 
     fn small() -> ModelConfig {
-        let mut c = Preset::Tiny.config();
-        c.depth = 1;
-        c.embed_dim = 32;
-        c.num_heads = 2;
-        c.img_size = 32;
-        c.head.out_dim = 32;
-        c.head.hidden_dim = 16;
-        c.head.bottleneck_dim = 8;
-        c
+        crate::test_support::small_model(1)
     }
 
     fn views(step: usize) -> Vec<Tensor> {

@@ -35,4 +35,18 @@ pub(crate) mod test_support {
     pub fn rng_lock() -> MutexGuard<'static, ()> {
         RNG.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// A network small enough for unit tests of training code: `depth` blocks of width 32 on
+    /// 32-pixel views, a 32-prototype head.
+    pub fn small_model(depth: usize) -> endofm_shared::ModelConfig {
+        let mut c = endofm_shared::Preset::Tiny.config();
+        c.depth = depth;
+        c.embed_dim = 32;
+        c.num_heads = 2;
+        c.img_size = 32;
+        c.head.out_dim = 32;
+        c.head.hidden_dim = 16;
+        c.head.bottleneck_dim = 8;
+        c
+    }
 }

@@ -20,7 +20,7 @@ use crate::collective::Collective;
 use crate::data::ViewConfig;
 use crate::data::loader::{self, Corpus, Loader, LoaderConfig};
 use crate::store::Store;
-use crate::train::step::SslTrainer;
+use crate::train::step::{SslTrainer, StepStats};
 use crate::{Error, Result};
 
 /// The configuration file of a run: every section optional, defaults = the reference's.
@@ -139,23 +139,12 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-/// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One line of `metrics.jsonl`: the step's statistics and the run's throughput.
+#[derive(Debug, Clone, Serialize)]
 pub struct MetricsLine {
-    /// Global step (0-based).
-    pub step: usize,
-    /// Epoch.
-    pub epoch: usize,
-    /// Loss.
-    pub loss: f64,
-    /// Learning rate.
-    pub lr: f64,
-    /// Weight decay.
-    pub wd: f64,
-    /// Teacher EMA momentum.
-    pub momentum: f64,
-    /// Teacher temperature.
-    pub teacher_temp: f64,
+    /// Step, epoch, loss and the scheduled values.
+    #[serde(flatten)]
+    pub stats: StepStats,
     /// Clips per second over all ranks.
     pub samples_per_s: f64,
     /// Seconds waiting for data.
@@ -290,7 +279,12 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
     let mut metrics_text = match out.get("metrics.jsonl") {
         Ok(bytes) => String::from_utf8_lossy(&bytes)
             .lines()
-            .filter(|l| serde_json::from_str::<MetricsLine>(l).is_ok_and(|m| m.step < start_step))
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|m| m["step"].as_u64())
+                    .is_some_and(|s| (s as usize) < start_step)
+            })
             .map(|l| format!("{l}\n"))
             .collect::<String>(),
         Err(_) => String::new(),
@@ -359,13 +353,7 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
         summary.clips_failed = failed;
         if rank == 0 && (step % job.train.log_every == 0 || step + 1 == end) {
             let line = MetricsLine {
-                step,
-                epoch: stats.epoch,
-                loss: stats.loss,
-                lr: stats.lr,
-                wd: stats.wd,
-                momentum: stats.momentum,
-                teacher_temp: stats.teacher_temp,
+                stats: stats.clone(),
                 samples_per_s: global_batch / step_s,
                 data_wait_s: batch.wait_s,
                 step_s,

@@ -365,18 +365,9 @@ impl SslTrainer {
 mod tests {
     use super::*;
     use crate::collective::Solo;
-    use endofm_shared::Preset;
 
     fn small() -> ModelConfig {
-        let mut c = Preset::Tiny.config();
-        c.depth = 2;
-        c.embed_dim = 48;
-        c.num_heads = 2;
-        c.img_size = 32;
-        c.head.out_dim = 64;
-        c.head.hidden_dim = 32;
-        c.head.bottleneck_dim = 16;
-        c
+        crate::test_support::small_model(2)
     }
 
     fn views(seed: i64) -> Vec<Tensor> {
