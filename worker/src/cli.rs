@@ -232,6 +232,9 @@ pub struct SynthArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Probability that a clip shows polyps.
+    #[arg(long, default_value_t = 0.3)]
+    pub polyp_probability: f64,
 }
 
 /// `synth --kind` values.
@@ -389,6 +392,44 @@ pub enum ModelCommand {
         #[arg(long)]
         python: Option<PathBuf>,
     },
+    /// CLS features of every clip of a corpus (eval mode, uniform frames, centre crop), written
+    /// as `features` (clips × D) to a safetensors file; with --labels, a k-NN probe of the
+    /// `polyp` flags of a generated corpus's labels.json.
+    Embed {
+        /// Which network.
+        #[command(flatten)]
+        source: ModelSource,
+        /// Weights (safetensors; a pre-training checkpoint's student.safetensors works).
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Corpus location with its clip list.
+        #[arg(long)]
+        data: String,
+        /// Clip list inside the corpus.
+        #[arg(long, default_value = "train.csv")]
+        list: String,
+        /// Frames per clip.
+        #[arg(long, default_value_t = 8)]
+        frames: usize,
+        /// Input side in pixels (default: the model's image size).
+        #[arg(long)]
+        size: Option<usize>,
+        /// Clips per forward pass.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        /// labels.json of a generated corpus: report leave-one-out k-NN accuracy of `polyp`.
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// Neighbours of the probe.
+        #[arg(long, default_value_t = 3)]
+        k: usize,
+        /// Execution options.
+        #[command(flatten)]
+        exec: Exec,
+    },
     /// Write our safetensors weights as a reference-format PyTorch checkpoint.
     Export {
         /// Student weights.
@@ -498,6 +539,7 @@ fn run_synth(args: SynthArgs) -> anyhow::Result<()> {
                 short_side: args.size,
                 seed: args.seed,
                 threads: args.threads.unwrap_or(0),
+                polyp_probability: args.polyp_probability,
                 ..synth::CorpusSpec::default()
             };
             let summary = synth::write_pretrain_corpus(&args.out, &spec).with_context(|| {
@@ -640,6 +682,74 @@ fn run_model(cmd: ModelCommand) -> anyhow::Result<()> {
                 }
             }
             println!("{report}");
+            Ok(())
+        }
+        ModelCommand::Embed {
+            source,
+            weights: weights_path,
+            data,
+            list,
+            frames,
+            size,
+            batch,
+            out,
+            labels,
+            k,
+            exec,
+        } => {
+            let device = exec.setup()?;
+            let cfg = source.resolve()?;
+            let mut model = EndoFm::new(&cfg, device)?;
+            if let Some(w) = &weights_path {
+                model.load(w, LoadMode::Strict)?;
+            }
+            let corpus = crate::data::loader::Corpus::open(
+                &endofm_shared::StorageUri::parse(&data).context("--data")?,
+                &list,
+            )?;
+            let opts = crate::embed::EmbedOptions {
+                frames,
+                size: size.unwrap_or(cfg.img_size),
+                batch,
+                precision: exec.precision,
+            };
+            let features = crate::embed::embed_corpus(&model, &corpus, &opts)?;
+            let mut tensors = std::collections::BTreeMap::new();
+            tensors.insert("features".to_string(), features.shallow_clone());
+            weights::write(&out, &tensors)?;
+            let knn = match labels {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let doc: serde_json::Value = serde_json::from_str(&text)
+                        .with_context(|| format!("{} is not JSON", path.display()))?;
+                    let by_path: std::collections::HashMap<&str, bool> = doc["clips"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|c| Some((c["path"].as_str()?, c["polyp"].as_bool()?)))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let labels = corpus
+                        .clips()
+                        .iter()
+                        .map(|c| {
+                            by_path.get(c.as_str()).copied().ok_or_else(|| {
+                                anyhow::anyhow!("{} has no label for {c}", path.display())
+                            })
+                        })
+                        .collect::<anyhow::Result<Vec<bool>>>()?;
+                    Some(crate::embed::knn_accuracy(&features, &labels, k))
+                }
+                None => None,
+            };
+            print_json(&json!({
+                "out": out,
+                "clips": features.size()[0],
+                "dim": features.size()[1],
+                "knn_accuracy": knn,
+            }));
             Ok(())
         }
         ModelCommand::Export {

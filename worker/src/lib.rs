@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod collective;
 pub mod convert;
+pub mod embed;
 pub mod data;
 pub mod error;
 pub mod infer;

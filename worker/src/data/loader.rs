@@ -91,6 +91,11 @@ impl Corpus {
         CorpusFingerprint::of(&self.clips)
     }
 
+    /// The bytes of clip `i` (video files only).
+    pub fn read(&self, i: usize) -> Result<bytes::Bytes> {
+        self.store.get(&self.clips[i])
+    }
+
     /// Human-readable location of clip `i`.
     pub fn describe(&self, i: usize) -> String {
         self.store.describe(&self.clips[i])
