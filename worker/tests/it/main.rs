@@ -1,5 +1,6 @@
 //! Integration tests of the worker: parity with the published code's vectors, weight names and
-//! files, checkpoint conversion, and the command line. One test binary, modules by concern.
+//! files, checkpoint conversion, the command line, and object storage on a real S3 server. One
+//! test binary, modules by concern.
 
 #![allow(clippy::unwrap_used)] // tests fail by panicking
 
@@ -7,5 +8,6 @@ mod cli;
 mod convert;
 mod gpu;
 mod parity;
+mod s3;
 mod support;
 mod weights;
