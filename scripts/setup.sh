@@ -4,7 +4,9 @@
 #   - a project-local venv `.venv` with libtorch 2.13.0 from the PyPI torch wheel (re-installed
 #     only when scripts/requirements.txt changes);
 #   - `.libtorch`, a link to the venv's torch package, which .cargo/config.toml points tch at,
-#     so plain `cargo build` / `cargo test` work in the repository root afterwards.
+#     so plain `cargo build` / `cargo test` work in the repository root afterwards;
+#   - moto, a real S3 server for the object-storage tests, in its own venv `.cache/moto-venv`
+#     (re-installed only when scripts/moto-requirements.txt changes).
 # A second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,4 +56,20 @@ nccl="$site/nvidia/nccl/lib"
 if [ -e "$nccl/libnccl.so.2" ] && [ ! -e "$nccl/libnccl.so" ]; then
   ln -s libnccl.so.2 "$nccl/libnccl.so"
 fi
-log "ready: libtorch $version at .libtorch"
+
+# --- S3 server for the tests (moto, its own venv: it must not touch .venv's torch) ----------
+moto=.cache/moto-venv
+if [ ! -x "$moto/bin/python" ]; then
+  log "creating $moto"
+  mkdir -p .cache
+  "$py" -m venv "$moto"
+fi
+stamp=$moto/.endofm-requirements
+want=$(sha256sum scripts/moto-requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$moto/bin/moto_server" ]; then
+  log "installing scripts/moto-requirements.txt into $moto (S3 server for the tests)"
+  "$moto/bin/pip" install --quiet --disable-pip-version-check -r scripts/moto-requirements.txt
+  echo "$want" > "$stamp"
+fi
+
+log "ready: libtorch $version at .libtorch, moto at $moto/bin/moto_server"

@@ -15,6 +15,11 @@ use endofm_shared::StorageUri;
 
 use crate::{Error, Result};
 
+/// Objects larger than this go up as a multipart upload.
+const MULTIPART_THRESHOLD: usize = 64 << 20;
+/// Part size of multipart uploads (S3 needs at least 5 MiB for all but the last part).
+const PART_SIZE: usize = 16 << 20;
+
 fn runtime() -> &'static Runtime {
     static RT: OnceLock<Runtime> = OnceLock::new();
     RT.get_or_init(|| {
@@ -53,10 +58,19 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens `uri`. A local directory is created when `create` is set, and must exist otherwise.
     pub fn open(uri: &StorageUri, create: bool) -> Result<Self> {
+        Self::open_with(uri, create, &[])
+    }
+
+    /// Opens `uri` like [`Store::open`], with settings that override the environment's for the
+    /// cloud stores: `object_store` configuration keys such as `aws_endpoint` or
+    /// `aws_allow_http` (ignored for local directories). For programs that talk to more than
+    /// one endpoint, and for tests, which must not change their own process's environment.
+    pub fn open_with(uri: &StorageUri, create: bool, settings: &[(&str, &str)]) -> Result<Self> {
         let err = |reason: String| Error::Storage {
             uri: uri.to_string(),
             reason,
         };
+        let bad_key = |key: &str| err(format!("unknown storage setting `{key}`"));
         let inner: Arc<dyn ObjectStore> = match uri {
             StorageUri::Local { path } => {
                 if create {
@@ -69,24 +83,39 @@ impl Store {
                     .map_err(|e| err(e.to_string()))?;
                 Arc::new(fs)
             }
-            StorageUri::S3 { bucket, .. } => Arc::new(
-                object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .build()
-                    .map_err(|e| err(e.to_string()))?,
-            ),
-            StorageUri::Gcs { bucket, .. } => Arc::new(
-                object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_bucket_name(bucket)
-                    .build()
-                    .map_err(|e| err(e.to_string()))?,
-            ),
-            StorageUri::Azure { container, .. } => Arc::new(
-                object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_container_name(container)
-                    .build()
-                    .map_err(|e| err(e.to_string()))?,
-            ),
+            StorageUri::S3 { bucket, .. } => {
+                let mut b = object_store::aws::AmazonS3Builder::from_env();
+                for (k, v) in settings {
+                    b = b.with_config(k.parse().map_err(|_| bad_key(k))?, *v);
+                }
+                Arc::new(
+                    b.with_bucket_name(bucket)
+                        .build()
+                        .map_err(|e| err(e.to_string()))?,
+                )
+            }
+            StorageUri::Gcs { bucket, .. } => {
+                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env();
+                for (k, v) in settings {
+                    b = b.with_config(k.parse().map_err(|_| bad_key(k))?, *v);
+                }
+                Arc::new(
+                    b.with_bucket_name(bucket)
+                        .build()
+                        .map_err(|e| err(e.to_string()))?,
+                )
+            }
+            StorageUri::Azure { container, .. } => {
+                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env();
+                for (k, v) in settings {
+                    b = b.with_config(k.parse().map_err(|_| bad_key(k))?, *v);
+                }
+                Arc::new(
+                    b.with_container_name(container)
+                        .build()
+                        .map_err(|e| err(e.to_string()))?,
+                )
+            }
         };
         Ok(Self {
             inner,
@@ -129,6 +158,21 @@ impl Store {
 
     fn storage_err(&self, key: &str, op: &str, e: object_store::Error) -> Error {
         let reason = match &e {
+            // S3 and Azure answer 404 with a code in the body for a missing bucket/container;
+            // object_store's message carries the body.
+            object_store::Error::NotFound { .. }
+                if ["NoSuchBucket", "ContainerNotFound"]
+                    .iter()
+                    .any(|code| e.to_string().contains(code)) =>
+            {
+                format!(
+                    "{op}: the {} does not exist",
+                    match self.uri {
+                        StorageUri::Azure { .. } => "container",
+                        _ => "bucket",
+                    }
+                )
+            }
             object_store::Error::NotFound { .. } => format!("{op}: not found"),
             _ => format!("{op}: {e}"),
         };
@@ -166,14 +210,22 @@ impl Store {
         let mut last = None;
         for attempt in 0..3 {
             let result = runtime().block_on(async {
-                if data.len() > 64 << 20 {
+                if data.len() > MULTIPART_THRESHOLD {
                     let mut upload = self.inner.put_multipart(&path).await?;
-                    for chunk in data.chunks(16 << 20) {
-                        upload
-                            .put_part(PutPayload::from(data.slice_ref(chunk)))
-                            .await?;
+                    let sent = async {
+                        for chunk in data.chunks(PART_SIZE) {
+                            upload
+                                .put_part(PutPayload::from(data.slice_ref(chunk)))
+                                .await?;
+                        }
+                        upload.complete().await.map(|_| ())
                     }
-                    upload.complete().await.map(|_| ())
+                    .await;
+                    if sent.is_err() {
+                        // Otherwise the server keeps (and bills) the parts already uploaded.
+                        let _ = upload.abort().await;
+                    }
+                    sent
                 } else {
                     self.inner
                         .put(&path, PutPayload::from(data.clone()))
@@ -183,10 +235,18 @@ impl Store {
             });
             match result {
                 Ok(()) => return Ok(()),
+                // A missing bucket or a refused credential stays so: no retry.
+                Err(
+                    e @ (object_store::Error::NotFound { .. }
+                    | object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }),
+                ) => return Err(self.storage_err(key, "write", e)),
                 Err(e) => {
                     tracing::warn!(key, attempt, error = %e, "write failed, retrying");
                     last = Some(e);
-                    std::thread::sleep(std::time::Duration::from_millis(200 << attempt));
+                    if attempt < 2 {
+                        std::thread::sleep(std::time::Duration::from_millis(200 << attempt));
+                    }
                 }
             }
         }
@@ -231,6 +291,26 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_override_the_environment_and_unknown_ones_are_named() {
+        let uri = StorageUri::parse("s3://some-bucket/p").unwrap();
+        let store = Store::open_with(
+            &uri,
+            false,
+            &[
+                ("aws_endpoint", "http://127.0.0.1:9"),
+                ("aws_allow_http", "true"),
+                ("aws_region", "us-east-1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(store.describe("a"), "s3://some-bucket/p/a");
+        let err = Store::open_with(&uri, false, &[("aws_no_such_setting", "1")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("aws_no_such_setting"), "{err}");
+    }
 
     #[test]
     fn local_round_trip_list_delete() {

@@ -44,7 +44,11 @@ impl Corpus {
         let store = Store::open(uri, false)?;
         let text = store.get(list).map_err(|e| Error::Storage {
             uri: store.describe(list),
-            reason: format!("cannot read the clip list ({e})"),
+            reason: match e {
+                // Already names the list's location: only the reason, not the URI twice.
+                Error::Storage { reason, .. } => format!("cannot read the clip list: {reason}"),
+                e => format!("cannot read the clip list ({e})"),
+            },
         })?;
         let text = String::from_utf8_lossy(&text);
         let mut clips = Vec::new();

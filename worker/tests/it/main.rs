@@ -1,5 +1,6 @@
 //! Integration tests of the worker: parity with the published code's vectors, weight names and
-//! files, checkpoint conversion, and the command line. One test binary, modules by concern.
+//! files, checkpoint conversion, the command line, and object storage on a real S3 server. One
+//! test binary, modules by concern.
 
 #![allow(clippy::unwrap_used)] // tests fail by panicking
 
@@ -8,5 +9,6 @@ mod convert;
 mod gpu;
 mod parity;
 mod pretrain;
+mod s3;
 mod support;
 mod weights;
