@@ -469,9 +469,13 @@ impl Loader {
             self.shared.changed.notify_all();
         }
         let n_views = samples.first().map_or(0, |s| s.views.len());
-        let views = (0..n_views)
-            .map(|v| Tensor::stack(&samples.iter().map(|s| &s.views[v]).collect::<Vec<_>>(), 0))
-            .collect();
+        let views = match samples.as_slice() {
+            // One clip: a view of its tensors, no copy.
+            [one] => one.views.iter().map(|v| v.unsqueeze(0)).collect(),
+            _ => (0..n_views)
+                .map(|v| Tensor::stack(&samples.iter().map(|s| &s.views[v]).collect::<Vec<_>>(), 0))
+                .collect(),
+        };
         let batch = Batch {
             step: self.next_step,
             views,
