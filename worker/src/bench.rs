@@ -1,17 +1,23 @@
 //! Benchmarks that print one JSON object per case (see `shared/spec/benchmarks.md`):
-//! `ssl-step`, one complete self-supervised iteration on in-memory views of the right shapes.
+//! `ssl-step`, one complete self-supervised iteration on in-memory views of the right shapes,
+//! and `data`, MP4 clips through the pre-training loader to the normalised view tensors.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use endofm_shared::{ModelConfig, PretrainConfig, TrainPrecision};
+use endofm_shared::{ModelConfig, PretrainConfig, StorageUri, TrainPrecision};
 
-use crate::Result;
 use crate::collective::Solo;
+use crate::data::ViewConfig;
+use crate::data::loader::{Corpus, Loader, LoaderConfig, LoaderStats};
 use crate::precision::Precision;
+use crate::synth::{CorpusSpec, write_pretrain_corpus};
 use crate::train::step::SslTrainer;
+use crate::{Error, Result};
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`), 0 where unknown.
 pub fn peak_rss_mb() -> f64 {
@@ -159,4 +165,214 @@ pub fn ssl_step(model: &ModelConfig, opts: &SslStepOptions) -> Result<SslStepRes
         peak_rss_mb: peak_rss_mb(),
         peak_device_mb: None,
     })
+}
+
+/// Options of `bench data`.
+#[derive(Debug, Clone)]
+pub struct DataOptions {
+    /// Corpus location; `None`: a synthetic corpus like the published one in a temporary folder.
+    pub data: Option<StorageUri>,
+    /// Clip list inside the corpus.
+    pub list: String,
+    /// Decode/augment threads of the loader.
+    pub threads: usize,
+    /// Clips timed, after one warm-up clip per thread.
+    pub clips: usize,
+    /// Preset name reported.
+    pub preset: String,
+    /// The views rendered.
+    pub views: ViewConfig,
+}
+
+/// Result of `bench data`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DataResult {
+    /// Always "data".
+    pub bench: &'static str,
+    /// Preset whose views were rendered.
+    pub preset: String,
+    /// Global and local view sides in pixels.
+    pub views_px: [usize; 2],
+    /// Decode/augment threads.
+    pub threads: usize,
+    /// Clips timed.
+    pub clips: usize,
+    /// Wall time of the timed clips.
+    pub seconds: f64,
+    /// Clips per second from the files to the ten normalised view tensors, whole pipeline.
+    pub clips_per_s: f64,
+    /// Frames decoded per second (the distinct frames the views need).
+    pub frames_decoded_per_s: f64,
+    /// Fraction of the data threads' busy time spent reading and decoding (the rest renders
+    /// the views).
+    pub decode_share: f64,
+    /// Mean milliseconds per clip reading and decoding, on one data thread.
+    pub decode_ms_per_clip: f64,
+    /// Mean milliseconds per clip rendering the views, on one data thread.
+    pub render_ms_per_clip: f64,
+    /// Clips that failed to read or decode (each attempt counts).
+    pub clips_failed: u64,
+}
+
+/// A snapshot of the loader's counters.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    ok: u64,
+    failed: u64,
+    frames: u64,
+    decode_ns: u64,
+    render_ns: u64,
+}
+
+impl Counts {
+    fn of(stats: &LoaderStats) -> Self {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        Self {
+            ok: get(&stats.clips_ok),
+            failed: get(&stats.clips_failed),
+            frames: get(&stats.frames_decoded),
+            decode_ns: get(&stats.decode_ns),
+            render_ns: get(&stats.render_ns),
+        }
+    }
+}
+
+/// Clips of the synthetic corpus `bench data` writes when given none.
+pub const DATA_BENCH_CLIPS: usize = 16;
+
+/// Runs clips through the pre-training [`Loader`] (one clip per batch, so the numbers are per
+/// clip) with `threads` data threads: read, demux, decode the frames the views need, render and
+/// normalise the views. The first clip of each thread is a warm-up; the decode and render times
+/// come from the loader's per-clip counters over the timed clips.
+pub fn data(opts: &DataOptions) -> Result<DataResult> {
+    if opts.threads == 0 || opts.clips == 0 {
+        return Err(Error::Input {
+            name: "bench data".into(),
+            reason: "threads and clips must be at least 1".into(),
+        });
+    }
+    let generated;
+    let uri = match &opts.data {
+        Some(uri) => uri.clone(),
+        None => {
+            generated = tempfile::tempdir().map_err(|source| Error::Io {
+                action: "creating a temporary folder",
+                path: std::env::temp_dir(),
+                source,
+            })?;
+            let spec = CorpusSpec {
+                clips: DATA_BENCH_CLIPS,
+                frames: 150,
+                short_side: 256,
+                ..CorpusSpec::default()
+            };
+            tracing::info!(
+                clips = spec.clips,
+                "writing a synthetic corpus for the benchmark"
+            );
+            write_pretrain_corpus(generated.path(), &spec)?;
+            StorageUri::Local {
+                path: generated.path().to_path_buf(),
+            }
+        }
+    };
+    let corpus = Arc::new(Corpus::open(&uri, &opts.list)?);
+    let cfg = LoaderConfig {
+        seed: 0,
+        batch: 1,
+        rank: 0,
+        world: 1,
+        threads: opts.threads,
+        prefetch: 2 * opts.threads,
+        views: opts.views.clone(),
+    };
+    let mut loader = Loader::start(corpus, cfg, 0)?;
+    for _ in 0..opts.threads {
+        loader.next_batch()?;
+    }
+    let before = Counts::of(loader.stats());
+    let started = Instant::now();
+    for _ in 0..opts.clips {
+        std::hint::black_box(loader.next_batch()?);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let after = Counts::of(loader.stats());
+    drop(loader);
+
+    let produced = (after.ok - before.ok).max(1) as f64;
+    let decode_ns = (after.decode_ns - before.decode_ns) as f64;
+    let render_ns = (after.render_ns - before.render_ns) as f64;
+    let clips_per_s = opts.clips as f64 / seconds.max(f64::MIN_POSITIVE);
+    let frames_per_clip = (after.frames - before.frames) as f64 / produced;
+    Ok(DataResult {
+        bench: "data",
+        preset: opts.preset.clone(),
+        views_px: [opts.views.global_size, opts.views.local_size],
+        threads: opts.threads,
+        clips: opts.clips,
+        seconds,
+        clips_per_s,
+        frames_decoded_per_s: frames_per_clip * clips_per_s,
+        decode_share: decode_ns / (decode_ns + render_ns).max(1.0),
+        decode_ms_per_clip: decode_ns / produced / 1e6,
+        render_ms_per_clip: render_ns / produced / 1e6,
+        clips_failed: after.failed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_bench_reports_rates_and_the_decode_share() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = CorpusSpec {
+            clips: 3,
+            frames: 16,
+            short_side: 64,
+            threads: 2,
+            ..CorpusSpec::default()
+        };
+        write_pretrain_corpus(dir.path(), &spec).expect("writing the corpus");
+        let opts = DataOptions {
+            data: Some(StorageUri::Local {
+                path: dir.path().to_path_buf(),
+            }),
+            list: "train.csv".into(),
+            threads: 2,
+            clips: 4,
+            preset: "test".into(),
+            views: ViewConfig {
+                global_size: 32,
+                local_size: 16,
+                ..ViewConfig::default()
+            },
+        };
+        let r = data(&opts).expect("bench data");
+        assert_eq!((r.bench, r.threads, r.clips), ("data", 2, 4));
+        assert!(r.clips_per_s > 0.0 && r.seconds > 0.0, "{r:?}");
+        // A 16-frame clip: global view 2 alone needs frames 5..=15, and no view goes beyond.
+        let frames_per_clip = r.frames_decoded_per_s / r.clips_per_s;
+        assert!(
+            (11.0..=16.0).contains(&frames_per_clip),
+            "{frames_per_clip} frames per clip"
+        );
+        assert!(r.decode_share > 0.0 && r.decode_share < 1.0, "{r:?}");
+        assert_eq!(r.clips_failed, 0);
+        let json = serde_json::to_value(&r).expect("json");
+        for field in [
+            "bench",
+            "threads",
+            "clips",
+            "clips_per_s",
+            "frames_decoded_per_s",
+            "decode_share",
+        ] {
+            assert!(json.get(field).is_some(), "missing `{field}`: {json}");
+        }
+        let mut bad = opts;
+        bad.threads = 0;
+        assert!(data(&bad).is_err());
+    }
 }

@@ -1,5 +1,5 @@
-//! The `endofm-worker` command line: `model info | init | forward | verify | import | export` and
-//! `synth` (procedural endoscopy clips).
+//! The `endofm-worker` command line: `model info | init | forward | verify | import | export`,
+//! `synth` (procedural endoscopy clips), `pretrain` and `bench ssl-step | data`.
 //! Results go to stdout as JSON; logs go to stderr.
 
 use std::path::{Path, PathBuf};
@@ -205,6 +205,26 @@ pub enum BenchCommand {
         /// Timed steps (after one warm-up step).
         #[arg(long, default_value_t = 5)]
         steps: usize,
+    },
+    /// Clips per second from MP4 files to the ten normalised view tensors (decode + augment)
+    /// through the pre-training loader.
+    Data {
+        /// Corpus location with the clip list (a path or URI); default: a synthetic corpus of
+        /// 16 published-like clips (150 frames, 256 px short side) in a temporary folder.
+        #[arg(long)]
+        data: Option<String>,
+        /// Clip list inside the corpus.
+        #[arg(long, default_value = "train.csv")]
+        list: String,
+        /// Decode/augment threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Clips timed (after one warm-up clip per thread).
+        #[arg(long, default_value_t = 64)]
+        clips: usize,
+        /// Preset whose views are rendered: vit_b (224/96 px) or tiny (112/48 px).
+        #[arg(long, default_value = "vit_b")]
+        preset: String,
     },
 }
 
@@ -521,6 +541,33 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
             print_json(&serde_json::to_value(&result)?);
             Ok(())
         }
+        BenchCommand::Data {
+            data,
+            list,
+            threads,
+            clips,
+            preset,
+        } => {
+            if threads < 1 || clips < 1 {
+                bail!("--threads and --clips must be at least 1");
+            }
+            let data = data
+                .map(|d| endofm_shared::StorageUri::parse(&d))
+                .transpose()
+                .context("--data")?;
+            let views = crate::pretrain::views_for(&preset.parse::<Preset>()?.config());
+            let result = crate::bench::data(&crate::bench::DataOptions {
+                data,
+                list,
+                threads,
+                clips,
+                preset,
+                views,
+            })
+            .context("bench data")?;
+            print_json(&serde_json::to_value(&result)?);
+            Ok(())
+        }
     }
 }
 
@@ -804,5 +851,37 @@ mod tests {
         let err = synth(&file.join("corpus"), "1").expect_err("unwritable output");
         assert!(format!("{err:#}").contains("not-a-dir"), "{err:#}");
         assert!(Cli::try_parse_from(["endofm-worker", "synth", "--kind", "finetune"]).is_err());
+    }
+
+    #[test]
+    fn bench_data_runs_on_a_given_corpus() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let corpus = dir.path().join("corpus");
+        synth(&corpus, "2").expect("a two-clip corpus");
+        let corpus = corpus.to_string_lossy();
+        let args = [
+            "endofm-worker",
+            "bench",
+            "data",
+            "--data",
+            &corpus,
+            "--threads",
+            "1",
+            "--clips",
+            "3",
+            "--preset",
+            "tiny",
+        ];
+        run(Cli::try_parse_from(args).expect("parsing")).expect("bench data");
+        let Command::Bench(BenchCommand::Data { data, preset, .. }) =
+            Cli::try_parse_from(&args[..3]).expect("defaults").command
+        else {
+            panic!("bench data parses as another command");
+        };
+        assert_eq!((data, preset.as_str()), (None, "vit_b"));
+        let bad = run(
+            Cli::try_parse_from([&args[..5], &["--preset", "huge"]].concat()).expect("parsing"),
+        );
+        assert!(format!("{:#}", bad.expect_err("unknown preset")).contains("huge"));
     }
 }

@@ -13,66 +13,14 @@ pub mod views;
 
 use std::time::Instant;
 
+/// Decoded frames are the decoder's own type: rendering reads what [`crate::video`] writes.
+pub use crate::video::Frames;
 pub use augment::{Views, render};
 pub use views::{
     ClipShape, CropBox, DrawKey, GrayWeights, JitterOp, ViewConfig, ViewDraw, ViewKind, ViewPlan,
 };
 
-use crate::{Error, Result};
-
-/// Decoded RGB frames, `count × height × width × 3` bytes, row-major: what a decoder fills.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frames {
-    /// Number of frames.
-    pub count: usize,
-    /// Frame height in pixels.
-    pub height: usize,
-    /// Frame width in pixels.
-    pub width: usize,
-    /// The pixels, RGB interleaved.
-    data: Vec<u8>,
-}
-
-impl Frames {
-    /// Wraps decoded pixels after checking that their length fits the sizes.
-    pub fn new(count: usize, height: usize, width: usize, data: Vec<u8>) -> Result<Self> {
-        let expected = count
-            .checked_mul(height)
-            .and_then(|n| n.checked_mul(width))
-            .and_then(|n| n.checked_mul(3));
-        if expected != Some(data.len()) {
-            return Err(Error::Input {
-                name: "frames".into(),
-                reason: format!(
-                    "{} bytes do not hold {count} RGB frames of {height}×{width}",
-                    data.len()
-                ),
-            });
-        }
-        Ok(Self {
-            count,
-            height,
-            width,
-            data,
-        })
-    }
-
-    /// The pixels of frame `i` (`height × width × 3` bytes). Panics when `i >= count`.
-    pub fn frame(&self, i: usize) -> &[u8] {
-        let len = self.height * self.width * 3;
-        &self.data[i * len..(i + 1) * len]
-    }
-
-    /// All pixels.
-    pub fn data(&self) -> &[u8] {
-        &self.data
-    }
-
-    /// Gives the buffer back (for reuse by the decoder).
-    pub fn into_data(self) -> Vec<u8> {
-        self.data
-    }
-}
+use crate::Result;
 
 /// Result of [`bench_views`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -135,7 +83,7 @@ pub fn synthetic_clip(shape: ClipShape) -> Result<Frames> {
             }
         }
     }
-    Frames::new(frames, height, width, data)
+    Frames::from_vec(frames, height, width, data)
 }
 
 #[cfg(test)]

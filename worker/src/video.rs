@@ -39,6 +39,21 @@ impl Frames {
         }
     }
 
+    /// Wraps existing pixels after checking that their length is `t·h·w·3`.
+    pub fn from_vec(t: usize, h: usize, w: usize, data: Vec<u8>) -> crate::Result<Self> {
+        let expected = t
+            .checked_mul(h)
+            .and_then(|n| n.checked_mul(w))
+            .and_then(|n| n.checked_mul(3));
+        if expected != Some(data.len()) {
+            return Err(crate::Error::Input {
+                name: "frames".into(),
+                reason: format!("{} bytes do not hold {t} RGB frames of {h}×{w}", data.len()),
+            });
+        }
+        Ok(Self { t, h, w, data })
+    }
+
     /// Bytes per frame (`h·w·3`).
     pub fn frame_len(&self) -> usize {
         self.h * self.w * 3

@@ -38,22 +38,22 @@ pub struct Views {
 /// `plan.decode` (in that order) or the whole clip.
 pub fn render(cfg: &ViewConfig, plan: &ViewPlan, frames: &Frames) -> Result<Views> {
     let clip = plan.clip;
-    if frames.height != clip.height || frames.width != clip.width {
+    if frames.h != clip.height || frames.w != clip.width {
         return Err(Error::Input {
             name: "frames".into(),
             reason: format!(
                 "frames are {}×{} but the plan was drawn for {}×{}",
-                frames.height, frames.width, clip.height, clip.width
+                frames.h, frames.w, clip.height, clip.width
             ),
         });
     }
-    let whole_clip = frames.count == clip.frames;
-    if !whole_clip && frames.count != plan.decode.len() {
+    let whole_clip = frames.t == clip.frames;
+    if !whole_clip && frames.t != plan.decode.len() {
         return Err(Error::Input {
             name: "frames".into(),
             reason: format!(
                 "{} frames given; the plan needs its {} decode frames or the whole clip of {}",
-                frames.count,
+                frames.t,
                 plan.decode.len(),
                 clip.frames
             ),
@@ -143,7 +143,7 @@ fn crop_to_unit(
 ) {
     let crop = draw.crop;
     let (h, w) = (crop.height, crop.width);
-    out.clear();
+    // Every element is overwritten below: resizing without clearing skips a memset per view.
     out.resize(draw.frames.len() * 3 * h * w, 0.0);
     let plane = h * w;
     for (k, &index) in draw.frames.iter().enumerate() {
@@ -152,7 +152,7 @@ fn crop_to_unit(
         let (r, rest) = planes.split_at_mut(plane);
         let (g, b) = rest.split_at_mut(plane);
         for y in 0..h {
-            let start = ((crop.top + y) * frames.width + crop.left) * 3;
+            let start = ((crop.top + y) * frames.w + crop.left) * 3;
             let src = &frame[start..start + 3 * w];
             let row = y * w..(y + 1) * w;
             for (((px, r), g), b) in src
@@ -179,7 +179,7 @@ fn resize_bicubic(
 ) -> Result<()> {
     let x = Tensor::f_from_slice(input)?.f_view([1, n as i64, h as i64, w as i64])?;
     let y = x.f_upsample_bicubic2d([size as i64, size as i64], false, None, None)?;
-    out.clear();
+    // `copy_data` overwrites every element: no need to clear first.
     out.resize(n * size * size, 0.0);
     y.f_copy_data(out, n * size * size)?;
     Ok(())
@@ -410,7 +410,7 @@ mod tests {
     /// 2 frames of 2×2 pixels with distinct values.
     fn tiny_frames() -> Frames {
         let data: Vec<u8> = (0..24).map(|i| (i * 37 % 251) as u8).collect();
-        Frames::new(2, 2, 2, data).expect("frames")
+        Frames::from_vec(2, 2, 2, data).expect("frames")
     }
 
     /// Output value (c, t, y, x) of a (3, T, S, S) view.
@@ -433,8 +433,8 @@ mod tests {
 
     /// Frames as f64 [t][c][y·w + x] in [0, 1].
     fn unit_planes(frames: &Frames) -> Vec<[Vec<f64>; 3]> {
-        let n = frames.height * frames.width;
-        (0..frames.count)
+        let n = frames.h * frames.w;
+        (0..frames.t)
             .map(|t| {
                 let f = frames.frame(t);
                 [0, 1, 2].map(|c| (0..n).map(|p| f[3 * p + c] as f64 / 255.0).collect())
@@ -510,7 +510,7 @@ mod tests {
         }
         assert_close(&values(&views.tensors[0]), &normalised(&planes), 2e-6);
         // No clamping: brightness 1.3 on a bright pixel exceeds 1 before normalisation.
-        let bright = Frames::new(1, 2, 2, vec![250; 12]).expect("frames");
+        let bright = Frames::from_vec(1, 2, 2, vec![250; 12]).expect("frames");
         let plan = identity_plan(1, 2, |v| v.jitter = vec![(JitterOp::Brightness, 1.3)]);
         let out = values(&render(&cfg, &plan, &bright).expect("render").tensors[0]);
         let want = (250.0 / 255.0 * 1.3 - IMAGENET_MEAN[0]) / IMAGENET_STD[0];
@@ -519,7 +519,7 @@ mod tests {
 
     #[test]
     fn grayscale_uses_the_bgr_quirk_by_default() {
-        let red = Frames::new(1, 1, 1, vec![255, 0, 0]).expect("frames");
+        let red = Frames::from_vec(1, 1, 1, vec![255, 0, 0]).expect("frames");
         let plan = identity_plan(1, 1, |v| v.grayscale = true);
         let mut cfg = ViewConfig::default();
         let quirk = values(&render(&cfg, &plan, &red).expect("render").tensors[0]);
@@ -554,13 +554,8 @@ mod tests {
 
     /// The reference's steps with whole-tensor libtorch operations, for comparison.
     fn reference_view(cfg: &ViewConfig, draw: &ViewDraw, frames: &Frames) -> Tensor {
-        let all = Tensor::from_slice(frames.data())
-            .view([
-                frames.count as i64,
-                frames.height as i64,
-                frames.width as i64,
-                3,
-            ])
+        let all = Tensor::from_slice(&frames.data)
+            .view([frames.t as i64, frames.h as i64, frames.w as i64, 3])
             .permute([0, 3, 1, 2])
             .to_kind(Kind::Float)
             / 255.0;
@@ -649,7 +644,7 @@ mod tests {
             for &f in &plan.decode {
                 needed.extend_from_slice(clip.frame(f));
             }
-            let needed = Frames::new(plan.decode.len(), 20, 24, needed).expect("frames");
+            let needed = Frames::from_vec(plan.decode.len(), 20, 24, needed).expect("frames");
             let a = render(&cfg, &plan, &clip).expect("whole clip");
             let b = render(&cfg, &plan, &needed).expect("decode list");
             assert_eq!(a.tensors.len(), 10);
@@ -695,7 +690,7 @@ mod tests {
         let cfg = ViewConfig::default();
         // A constant 0.8 frame: the blur keeps the interior (kernel sums to 1), zero padding
         // darkens the border; solarisation maps 0.8 to 0.2.
-        let frames = Frames::new(1, 5, 5, vec![204; 75]).expect("frames");
+        let frames = Frames::from_vec(1, 5, 5, vec![204; 75]).expect("frames");
         let plan = identity_plan(1, 5, |v| {
             v.blur = true;
             v.solarize = true;
@@ -716,12 +711,12 @@ mod tests {
     fn mismatched_frames_are_an_error() {
         let cfg = ViewConfig::default();
         let plan = identity_plan(2, 2, |_| {});
-        let one = Frames::new(1, 2, 2, vec![0; 12]).expect("frames");
+        let one = Frames::from_vec(1, 2, 2, vec![0; 12]).expect("frames");
         // Plan decode list is [0, 1] and the clip has 2 frames: 1 frame fits neither.
         let err = render(&cfg, &plan, &one)
             .expect_err("too few frames")
             .to_string();
         assert!(err.contains("1 frames given"), "{err}");
-        assert!(Frames::new(2, 2, 2, vec![0; 5]).is_err());
+        assert!(Frames::from_vec(2, 2, 2, vec![0; 5]).is_err());
     }
 }

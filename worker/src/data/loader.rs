@@ -22,7 +22,7 @@ use tch::Tensor;
 use endofm_shared::StorageUri;
 
 use crate::checkpoint::CorpusFingerprint;
-use crate::data::{ClipShape, DrawKey, ViewConfig, ViewPlan, render};
+use crate::data::{ClipShape, DrawKey, Frames, ViewConfig, ViewPlan, render};
 use crate::store::Store;
 use crate::video::{Clip, FrameFolder};
 use crate::{Error, Result};
@@ -105,14 +105,46 @@ impl Corpus {
         self.store.describe(&self.clips[i])
     }
 
-    /// Decodes the frames the views of clip `i` need and renders them.
-    pub fn views(&self, i: usize, cfg: &ViewConfig, key: DrawKey) -> Result<Vec<Tensor>> {
+    /// Decodes the frames the views of clip `i` need and renders them, timing both phases.
+    /// Decoded frames go into a per-thread buffer that every clip of the thread reuses.
+    pub fn views(&self, i: usize, cfg: &ViewConfig, key: DrawKey) -> Result<ClipViews> {
+        DECODED.with_borrow_mut(|frames| self.views_into(i, cfg, key, frames))
+    }
+
+    fn views_into(
+        &self,
+        i: usize,
+        cfg: &ViewConfig,
+        key: DrawKey,
+        frames: &mut Frames,
+    ) -> Result<ClipViews> {
+        let started = Instant::now();
+        let plan = self.decode(i, cfg, key, frames)?;
+        let decoded = Instant::now();
+        let tensors = render(cfg, &plan, frames)?.tensors;
+        Ok(ClipViews {
+            tensors,
+            frames_decoded: plan.decode.len(),
+            decode_s: (decoded - started).as_secs_f64(),
+            render_s: decoded.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Reads clip `i`, draws its views' plan and decodes the frames the plan lists into
+    /// `frames`: everything of [`Corpus::views`] except rendering.
+    pub fn decode(
+        &self,
+        i: usize,
+        cfg: &ViewConfig,
+        key: DrawKey,
+        frames: &mut Frames,
+    ) -> Result<ViewPlan> {
         let rel = &self.clips[i];
         let uri = self.describe(i);
         let is_video = rel
             .rsplit_once('.')
             .is_some_and(|(_, ext)| VIDEO_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str()));
-        let frames = if is_video {
+        if is_video {
             let bytes = self.store.get(rel)?;
             let mut clip = Clip::from_bytes(&uri, bytes)?;
             let info = clip.info();
@@ -122,8 +154,8 @@ impl Corpus {
                 width: info.width,
             };
             let plan = ViewPlan::draw(cfg, shape, key)?;
-            let decoded = clip.decode(&plan.decode)?;
-            (plan, decoded)
+            clip.decode_into(&plan.decode, frames)?;
+            Ok(plan)
         } else {
             let StorageUri::Local { path } = self.store.uri() else {
                 return Err(Error::ClipDecode {
@@ -132,20 +164,36 @@ impl Corpus {
                 });
             };
             let mut folder = FrameFolder::open(&PathBuf::from(path).join(rel))?;
-            let first = folder.decode(&[0])?;
+            folder.decode_into(&[0], frames)?;
             let shape = ClipShape {
                 frames: folder.len(),
-                height: first.h,
-                width: first.w,
+                height: frames.h,
+                width: frames.w,
             };
             let plan = ViewPlan::draw(cfg, shape, key)?;
-            let decoded = folder.decode(&plan.decode)?;
-            (plan, decoded)
-        };
-        let (plan, decoded) = frames;
-        let frames = crate::data::Frames::new(decoded.t, decoded.h, decoded.w, decoded.data)?;
-        Ok(render(cfg, &plan, &frames)?.tensors)
+            folder.decode_into(&plan.decode, frames)?;
+            Ok(plan)
+        }
     }
+}
+
+thread_local! {
+    /// Per-thread decode buffer: a data thread decodes clip after clip into one allocation
+    /// (tens of megabytes, which would otherwise be mapped and page-faulted for every clip).
+    static DECODED: std::cell::RefCell<Frames> = std::cell::RefCell::default();
+}
+
+/// The views of one clip and what producing them cost.
+#[derive(Debug)]
+pub struct ClipViews {
+    /// One tensor per view, (3, T, S, S), global views first.
+    pub tensors: Vec<Tensor>,
+    /// Distinct frames decoded for the views.
+    pub frames_decoded: usize,
+    /// Seconds spent reading, demuxing and decoding to RGB.
+    pub decode_s: f64,
+    /// Seconds spent rendering the views from the decoded frames.
+    pub render_s: f64,
 }
 
 /// Loader settings.
@@ -189,6 +237,12 @@ pub struct LoaderStats {
     pub clips_ok: AtomicU64,
     /// Clips that failed (each attempt counts).
     pub clips_failed: AtomicU64,
+    /// Frames decoded for the clips that succeeded.
+    pub frames_decoded: AtomicU64,
+    /// Nanoseconds the data threads spent reading and decoding the clips that succeeded.
+    pub decode_ns: AtomicU64,
+    /// Nanoseconds the data threads spent rendering views.
+    pub render_ns: AtomicU64,
 }
 
 /// One rank's batch.
@@ -249,8 +303,22 @@ impl Shared {
             };
             match self.corpus.views(clip, &self.cfg.views, key) {
                 Ok(views) => {
-                    self.stats.clips_ok.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Sample { clip, views });
+                    let stats = &self.stats;
+                    stats.clips_ok.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .frames_decoded
+                        .fetch_add(views.frames_decoded as u64, Ordering::Relaxed);
+                    let nanos = |s: f64| (s * 1e9) as u64;
+                    stats
+                        .decode_ns
+                        .fetch_add(nanos(views.decode_s), Ordering::Relaxed);
+                    stats
+                        .render_ns
+                        .fetch_add(nanos(views.render_s), Ordering::Relaxed);
+                    return Ok(Sample {
+                        clip,
+                        views: views.tensors,
+                    });
                 }
                 Err(e) => {
                     let failed = self.stats.clips_failed.fetch_add(1, Ordering::Relaxed) + 1;
@@ -410,9 +478,13 @@ impl Loader {
             self.shared.changed.notify_all();
         }
         let n_views = samples.first().map_or(0, |s| s.views.len());
-        let views = (0..n_views)
-            .map(|v| Tensor::stack(&samples.iter().map(|s| &s.views[v]).collect::<Vec<_>>(), 0))
-            .collect();
+        let views = match samples.as_slice() {
+            // One clip: a view of its tensors, no copy.
+            [one] => one.views.iter().map(|v| v.unsqueeze(0)).collect(),
+            _ => (0..n_views)
+                .map(|v| Tensor::stack(&samples.iter().map(|s| &s.views[v]).collect::<Vec<_>>(), 0))
+                .collect(),
+        };
         let batch = Batch {
             step: self.next_step,
             views,
@@ -431,5 +503,289 @@ impl Drop for Loader {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    use super::*;
+    use crate::synth::{CorpusSpec, write_pretrain_corpus};
+
+    const SEED: u64 = 3;
+
+    /// Writes `clips` clips of 16 frames at 80×64 (a few milliseconds each to decode).
+    fn write_corpus(dir: &Path, clips: usize) -> Arc<Corpus> {
+        let spec = CorpusSpec {
+            clips,
+            frames: 16,
+            short_side: 64,
+            seed: 5,
+            threads: 2,
+            ..CorpusSpec::default()
+        };
+        write_pretrain_corpus(dir, &spec).expect("writing the test corpus");
+        Arc::new(open(dir, "train.csv").expect("opening the test corpus"))
+    }
+
+    fn open(dir: &Path, list: &str) -> Result<Corpus> {
+        let uri = StorageUri::Local {
+            path: dir.to_path_buf(),
+        };
+        Corpus::open(&uri, list)
+    }
+
+    /// The reference's views at 32 px (global) and 16 px (local): same frames, cheap pixels.
+    fn loader_config(batch: usize, rank: usize, world: usize) -> LoaderConfig {
+        LoaderConfig {
+            seed: SEED,
+            batch,
+            rank,
+            world,
+            threads: 2,
+            prefetch: 4,
+            views: ViewConfig {
+                global_size: 32,
+                local_size: 16,
+                ..ViewConfig::default()
+            },
+        }
+    }
+
+    fn batches(corpus: &Arc<Corpus>, cfg: LoaderConfig, start: usize, n: usize) -> Vec<Batch> {
+        let mut loader = Loader::start(Arc::clone(corpus), cfg, start).expect("starting");
+        (0..n)
+            .map(|_| loader.next_batch().expect("a batch"))
+            .collect()
+    }
+
+    /// Replaces clip `i`'s file: garbage bytes, or its first half.
+    fn spoil(dir: &Path, corpus: &Corpus, i: usize, truncate: bool) {
+        let path = dir.join(&corpus.clips()[i]);
+        let bytes = std::fs::read(&path).expect("reading a clip");
+        let spoiled = if truncate {
+            bytes[..bytes.len() / 2].to_vec()
+        } else {
+            (0..bytes.len() as u32)
+                .map(|k| (k.wrapping_mul(2_654_435_761) >> 11) as u8)
+                .collect()
+        };
+        std::fs::write(&path, spoiled).expect("spoiling a clip");
+    }
+
+    #[test]
+    fn permutation_is_a_shuffle_fixed_by_seed_and_epoch() {
+        for n in [0, 1, 2, 8, 100] {
+            let mut p = permutation(n, SEED, 4);
+            assert_eq!(p, permutation(n, SEED, 4), "n={n}: same (seed, epoch)");
+            p.sort_unstable();
+            assert_eq!(p, (0..n).collect::<Vec<_>>(), "n={n}: not a permutation");
+        }
+        let epochs: BTreeSet<Vec<usize>> = (0..6).map(|e| permutation(100, SEED, e)).collect();
+        assert_eq!(epochs.len(), 6, "six epochs must give six orders");
+        assert_ne!(permutation(100, SEED, 0), permutation(100, SEED + 1, 0));
+        assert_ne!(permutation(100, SEED, 0), (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn two_ranks_split_each_epoch_without_overlap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let corpus = write_corpus(dir.path(), 8);
+        // 8 clips, 2 ranks × 3 clips: one step per epoch, 2 clips of each epoch left out.
+        let (batch, world) = (3, 2);
+        let ipe = iters_per_epoch(corpus.len(), batch, world);
+        assert_eq!(ipe, 1);
+        let per_rank: Vec<Vec<Batch>> = (0..world)
+            .map(|rank| batches(&corpus, loader_config(batch, rank, world), 0, 2 * ipe))
+            .collect();
+        for epoch in 0..2 {
+            let mut seen = BTreeSet::new();
+            for (rank, rank_batches) in per_rank.iter().enumerate() {
+                let clips: Vec<usize> = rank_batches[epoch * ipe..(epoch + 1) * ipe]
+                    .iter()
+                    .flat_map(|b| b.clips.iter().copied())
+                    .collect();
+                assert_eq!(clips.len(), ipe * batch, "rank {rank}, epoch {epoch}");
+                for c in clips {
+                    assert!(
+                        seen.insert(c),
+                        "epoch {epoch}: clip {c} given twice (rank {rank})"
+                    );
+                }
+            }
+            let perm = permutation(corpus.len(), SEED, epoch);
+            let expected: BTreeSet<usize> = perm[..ipe * batch * world].iter().copied().collect();
+            assert_eq!(seen, expected, "epoch {epoch}");
+        }
+        let first = &per_rank[0][0];
+        assert_eq!(first.step, 0);
+        assert_eq!(first.views.len(), 10);
+        assert_eq!(first.views[0].size(), [3, 3, 8, 32, 32]);
+        assert_eq!(first.views[1].size(), [3, 3, 16, 32, 32]);
+        assert_eq!(first.views[2].size(), [3, 3, 2, 16, 16]);
+        assert_eq!(first.views[9].size(), [3, 3, 16, 16, 16]);
+    }
+
+    #[test]
+    fn resumed_loader_yields_the_uninterrupted_batches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let corpus = write_corpus(dir.path(), 8);
+        let cfg = || loader_config(2, 0, 1);
+        let ipe = iters_per_epoch(corpus.len(), 2, 1);
+        assert_eq!(ipe, 4);
+        let whole = batches(&corpus, cfg(), 0, 6);
+        let epoch0: BTreeSet<usize> = whole[..4].iter().flat_map(|b| b.clips.clone()).collect();
+        assert_eq!(epoch0.len(), 8, "epoch 0 shows every clip once");
+        // Mid-epoch (steps 2, 3) and across the epoch boundary (steps 3, 4, 5).
+        for (start, n) in [(2, 2), (3, 3)] {
+            for (offset, resumed) in batches(&corpus, cfg(), start, n).iter().enumerate() {
+                let step = start + offset;
+                let reference = &whole[step];
+                assert_eq!(resumed.step, step);
+                assert_eq!(
+                    resumed.clips, reference.clips,
+                    "step {step} resumed at {start}"
+                );
+                for (v, (a, b)) in resumed.views.iter().zip(&reference.views).enumerate() {
+                    assert!(
+                        a.equal(b),
+                        "step {step} resumed at {start}: view {v} differs by up to {}",
+                        (a - b).abs().max().double_value(&[])
+                    );
+                }
+            }
+        }
+        // Epoch 1 draws new views of a clip: resuming must not just replay epoch 0.
+        let first = whole[0].clips[0];
+        let later = whole[4..]
+            .iter()
+            .flat_map(|b| b.clips.iter().enumerate().map(move |(k, &c)| (b, k, c)))
+            .find(|&(_, _, c)| c == first);
+        if let Some((b, k, _)) = later {
+            assert!(!b.views[0].get(k as i64).equal(&whole[0].views[0].get(0)));
+        }
+    }
+
+    #[test]
+    fn corrupt_clips_are_replaced_and_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let corpus = write_corpus(dir.path(), 8);
+        let (garbage, truncated) = (1, 5);
+        spoil(dir.path(), &corpus, garbage, false);
+        spoil(dir.path(), &corpus, truncated, true);
+        let cfg = loader_config(2, 0, 1);
+        let per_epoch = iters_per_epoch(corpus.len(), 2, 1) * 2;
+        let bad = |c: usize| c == garbage || c == truncated;
+        // What the loader must do: take the next clip of the shard instead of a bad one.
+        let attempts = |seq: usize| -> (usize, usize) {
+            let perm = permutation(corpus.len(), SEED, seq / per_epoch);
+            // Attempt j fails j times before it succeeds.
+            for j in 0..per_epoch {
+                let c = perm[(seq % per_epoch + j) % per_epoch];
+                if !bad(c) {
+                    return (c, j);
+                }
+            }
+            unreachable!("the test corpus has good clips")
+        };
+        let steps = 5; // one epoch and one step of the next
+        let mut loader = Loader::start(Arc::clone(&corpus), cfg.clone(), 0).expect("starting");
+        for step in 0..steps {
+            let batch = loader
+                .next_batch()
+                .expect("bad clips must not stop the run");
+            let expected: Vec<usize> = (step * 2..step * 2 + 2).map(|s| attempts(s).0).collect();
+            assert_eq!(batch.clips, expected, "step {step}");
+            assert_eq!(batch.views[0].size()[0], 2);
+        }
+        let consumed = steps * 2;
+        let at_least: usize = (0..consumed).map(|s| attempts(s).1).sum();
+        let at_most: usize = (0..consumed + cfg.prefetch).map(|s| attempts(s).1).sum();
+        let stats = loader.stats();
+        let failed = stats.clips_failed.load(Ordering::Relaxed) as usize;
+        assert!(
+            at_least >= 2 && (at_least..=at_most).contains(&failed),
+            "{failed} failures counted; expected {at_least}..={at_most}"
+        );
+        assert!(stats.clips_ok.load(Ordering::Relaxed) >= consumed as u64);
+        assert!(stats.frames_decoded.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn mostly_corrupt_corpus_is_an_error_that_counts_the_failures() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let corpus = write_corpus(dir.path(), 8);
+        for i in 0..6 {
+            spoil(dir.path(), &corpus, i, i % 2 == 0);
+        }
+        let mut loader = Loader::start(corpus, loader_config(2, 0, 1), 0).expect("starting");
+        let err = (0..12)
+            .find_map(|_| loader.next_batch().err())
+            .expect("a mostly corrupt corpus must fail");
+        let msg = err.to_string();
+        // "input `corpus`: F of N clips failed to read or decode (last: …); check the corpus"
+        let counts: Vec<u64> = msg
+            .split_once("`corpus`: ")
+            .map(|(_, rest)| rest.split(' ').take(3).filter_map(|w| w.parse().ok()))
+            .into_iter()
+            .flatten()
+            .collect();
+        assert!(
+            msg.contains("clips failed") && counts.len() == 2 && counts[0] * 2 > counts[1],
+            "{msg}"
+        );
+        assert!(counts[1] >= FAILURE_WINDOW, "{msg}");
+        assert!(loader.stats().clips_failed.load(Ordering::Relaxed) >= counts[0]);
+    }
+
+    #[test]
+    fn corpus_open_errors_name_the_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = open(&dir.path().join("absent"), "train.csv")
+            .expect_err("missing folder")
+            .to_string();
+        assert!(err.contains("absent"), "{err}");
+        let err = open(dir.path(), "missing.csv")
+            .expect_err("missing list")
+            .to_string();
+        assert!(
+            err.contains("missing.csv") && err.contains("clip list"),
+            "{err}"
+        );
+
+        let write = |name: &str, text: &str| {
+            std::fs::write(dir.path().join(name), text).expect("writing a list");
+        };
+        write("empty.csv", "# nothing yet\n\n   \n");
+        let err = open(dir.path(), "empty.csv")
+            .expect_err("empty list")
+            .to_string();
+        assert!(
+            err.contains("empty.csv") && err.contains("no clips"),
+            "{err}"
+        );
+
+        for (text, line) in [
+            ("a/ok.mp4,-1\n/abs/clip.mp4,-1\n", 2),
+            ("# header\na/ok.mp4,-1\n\nsrc/../../etc/clip.mp4,-1\n", 4),
+            ("..,-1\n", 1),
+            ("a.mp4,-1\n,-1\n", 2),
+        ] {
+            write("bad.csv", text);
+            let err = open(dir.path(), "bad.csv").expect_err(text).to_string();
+            assert!(
+                err.contains("bad.csv") && err.contains(&format!("line {line}")),
+                "{text:?}: {err}"
+            );
+        }
+
+        write(
+            "good.csv",
+            "# path,label\nsynth/00000.mp4,-1\n\n  frames/a , 3 \n",
+        );
+        let corpus = open(dir.path(), "good.csv").expect("a valid list");
+        assert_eq!(corpus.clips(), ["synth/00000.mp4", "frames/a"]);
     }
 }
