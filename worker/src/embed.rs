@@ -44,8 +44,12 @@ pub fn clip_tensor(frames: &Frames, size: usize) -> Tensor {
     };
     let x = x.upsample_bilinear2d([nh, nw], false, None, None);
     let x = x.narrow(2, (nh - s) / 2, s).narrow(3, (nw - s) / 2, s);
-    let mean = Tensor::from_slice(&MEAN).to_kind(Kind::Float).reshape([1, 3, 1, 1]);
-    let std = Tensor::from_slice(&STD).to_kind(Kind::Float).reshape([1, 3, 1, 1]);
+    let mean = Tensor::from_slice(&MEAN)
+        .to_kind(Kind::Float)
+        .reshape([1, 3, 1, 1]);
+    let std = Tensor::from_slice(&STD)
+        .to_kind(Kind::Float)
+        .reshape([1, 3, 1, 1]);
     ((x - mean) / std).permute([1, 0, 2, 3]).contiguous()
 }
 
@@ -110,7 +114,11 @@ pub fn knn_accuracy(features: &Tensor, labels: &[bool], k: usize) -> f64 {
             .map(|j| (sim[i * n + j], j))
             .collect();
         others.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let votes: Vec<bool> = others.iter().take(k.max(1)).map(|(_, j)| labels[*j]).collect();
+        let votes: Vec<bool> = others
+            .iter()
+            .take(k.max(1))
+            .map(|(_, j)| labels[*j])
+            .collect();
         let yes = votes.iter().filter(|v| **v).count();
         let no = votes.len() - yes;
         let predicted = if yes == no { votes[0] } else { yes > no };

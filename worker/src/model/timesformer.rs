@@ -82,11 +82,27 @@ impl Attention {
             .reshape([b, n, 3, h, c / h])
             .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        // Scale defaults to head_dim^-0.5, the reference's.
-        Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false)
-            .transpose(1, 2)
-            .reshape([b, n, c])
-            .apply(&self.proj)
+        // On CUDA the fused kernel is faster and avoids materialising the attention maps; on
+        // the CPU the explicit form is faster for training (the fused CPU backward recomputes
+        // the maps). Same math: scale head_dim^-0.5, softmax over keys.
+        let out = if q.device().is_cuda() {
+            Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                false,
+                None,
+                false,
+            )
+        } else {
+            let scale = ((c / h) as f64).powf(-0.5);
+            (q.matmul(&k.transpose(-2, -1)) * scale)
+                .softmax(-1, None::<Kind>)
+                .matmul(&v)
+        };
+        out.transpose(1, 2).reshape([b, n, c]).apply(&self.proj)
     }
 }
 

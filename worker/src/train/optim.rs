@@ -143,8 +143,9 @@ impl FlatParams {
     }
 
     /// The gradients of the trained parameters as one flat buffer (zeros where a parameter got
-    /// none), then clears the parameters' own gradients.
-    pub fn take_grads(&self) -> Tensor {
+    /// none), then clears the parameters' own gradients. `into`, when given and of the right
+    /// size, receives them (no allocation per step).
+    pub fn take_grads_into(&self, into: Option<&Tensor>) -> Tensor {
         let parts: Vec<Tensor> = self
             .trainable()
             .map(|e| {
@@ -156,12 +157,20 @@ impl FlatParams {
                 }
             })
             .collect();
-        let flat = Tensor::cat(&parts, 0);
+        let flat = match into {
+            Some(buf) if buf.size() == [self.trainable_end] => Tensor::cat_out(buf, &parts, 0),
+            _ => Tensor::cat(&parts, 0),
+        };
         for e in self.trainable() {
             let mut v = e.var.shallow_clone();
             v.zero_grad();
         }
         flat
+    }
+
+    /// [`FlatParams::take_grads_into`] into a new buffer.
+    pub fn take_grads(&self) -> Tensor {
+        self.take_grads_into(None)
     }
 
     /// Per-tensor clipping (the reference's): every parameter's gradient whose L2 norm exceeds
@@ -237,6 +246,8 @@ pub struct AdamW {
     cfg: AdamWConfig,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// Scratch for the denominator (no allocation per step).
+    scratch: Tensor,
     /// Steps taken by everything but the last layer.
     pub steps: u64,
     /// Steps taken by the last layer.
@@ -251,6 +262,7 @@ impl AdamW {
             cfg,
             exp_avg: Tensor::zeros([params.trainable_end], opts),
             exp_avg_sq: Tensor::zeros([params.trainable_end], opts),
+            scratch: Tensor::zeros([params.trainable_end], opts),
             steps: 0,
             last_layer_steps: 0,
         }
@@ -295,7 +307,8 @@ impl AdamW {
 
     /// One update with learning rate `lr` and weight decay `wd` (applied to the decay group);
     /// with `freeze_last_layer` the last layer is left untouched (no gradient, no decay, no
-    /// state change), as the reference does in its first epoch.
+    /// state change), as the reference does in its first epoch. `grads` serves as scratch: its
+    /// contents are not preserved.
     pub fn step(
         &mut self,
         params: &FlatParams,
@@ -326,8 +339,11 @@ impl AdamW {
                     .g_mul_scalar_(1.0 - lr * wd);
             }
             let _ = m.lerp_(&g, 1.0 - beta1);
+            // v ← β2·v + (1 − β2)·g², with g scaled in place (the caller's buffer is spent).
+            let mut g = g.shallow_clone();
+            let _ = g.g_mul_scalar_((1.0 - beta2).sqrt());
             let _ = v.g_mul_scalar_(beta2);
-            let _ = v.g_add_(&(&g * &g * (1.0 - beta2)));
+            let _ = v.addcmul_(&g, &g);
 
             self.steps += 1;
             if !freeze_last_layer {
@@ -345,9 +361,15 @@ impl AdamW {
                 let bc1 = 1.0 - beta1.powi(steps as i32);
                 let bc2_sqrt = (1.0 - beta2.powi(steps as i32)).sqrt();
                 let step_size = lr / bc1;
-                let denom = (v.narrow(0, start, n).sqrt() / bc2_sqrt) + eps;
-                let update = m.narrow(0, start, n) / denom * (-step_size);
-                let _ = p.narrow(0, start, n).g_add_(&update);
+                // p ← p − step·m / (√v / √bc2 + ε), through one scratch buffer.
+                let mut denom = self.scratch.narrow(0, start, n);
+                let _ = v.narrow(0, start, n).sqrt_out(&denom);
+                let _ = denom.g_mul_scalar_(1.0 / bc2_sqrt);
+                let _ = denom.g_add_scalar_(eps);
+                let _ = denom.g_mul_scalar_(-1.0 / step_size);
+                let _ = p
+                    .narrow(0, start, n)
+                    .addcdiv_(&m.narrow(0, start, n), &denom);
             }
         });
     }

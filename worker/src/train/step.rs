@@ -111,6 +111,8 @@ pub struct SslTrainer {
     student_flat: FlatParams,
     teacher_flat: FlatParams,
     optimizer: AdamW,
+    /// Flat gradient buffer, reused every step.
+    grads: Tensor,
     objective: SslLoss,
     lr: Schedule,
     wd: Schedule,
@@ -148,6 +150,7 @@ impl SslTrainer {
         let student_flat = FlatParams::new(&student)?;
         let teacher_flat = FlatParams::new(&teacher)?;
         let optimizer = AdamW::new(&student_flat, AdamWConfig::default());
+        let grads = Tensor::zeros([student_flat.trainable_len()], (Kind::Float, device));
         let objective = SslLoss::new(
             model_cfg.head.out_dim as i64,
             SslLossConfig {
@@ -174,6 +177,7 @@ impl SslTrainer {
             student_flat,
             teacher_flat,
             optimizer,
+            grads,
             objective,
             lr,
             wd,
@@ -321,7 +325,7 @@ impl SslTrainer {
             (&loss * scale).backward();
         }
 
-        let mut grads = self.student_flat.take_grads();
+        let mut grads = self.student_flat.take_grads_into(Some(&self.grads));
         collective.all_reduce_sum(&mut grads)?;
         let _ = grads.g_mul_scalar_(1.0 / (world as f64 * scale));
         let finite = match self.scaler {
