@@ -179,6 +179,7 @@ pub fn pretrain_job(args: &PretrainArgs) -> anyhow::Result<crate::pretrain::Pret
         device,
         data_threads: args.data_threads.unwrap_or(cores).max(1),
         progress,
+        stop: crate::pretrain::stop_on_signals()?,
     })
 }
 

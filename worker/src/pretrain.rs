@@ -7,6 +7,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -118,6 +119,8 @@ pub struct PretrainJob {
     pub data_threads: usize,
     /// Show a progress bar (otherwise a log line per logging step).
     pub progress: bool,
+    /// Set (by a signal handler) to stop at the next step boundary with a checkpoint.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// What a run did.
@@ -137,6 +140,8 @@ pub struct Summary {
     pub checkpoint: String,
     /// Wall-clock seconds.
     pub seconds: f64,
+    /// Whether the run stopped early on request (SIGTERM/SIGINT), after checkpointing.
+    pub interrupted: bool,
 }
 
 /// One line of `metrics.jsonl`: the step's statistics and the run's throughput.
@@ -298,6 +303,7 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
         clips_failed: 0,
         checkpoint: String::new(),
         seconds: 0.0,
+        interrupted: false,
     };
     if start_step >= end {
         tracing::info!(step = start_step, "nothing to do: the run is complete");
@@ -385,8 +391,9 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
         }
         let every = job.train.checkpoint_every;
         let done = step + 1;
+        let stopping = job.stop.load(Ordering::SeqCst) && done < end;
         if let Some(w) = writer.as_mut()
-            && ((every > 0 && done % every == 0) || done == end)
+            && ((every > 0 && done % every == 0) || done == end || stopping)
         {
             w.save(
                 &trainer,
@@ -397,6 +404,14 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
                 Bytes::from(metrics_text.clone().into_bytes()),
             )?;
             last_saved = done;
+        }
+        if stopping {
+            tracing::warn!(
+                step = done,
+                "stop requested: checkpointed, exiting; rerun the same command to resume"
+            );
+            summary.interrupted = true;
+            break;
         }
     }
     drop(loader);
@@ -409,6 +424,22 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
     summary.checkpoint = out.describe(&checkpoint::folder(last_saved));
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// A flag set by SIGTERM and SIGINT (Kubernetes eviction, Ctrl-C): the run checkpoints at the
+/// next step boundary and returns. A second signal of the same kind is left to the default
+/// action only after the flag is set, so an impatient Ctrl-C still ends the process.
+pub fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&flag))
+            .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&flag)))
+            .map_err(|e| Error::Input {
+                name: "signals".into(),
+                reason: format!("cannot install the signal handler: {e}"),
+            })?;
+    }
+    Ok(flag)
 }
 
 /// Whether to draw a progress bar by default (stderr is a terminal).

@@ -225,3 +225,100 @@ fn bad_input_is_refused_before_any_work() {
     // Nothing was started: no checkpoint anywhere.
     assert!(!out.join("checkpoints").exists());
 }
+
+/// SIGTERM (a Kubernetes eviction) stops a run at the next step with a checkpoint; rerunning the
+/// same command resumes from it.
+#[test]
+fn sigterm_checkpoints_and_the_run_resumes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 4, 16, 64, 9);
+    let config = run_config(
+        dir.path(),
+        r#"{"epochs": 500, "batch_per_rank": 2, "checkpoint_every": 0}"#,
+    );
+    let out = dir.path().join("run");
+    let args = [
+        "pretrain",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--config",
+        config.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--data-threads",
+        "1",
+        "--progress",
+        "never",
+        "--log-format",
+        "json",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_endofm-worker"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        let is_step = line.contains("\"message\":\"step\"");
+        seen.push(line);
+        if is_step
+            && seen
+                .iter()
+                .filter(|l| l.contains("\"message\":\"step\""))
+                .count()
+                >= 2
+        {
+            break;
+        }
+    }
+    let sent = std::time::Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        sent.elapsed().as_secs() < 60,
+        "took {:?} to stop",
+        sent.elapsed()
+    );
+    assert!(
+        output.status.success(),
+        "exit {:?}; log:\n{}",
+        output.status,
+        seen.join("\n")
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["interrupted"], true, "{summary}");
+    let stopped_at = summary["steps"].as_u64().unwrap() as usize;
+    assert!(stopped_at >= 2 && stopped_at < 1000, "{summary}");
+    assert!(
+        out.join(format!("checkpoints/step-{stopped_at:09}/manifest.json"))
+            .is_file()
+    );
+
+    let resumed = pretrain(
+        &data,
+        &out,
+        &config,
+        &["--max-steps", &(stopped_at + 1).to_string()],
+    );
+    assert_eq!(
+        resumed["started_at"].as_u64(),
+        Some(stopped_at as u64),
+        "{resumed}"
+    );
+    assert_eq!(resumed["steps"].as_u64(), Some(stopped_at as u64 + 1));
+}
