@@ -303,7 +303,7 @@ fn sigterm_checkpoints_and_the_run_resumes() {
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(summary["interrupted"], true, "{summary}");
     let stopped_at = summary["steps"].as_u64().unwrap() as usize;
-    assert!(stopped_at >= 2 && stopped_at < 1000, "{summary}");
+    assert!((2..1000).contains(&stopped_at), "{summary}");
     assert!(
         out.join(format!("checkpoints/step-{stopped_at:09}/manifest.json"))
             .is_file()
