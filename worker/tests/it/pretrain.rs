@@ -322,3 +322,72 @@ fn sigterm_checkpoints_and_the_run_resumes() {
     );
     assert_eq!(resumed["steps"].as_u64(), Some(stopped_at as u64 + 1));
 }
+
+/// A fresh run starts from given weights: a safetensors file (teacher = copy) or a published-style
+/// PyTorch checkpoint (student and teacher dicts, converted on the fly).
+#[test]
+fn runs_start_from_given_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 2, 16, 64, 5);
+    let config = run_config(
+        dir.path(),
+        r#"{"epochs": 1, "batch_per_rank": 2, "checkpoint_every": 0}"#,
+    );
+    let reference = support::tiny().join("weights.safetensors");
+    let init = weights::read(&reference).unwrap();
+    let close_to_init = |path: PathBuf, what: &str| {
+        let got = weights::read(&path).unwrap();
+        assert_eq!(got.len(), init.len());
+        for (k, v) in &init {
+            let diff = (&got[k] - v).abs().max().double_value(&[]);
+            let scale = v.abs().max().double_value(&[]).max(1e-3);
+            assert!(
+                diff <= 0.05 * scale,
+                "{what}: {k} moved by {diff} (scale {scale}): not started from the given weights"
+            );
+        }
+    };
+
+    let out = dir.path().join("from_safetensors");
+    let s = pretrain(
+        &data,
+        &out,
+        &config,
+        &["--init", reference.to_str().unwrap()],
+    );
+    assert_eq!(s["steps"], 1);
+    // One step with momentum 0.996 keeps the teacher within a hair of its start.
+    close_to_init(
+        out.join("checkpoints/step-000000001/teacher.safetensors"),
+        "teacher",
+    );
+
+    let pth = dir.path().join("published.pth");
+    support::run_python(
+        "import sys, torch\nfrom safetensors.torch import load_file\nsd = load_file(sys.argv[1])\ntorch.save({'student': {'module.' + k: v for k, v in sd.items()}, 'teacher': sd, 'epoch': 3}, sys.argv[2])",
+        &[reference.to_str().unwrap(), pth.to_str().unwrap()],
+    );
+    let out = dir.path().join("from_pth");
+    pretrain(&data, &out, &config, &["--init", pth.to_str().unwrap()]);
+    close_to_init(
+        out.join("checkpoints/step-000000001/teacher.safetensors"),
+        "teacher from .pth",
+    );
+
+    let e = support::worker_err(&[
+        "pretrain",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        dir.path().join("x").to_str().unwrap(),
+        "--preset",
+        "vit_b",
+        "--config",
+        config.to_str().unwrap(),
+        "--init",
+        reference.to_str().unwrap(),
+        "--progress",
+        "never",
+    ]);
+    assert!(e.contains("shape"), "{e}");
+}
