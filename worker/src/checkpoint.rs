@@ -498,6 +498,12 @@ mod tests {
     #[test]
     fn resumed_training_equals_uninterrupted() {
         let _rng = crate::test_support::rng_lock();
+        for two_threads in [false, true] {
+            resume_case(two_threads);
+        }
+    }
+
+    fn resume_case(two_threads: bool) {
         let cfg = PretrainConfig {
             epochs: 2,
             batch_per_rank: 1,
@@ -514,11 +520,13 @@ mod tests {
         let corpus = CorpusFingerprint::of(&["a.mp4".to_string()]);
 
         let mut straight = SslTrainer::new(&small(), &cfg, Device::Cpu, 3, 1).unwrap();
+        straight.set_two_threads(two_threads).unwrap();
         for step in 0..6 {
             straight.step(&views(step), step, &mut Solo).unwrap();
         }
 
         let mut first = SslTrainer::new(&small(), &cfg, Device::Cpu, 3, 1).unwrap();
+        first.set_two_threads(two_threads).unwrap();
         let mut writer = Writer::new(store.clone(), 2);
         for step in 0..4 {
             first.step(&views(step), step, &mut Solo).unwrap();
@@ -540,6 +548,7 @@ mod tests {
         let manifest = latest(&store).unwrap().unwrap();
         assert_eq!(manifest.step, 4);
         let mut resumed = SslTrainer::new(&small(), &cfg, Device::Cpu, 3, 1).unwrap();
+        resumed.set_two_threads(two_threads).unwrap();
         restore(&store, &manifest, &mut resumed).unwrap();
         for step in manifest.step..6 {
             resumed.step(&views(step), step, &mut Solo).unwrap();

@@ -4,6 +4,7 @@
 //! temporal attention, then spatial attention, then the MLP. Parameter paths equal the reference's
 //! state-dict keys under the prefix the caller gives (`backbone`).
 
+use rand::Rng;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -52,8 +53,37 @@ pub fn drop_path(x: &Tensor, rate: f64, train: bool) -> Tensor {
     let keep = 1.0 - rate;
     let mut shape = vec![1i64; x.dim()];
     shape[0] = x.size()[0];
-    let mask = (Tensor::rand(shape.as_slice(), (x.kind(), x.device())) + keep).floor();
+    let own = DROP_RNG.with(|cell| {
+        cell.borrow_mut().as_mut().map(|rng| {
+            let draws: Vec<f32> = (0..shape[0])
+                .map(|_| (keep + rng.random::<f64>()).floor() as f32)
+                .collect();
+            Tensor::from_slice(&draws)
+                .reshape(shape.as_slice())
+                .to_kind(x.kind())
+                .to_device(x.device())
+        })
+    });
+    let mask = own
+        .unwrap_or_else(|| (Tensor::rand(shape.as_slice(), (x.kind(), x.device())) + keep).floor());
     x / keep * mask
+}
+
+thread_local! {
+    /// The drop-path generator of this thread while [`with_drop_path_seed`] runs.
+    static DROP_RNG: std::cell::RefCell<Option<rand_chacha::ChaCha8Rng>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with drop-path masks drawn from a generator of this thread seeded by `seed`
+/// (instead of libtorch's process-wide one), so that forward passes on several threads at once
+/// stay reproducible.
+pub fn with_drop_path_seed<T>(seed: u64, f: impl FnOnce() -> T) -> T {
+    use rand::SeedableRng;
+    DROP_RNG.with(|cell| *cell.borrow_mut() = Some(rand_chacha::ChaCha8Rng::seed_from_u64(seed)));
+    let out = f();
+    DROP_RNG.with(|cell| *cell.borrow_mut() = None);
+    out
 }
 
 /// Multi-head self-attention with one fused qkv projection (fused scaled-dot-product kernel).

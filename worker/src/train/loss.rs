@@ -138,6 +138,53 @@ pub fn ssl_loss(
     (cross * mask).sum(Kind::Float) / terms as f64
 }
 
+/// The teacher's centred, sharpened distributions, (globals, B, K), without gradient.
+pub fn teacher_probs(
+    teacher_out: &Tensor,
+    center: &Tensor,
+    teacher_temp: f64,
+    global_views: usize,
+) -> Tensor {
+    let g = global_views as i64;
+    let (rows, k) = teacher_out.size2().expect("teacher output is (rows, K)");
+    tch::no_grad(|| {
+        ((teacher_out.detach().to_kind(Kind::Float) - center) / teacher_temp)
+            .softmax(-1, Kind::Float)
+            .reshape([g, rows / g, k])
+    })
+}
+
+/// Sum over the student views `view_ids` (the views whose rows `student_out` holds, in order)
+/// and every teacher view `i ≠ view` of `mean_batch(−Σ q_i · log_softmax(s / τs))`: part of the
+/// objective's numerator, so that view groups can be differentiated separately and summed.
+pub fn cross_terms(
+    probs: &Tensor,
+    student_out: &Tensor,
+    view_ids: &[usize],
+    student_temp: f64,
+) -> Tensor {
+    let (g, b, k) = probs.size3().expect("probs are (globals, B, K)");
+    let v = view_ids.len() as i64;
+    let log_p = (student_out.to_kind(Kind::Float) / student_temp)
+        .log_softmax(-1, Kind::Float)
+        .reshape([v, b, k]);
+    let cross = -probs
+        .permute([1, 0, 2])
+        .matmul(&log_p.permute([1, 2, 0]))
+        .mean_dim(0, false, None::<Kind>); // (G, V)
+    let mask: Vec<f32> = (0..g as usize)
+        .flat_map(|i| {
+            view_ids
+                .iter()
+                .map(move |&w| if w == i { 0.0 } else { 1.0 })
+        })
+        .collect();
+    let mask = Tensor::from_slice(&mask)
+        .reshape([g, v])
+        .to_device(student_out.device());
+    (cross * mask).sum(Kind::Float)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +224,24 @@ mod tests {
             (ours - reference).abs() < 1e-4,
             "ours {ours} vs {reference}"
         );
+    }
+
+    #[test]
+    fn view_groups_sum_to_the_whole_objective() {
+        let _rng = crate::test_support::rng_lock();
+        tch::manual_seed(4);
+        let (b, k) = (2, 16);
+        let s = Tensor::randn([10 * b, k], (Kind::Float, tch::Device::Cpu));
+        let t = Tensor::randn([2 * b, k], (Kind::Float, tch::Device::Cpu));
+        let c = Tensor::randn([1, k], (Kind::Float, tch::Device::Cpu)) * 0.1;
+        let whole = ssl_loss(&s, &t, &c, 0.1, 0.04, 2).double_value(&[]);
+        let probs = teacher_probs(&t, &c, 0.04, 2);
+        let a = cross_terms(&probs, &s.narrow(0, b, b), &[1], 0.1);
+        let rest = Tensor::cat(&[s.narrow(0, 0, b), s.narrow(0, 2 * b, 8 * b)], 0);
+        let ids: Vec<usize> = std::iter::once(0).chain(2..10).collect();
+        let bsum = cross_terms(&probs, &rest, &ids, 0.1);
+        let parts = ((a + bsum) / 18.0).double_value(&[]);
+        assert!((parts - whole).abs() < 1e-5, "{parts} vs {whole}");
     }
 
     #[test]

@@ -108,6 +108,9 @@ pub struct SslTrainer {
     cfg: PretrainConfig,
     student: EndoFm,
     teacher: EndoFm,
+    /// A second student sharing the parameters' storage, for running view groups on two
+    /// threads (CPU with ≥ 2 intra-op threads); each thread then uses one libtorch thread.
+    replica: Option<EndoFm>,
     student_flat: FlatParams,
     teacher_flat: FlatParams,
     optimizer: AdamW,
@@ -149,6 +152,14 @@ impl SslTrainer {
         let teacher = student.try_clone()?;
         let student_flat = FlatParams::new(&student)?;
         let teacher_flat = FlatParams::new(&teacher)?;
+        let replica = if device == Device::Cpu
+            && tch::get_num_threads() >= 2
+            && std::env::var_os("ENDOFM_ONE_THREAD_STEP").is_none()
+        {
+            Some(Self::replica_of(&student)?)
+        } else {
+            None
+        };
         let optimizer = AdamW::new(&student_flat, AdamWConfig::default());
         let grads = Tensor::zeros([student_flat.trainable_len()], (Kind::Float, device));
         let objective = SslLoss::new(
@@ -174,6 +185,7 @@ impl SslTrainer {
             cfg: cfg.clone(),
             student,
             teacher,
+            replica,
             student_flat,
             teacher_flat,
             optimizer,
@@ -278,6 +290,132 @@ impl SslTrainer {
         (&mut self.student, &mut self.teacher)
     }
 
+    fn replica_of(student: &EndoFm) -> Result<EndoFm> {
+        let mut replica = EndoFm::new(student.config(), student.device())?;
+        let primary = student.var_store().variables();
+        for (name, mut var) in replica.var_store_mut().variables() {
+            if let Some(p) = primary.get(&name) {
+                var.set_data(&p.detach());
+            }
+        }
+        Ok(replica)
+    }
+
+    /// Chooses how steps run on the CPU: view groups on two threads with one libtorch thread
+    /// each (`true`; the default when libtorch has ≥ 2 threads), or one forward/backward using
+    /// libtorch's intra-op threads (`false`). Either is deterministic for a seed; they differ
+    /// in the order floating-point sums are taken.
+    pub fn set_two_threads(&mut self, on: bool) -> Result<()> {
+        self.replica = if on && self.student.device() == Device::Cpu {
+            Some(Self::replica_of(&self.student)?)
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// Whether steps run on two threads.
+    pub fn two_threads(&self) -> bool {
+        self.replica.is_some()
+    }
+
+    /// Loss, teacher outputs and flat gradients of one step computed on two threads: thread A
+    /// runs the teacher and then the student on the second global view, thread B the student
+    /// replica on every other view; each differentiates its own terms of the objective and the
+    /// two gradients are added in a fixed order (deterministic for a seed).
+    fn two_thread_grads(
+        &mut self,
+        views: &[Tensor],
+        teacher_temp: f64,
+        scale: f64,
+        seed: u64,
+    ) -> Result<(f64, Tensor, Tensor)> {
+        use crate::model::timesformer::with_drop_path_seed;
+        use crate::train::loss::{cross_terms, teacher_probs};
+
+        let terms = (GLOBAL_VIEWS * views.len() - GLOBAL_VIEWS) as f64;
+        let names: Vec<String> = self
+            .student_flat
+            .trainable()
+            .map(|e| e.name.clone())
+            .collect();
+        let center = self.objective.center().shallow_clone();
+        let student_temp = self.objective.config().student_temp;
+        let (precision, device) = (self.precision, self.student.device());
+        let views_a: Vec<Tensor> = views.iter().map(Tensor::shallow_clone).collect();
+        let views_b: Vec<Tensor> = std::iter::once(&views[0])
+            .chain(&views[GLOBAL_VIEWS..])
+            .map(Tensor::shallow_clone)
+            .collect();
+        let ids_b: Vec<usize> = std::iter::once(0)
+            .chain(GLOBAL_VIEWS..views.len())
+            .collect();
+        let (student, teacher) = (&mut self.student, &mut self.teacher);
+        let Some(replica) = self.replica.as_mut() else {
+            return Err(Error::Input {
+                name: "trainer".into(),
+                reason: "no replica for two-thread steps".into(),
+            });
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<Tensor>();
+        let grads_of = |net: &EndoFm, loss: &Tensor, names: &[String]| -> Tensor {
+            let vars = net.var_store().variables();
+            let inputs: Vec<Tensor> = names.iter().map(|n| vars[n].shallow_clone()).collect();
+            let grads = Tensor::run_backward(&[loss * scale], &inputs, false, false);
+            Tensor::cat(
+                &grads.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(),
+                0,
+            )
+        };
+        let (a, b) = std::thread::scope(|s| {
+            let names_a = names.clone();
+            let a = s.spawn(move || -> Result<(f64, Tensor, Tensor)> {
+                tch::set_num_threads(1);
+                with_drop_path_seed(seed ^ 0xA, || {
+                    with_precision(precision, device, || {
+                        let t_out =
+                            tch::no_grad(|| teacher.forward_views(&views_a[..GLOBAL_VIEWS], true));
+                        let probs = teacher_probs(&t_out, &center, teacher_temp, GLOBAL_VIEWS);
+                        let _ = tx.send(probs.shallow_clone());
+                        let s_out = student.forward_views(&views_a[1..GLOBAL_VIEWS], true);
+                        let loss = cross_terms(&probs, &s_out, &[1], student_temp) / terms;
+                        let value = loss.to_kind(Kind::Double).double_value(&[]);
+                        (value, t_out, grads_of(student, &loss, &names_a))
+                    })
+                })
+            });
+            let b = s.spawn(move || -> Result<(f64, Tensor)> {
+                tch::set_num_threads(1);
+                with_drop_path_seed(seed ^ 0xB, || {
+                    with_precision(precision, device, || {
+                        let s_out = replica.forward_views(&views_b, true);
+                        let probs = rx.recv().map_err(|_| Error::Input {
+                            name: "trainer".into(),
+                            reason: "the teacher thread stopped".into(),
+                        })?;
+                        let loss = cross_terms(&probs, &s_out, &ids_b, student_temp) / terms;
+                        let value = loss.to_kind(Kind::Double).double_value(&[]);
+                        Ok((value, grads_of(replica, &loss, &names)))
+                    })?
+                })
+            });
+            (a.join(), b.join())
+        });
+        let (la, t_out, ga) = a.map_err(|_| Error::Input {
+            name: "trainer".into(),
+            reason: "a training thread panicked".into(),
+        })??;
+        let (lb, gb) = b.map_err(|_| Error::Input {
+            name: "trainer".into(),
+            reason: "a training thread panicked".into(),
+        })??;
+        let grads = self.grads.shallow_clone();
+        tch::no_grad(|| {
+            let _ = ga.add_out(&grads, &gb);
+        });
+        Ok((la + lb, t_out, grads))
+    }
+
     /// One complete iteration `step` on this rank's `views` (global views first, each
     /// (B, 3, T, S, S)); gradients and the centre are summed over `collective`.
     pub fn step(
@@ -303,29 +441,36 @@ impl SslTrainer {
         let world = collective.world_size();
         tch::manual_seed(step_seed(self.cfg.seed, step, collective.rank()));
 
-        let device = self.student.device();
-        let (outs, loss) = with_precision(self.precision, device, || {
-            let outs = ssl::forward(&self.student, &self.teacher, views, GLOBAL_VIEWS);
-            let loss = self
-                .objective
-                .loss(&outs.student, &outs.teacher, teacher_temp);
-            (outs, loss)
-        })?;
-        let loss_value = loss.to_kind(Kind::Double).double_value(&[]);
+        let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
+        let (loss_value, teacher_out, mut grads) = if self.replica.is_some() {
+            let seed = step_seed(self.cfg.seed, step, collective.rank()) as u64;
+            self.two_thread_grads(views, teacher_temp, scale, seed)?
+        } else {
+            let device = self.student.device();
+            let (outs, loss) = with_precision(self.precision, device, || {
+                let outs = ssl::forward(&self.student, &self.teacher, views, GLOBAL_VIEWS);
+                let loss = self
+                    .objective
+                    .loss(&outs.student, &outs.teacher, teacher_temp);
+                (outs, loss)
+            })?;
+            let loss_value = loss.to_kind(Kind::Double).double_value(&[]);
+            if loss_value.is_finite() {
+                if scale == 1.0 {
+                    loss.backward();
+                } else {
+                    (&loss * scale).backward();
+                }
+            }
+            let grads = self.student_flat.take_grads_into(Some(&self.grads));
+            (loss_value, outs.teacher, grads)
+        };
         if !loss_value.is_finite() {
             return Err(Error::Input {
                 name: "loss".into(),
                 reason: format!("is {loss_value} at step {step}: stopping (as the reference does)"),
             });
         }
-        let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
-        if scale == 1.0 {
-            loss.backward();
-        } else {
-            (&loss * scale).backward();
-        }
-
-        let mut grads = self.student_flat.take_grads_into(Some(&self.grads));
         collective.all_reduce_sum(&mut grads)?;
         let _ = grads.g_mul_scalar_(1.0 / (world as f64 * scale));
         let finite = match self.scaler {
@@ -347,9 +492,9 @@ impl SslTrainer {
         }
         self.teacher_flat.ema_from(&self.student_flat, momentum);
 
-        let mut summed = SslLoss::batch_sum(&outs.teacher);
+        let mut summed = SslLoss::batch_sum(&teacher_out);
         collective.all_reduce_sum(&mut summed)?;
-        let rows = outs.teacher.size()[0] * world as i64;
+        let rows = teacher_out.size()[0] * world as i64;
         self.objective.update_center(&summed, rows);
 
         Ok(StepStats {
@@ -424,6 +569,57 @@ mod tests {
         assert_eq!(sa[0].epoch, 0);
         assert_eq!(sa[3].epoch, 1);
         assert!(sa[0].lr < sa[2].lr, "warm-up");
+    }
+
+    #[test]
+    fn two_thread_steps_are_deterministic_and_agree_with_one_thread() {
+        let _rng = crate::test_support::rng_lock();
+        let mut cfg = cfg();
+        cfg.drop_path_rate = Some(0.0);
+        let run = |two: bool| {
+            let mut t = SslTrainer::new(&small(), &cfg, Device::Cpu, 3, 1).unwrap();
+            t.set_two_threads(two).unwrap();
+            assert_eq!(t.two_threads(), two);
+            let mut losses = Vec::new();
+            for step in 0..3 {
+                losses.push(t.step(&views(step as i64), step, &mut Solo).unwrap().loss);
+            }
+            (
+                t.student_flat().buffer().copy(),
+                t.teacher_flat().buffer().copy(),
+                losses,
+            )
+        };
+        let (a, ta, la) = run(true);
+        let (b, tb, _) = run(true);
+        assert!(
+            a.equal(&b) && ta.equal(&tb),
+            "two-thread steps are not reproducible"
+        );
+        let (c, tc, lc) = run(false);
+        for (x, y) in la.iter().zip(&lc) {
+            assert!((x - y).abs() < 1e-4, "loss {x} vs {y}");
+        }
+        let worst = (&a - &c).abs().max().double_value(&[]);
+        assert!(
+            worst < 1e-3,
+            "parameters differ by {worst} between the two modes"
+        );
+        assert!(tc.allclose(&ta, 1e-4, 1e-5, false));
+    }
+
+    #[test]
+    fn two_thread_steps_draw_drop_path_reproducibly() {
+        let _rng = crate::test_support::rng_lock();
+        let run = || {
+            let mut t = SslTrainer::new(&small(), &cfg(), Device::Cpu, 3, 1).unwrap();
+            t.set_two_threads(true).unwrap();
+            for step in 0..2 {
+                t.step(&views(step as i64), step, &mut Solo).unwrap();
+            }
+            t.student_flat().buffer().copy()
+        };
+        assert!(run().equal(&run()));
     }
 
     #[test]
