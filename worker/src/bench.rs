@@ -376,3 +376,62 @@ mod tests {
         assert!(data(&bad).is_err());
     }
 }
+
+/// One `allreduce` case: the median time of an all-reduce of `mb` MiB of f32 over the group.
+#[derive(Debug, Clone, Serialize)]
+pub struct AllReduceBench {
+    /// Always "allreduce".
+    pub bench: &'static str,
+    /// "tcp-ring", "nccl", ...
+    pub backend: &'static str,
+    /// Ranks.
+    pub world: usize,
+    /// Buffer size in MiB (2^20 bytes).
+    pub mb: usize,
+    /// Median seconds per all-reduce.
+    pub time_s: f64,
+    /// Bytes / time, in GB/s (10^9 bytes).
+    #[serde(rename = "algbw_GBps")]
+    pub algbw_gbps: f64,
+    /// algbw · 2(W-1)/W: the bandwidth each link sustains.
+    #[serde(rename = "busbw_GBps")]
+    pub busbw_gbps: f64,
+}
+
+/// Times `iters` all-reduces of each size in `sizes_mb` (after one warm-up each) on this rank;
+/// every rank of the group must call it with the same arguments.
+pub fn allreduce(
+    group: &mut dyn crate::collective::Collective,
+    backend: &'static str,
+    sizes_mb: &[usize],
+    iters: usize,
+) -> Result<Vec<AllReduceBench>> {
+    let world = group.world_size();
+    let mut out = Vec::new();
+    for &mb in sizes_mb {
+        let bytes = mb << 20;
+        let mut buffer = Tensor::ones([(bytes / 4) as i64], (Kind::Float, Device::Cpu));
+        group.all_reduce_sum(&mut buffer)?;
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            // Keep the values small and finite however many rounds run.
+            let _ = buffer.fill_(1.0);
+            let started = Instant::now();
+            group.all_reduce_sum(&mut buffer)?;
+            times.push(started.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let time_s = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+        let algbw_gbps = bytes as f64 / time_s / 1e9;
+        out.push(AllReduceBench {
+            bench: "allreduce",
+            backend,
+            world,
+            mb,
+            time_s,
+            algbw_gbps,
+            busbw_gbps: algbw_gbps * 2.0 * (world as f64 - 1.0) / world as f64,
+        });
+    }
+    Ok(out)
+}

@@ -227,6 +227,44 @@ pub enum BenchCommand {
         #[arg(long, default_value = "vit_b")]
         preset: String,
     },
+    /// All-reduce bandwidth of the TCP ring: W processes of this program on loopback.
+    #[command(name = "allreduce")]
+    AllReduce {
+        /// Ranks (this process and W-1 children).
+        #[arg(long, default_value_t = 2)]
+        world: usize,
+        /// Buffer sizes in MiB, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [4, 64])]
+        mb: Vec<usize>,
+        /// Timed all-reduces per size (after one warm-up).
+        #[arg(long, default_value_t = 8)]
+        iters: usize,
+        /// Seconds any connection or transfer may take before it is an error.
+        #[arg(long, default_value_t = 60)]
+        deadline_s: u64,
+    },
+    /// One rank of `bench allreduce` (started by it).
+    #[command(name = "allreduce-rank", hide = true)]
+    AllReduceRank {
+        /// This rank.
+        #[arg(long)]
+        rank: usize,
+        /// Every rank's listen address, in rank order.
+        #[arg(long, value_delimiter = ',', required = true)]
+        peers: Vec<std::net::SocketAddr>,
+        /// Buffer sizes in MiB.
+        #[arg(long, value_delimiter = ',', required = true)]
+        mb: Vec<usize>,
+        /// Timed all-reduces per size.
+        #[arg(long)]
+        iters: usize,
+        /// The attempt shared by all ranks.
+        #[arg(long)]
+        session: u64,
+        /// Seconds any connection or transfer may take.
+        #[arg(long)]
+        deadline_s: u64,
+    },
 }
 
 /// `synth` arguments.
@@ -569,7 +607,122 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
             print_json(&serde_json::to_value(&result)?);
             Ok(())
         }
+        BenchCommand::AllReduce {
+            world,
+            mb,
+            iters,
+            deadline_s,
+        } => {
+            if world < 2 || iters < 1 || mb.is_empty() {
+                bail!("--world must be at least 2, --iters at least 1, --mb not empty");
+            }
+            bench_allreduce(world, &mb, iters, deadline_s)
+        }
+        BenchCommand::AllReduceRank {
+            rank,
+            peers,
+            mb,
+            iters,
+            session,
+            deadline_s,
+        } => {
+            let listener = std::net::TcpListener::bind(
+                peers
+                    .get(rank)
+                    .with_context(|| format!("--rank {rank} has no address in --peers"))?,
+            )
+            .context("binding this rank's listen address")?;
+            allreduce_rank(rank, &peers, listener, &mb, iters, session, deadline_s)?;
+            Ok(())
+        }
     }
+}
+
+/// Rank 0 of `bench allreduce`: starts ranks 1.. as child processes on loopback, takes part as
+/// rank 0 and prints one JSON line per size.
+fn bench_allreduce(
+    world: usize,
+    mb: &[usize],
+    iters: usize,
+    deadline_s: u64,
+) -> anyhow::Result<()> {
+    // Children bind the ports found free here; nothing else connects to loopback in between.
+    let mut listeners = (0..world)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("binding loopback ports")?;
+    let peers = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let own = listeners.remove(0);
+    drop(listeners);
+    let session = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id());
+    let join = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(",");
+    let peer_list = join(&mut peers.iter().map(ToString::to_string));
+    let mb_list = join(&mut mb.iter().map(ToString::to_string));
+    let exe = std::env::current_exe().context("finding this program")?;
+    let mut children = Vec::new();
+    for rank in 1..world {
+        let child = std::process::Command::new(&exe)
+            .args(["bench", "allreduce-rank", "--rank", &rank.to_string()])
+            .args(["--peers", &peer_list, "--mb", &mb_list])
+            .args([
+                "--iters",
+                &iters.to_string(),
+                "--session",
+                &session.to_string(),
+            ])
+            .args(["--deadline-s", &deadline_s.to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting rank {rank}"))?;
+        children.push(child);
+    }
+    let result = allreduce_rank(0, &peers, own, mb, iters, session, deadline_s);
+    let mut failed = Vec::new();
+    for (i, mut child) in children.into_iter().enumerate() {
+        if result.is_err() {
+            let _ = child.kill();
+        }
+        match child.wait() {
+            Ok(status) if status.success() => {}
+            Ok(status) => failed.push(format!("rank {} {status}", i + 1)),
+            Err(e) => failed.push(format!("rank {}: {e}", i + 1)),
+        }
+    }
+    for case in result? {
+        print_json(&serde_json::to_value(&case)?);
+    }
+    if !failed.is_empty() {
+        bail!("bench allreduce: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn allreduce_rank(
+    rank: usize,
+    peers: &[std::net::SocketAddr],
+    listener: std::net::TcpListener,
+    mb: &[usize],
+    iters: usize,
+    session: u64,
+    deadline_s: u64,
+) -> anyhow::Result<Vec<crate::bench::AllReduceBench>> {
+    use crate::collective::ring::{RingCollective, RingConfig};
+    let cfg = RingConfig::new(
+        rank,
+        peers.len(),
+        session,
+        std::time::Duration::from_secs(deadline_s),
+    );
+    let mut ring = RingCollective::connect(cfg, peers, listener)
+        .with_context(|| format!("rank {rank} joining the ring"))?;
+    crate::bench::allreduce(&mut ring, "tcp-ring", mb, iters)
+        .with_context(|| format!("rank {rank} all-reduce"))
 }
 
 fn run_synth(args: SynthArgs) -> anyhow::Result<()> {

@@ -2,6 +2,10 @@
 //! [`Collective::all_reduce_sum`]; backends (a TCP ring on CPUs, NCCL on GPUs) implement it.
 //! Knows nothing about the model.
 
+pub mod ring;
+
+pub use ring::RingCollective;
+
 use tch::Tensor;
 
 use crate::Result;

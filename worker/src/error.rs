@@ -122,6 +122,17 @@ pub enum Error {
         /// "encoder" or "decoder".
         role: &'static str,
     },
+    /// A collective operation failed because of a peer: refused handshake, lost connection or
+    /// no progress within the deadline. The group is unusable afterwards; restart the attempt.
+    #[error("collective with rank {peer} ({addr}): {reason}")]
+    Collective {
+        /// The peer's rank.
+        peer: usize,
+        /// The peer's address.
+        addr: std::net::SocketAddr,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// Result alias for the worker library.

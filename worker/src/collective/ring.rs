@@ -1,0 +1,708 @@
+//! TCP ring all-reduce for CPU ranks, in the shape of Gloo's ring: reduce-scatter then all-gather
+//! over `world` chunks, each chunk streamed in segments so that sending, receiving and adding overlap.
+//!
+//! Every rank accepts one connection from its left neighbour and opens one to its right neighbour.
+//! Chunk `c` is summed in ring order starting at rank `c` and finished by exactly one rank, which
+//! then broadcasts it: every rank ends with bit-identical bytes. Every socket operation has a
+//! deadline, so a dead or hung peer becomes an [`Error::Collective`] naming it, never a hang.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+
+use super::Collective;
+use crate::{Error, Result};
+
+/// First eight bytes of every handshake.
+const MAGIC: u64 = u64::from_le_bytes(*b"ENDOFMRG");
+/// Bytes of a handshake: magic, generation, rank, world.
+const HELLO_LEN: usize = 24;
+/// Bytes of the header that opens every all-reduce: call number and element count.
+const CALL_HEADER_LEN: usize = 16;
+/// Pause between connection attempts while the right neighbour is not listening yet.
+const CONNECT_RETRY: Duration = Duration::from_millis(10);
+/// Pause between polls of the listener while the left neighbour has not connected yet.
+const ACCEPT_POLL: Duration = Duration::from_millis(2);
+
+/// Who this rank is in which attempt, and how long any operation may take.
+#[derive(Debug, Clone, Copy)]
+pub struct RingConfig {
+    /// This rank, in `0..world`.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+    /// The attempt (generation or session id); ranks of another attempt are refused.
+    pub generation: u64,
+    /// Longest time connecting may take, and longest wait for any single socket read or write.
+    pub deadline: Duration,
+    /// Bytes per pipelined segment of a chunk.
+    pub segment_bytes: usize,
+}
+
+impl RingConfig {
+    /// A configuration with 1 MiB segments.
+    pub fn new(rank: usize, world: usize, generation: u64, deadline: Duration) -> Self {
+        Self {
+            rank,
+            world,
+            generation,
+            deadline,
+            segment_bytes: 1 << 20,
+        }
+    }
+}
+
+/// The handshake each side of a link sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hello {
+    generation: u64,
+    rank: u64,
+    world: u64,
+}
+
+impl Hello {
+    fn encode(self) -> [u8; HELLO_LEN] {
+        let mut out = [0u8; HELLO_LEN];
+        out[..8].copy_from_slice(&MAGIC.to_le_bytes());
+        out[8..16].copy_from_slice(&self.generation.to_le_bytes());
+        out[16..20].copy_from_slice(&(self.rank as u32).to_le_bytes());
+        out[20..24].copy_from_slice(&(self.world as u32).to_le_bytes());
+        out
+    }
+
+    /// `None` when the bytes are not an endofm ring handshake.
+    fn decode(bytes: &[u8; HELLO_LEN]) -> Option<Self> {
+        let u64_at = |i: usize| {
+            u64::from_le_bytes([
+                bytes[i],
+                bytes[i + 1],
+                bytes[i + 2],
+                bytes[i + 3],
+                bytes[i + 4],
+                bytes[i + 5],
+                bytes[i + 6],
+                bytes[i + 7],
+            ])
+        };
+        let u32_at =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        (u64_at(0) == MAGIC).then(|| Self {
+            generation: u64_at(8),
+            rank: u64::from(u32_at(16)),
+            world: u64::from(u32_at(20)),
+        })
+    }
+
+    /// Why `self` (what a peer sent) is not `expected`, or `None` when it is.
+    fn mismatch(self, expected: Self) -> Option<String> {
+        if self.generation != expected.generation {
+            Some(format!(
+                "peer belongs to attempt {}, this rank to attempt {}",
+                self.generation, expected.generation
+            ))
+        } else if self.world != expected.world {
+            Some(format!(
+                "peer has world size {}, this rank {}",
+                self.world, expected.world
+            ))
+        } else if self.rank != expected.rank {
+            Some(format!(
+                "peer says it is rank {}, expected rank {}",
+                self.rank, expected.rank
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// The two connections of a rank in a ring of at least two.
+#[derive(Debug)]
+struct Links {
+    /// From the left neighbour (rank - 1): this rank only reads.
+    left: TcpStream,
+    /// To the right neighbour (rank + 1): this rank only writes.
+    right: TcpStream,
+}
+
+/// One rank of a TCP ring; see the module documentation.
+#[derive(Debug)]
+pub struct RingCollective {
+    cfg: RingConfig,
+    peers: Vec<SocketAddr>,
+    /// `None` in a world of one.
+    links: Option<Links>,
+    /// All-reduces done so far; checked against the left neighbour at every call.
+    calls: u64,
+    /// The buffer being reduced, as host floats.
+    data: Vec<f32>,
+    /// Why the ring broke, once it has: later calls fail at once.
+    broken: Option<String>,
+}
+
+impl RingCollective {
+    /// Joins the ring: accepts the left neighbour on `listener` (whose address is
+    /// `peers[cfg.rank]`) and connects to the right neighbour at `peers[rank + 1]`, retrying until
+    /// `cfg.deadline`. Both sides check the other's handshake (attempt, world size, rank).
+    pub fn connect(cfg: RingConfig, peers: &[SocketAddr], listener: TcpListener) -> Result<Self> {
+        let RingConfig { rank, world, .. } = cfg;
+        if world == 0 || rank >= world || peers.len() != world || cfg.segment_bytes < 4 {
+            return Err(Error::Input {
+                name: "ring".into(),
+                reason: format!(
+                    "rank {rank} of world {world} with {} peer addresses and {}-byte segments: need rank < world = number of addresses and segments of at least 4 bytes",
+                    peers.len(),
+                    cfg.segment_bytes
+                ),
+            });
+        }
+        let mut ring = Self {
+            cfg,
+            peers: peers.to_vec(),
+            links: None,
+            calls: 0,
+            data: Vec::new(),
+            broken: None,
+        };
+        if world == 1 {
+            return Ok(ring);
+        }
+        let end = Instant::now() + cfg.deadline;
+        let me = Hello {
+            generation: cfg.generation,
+            rank: rank as u64,
+            world: world as u64,
+        };
+        let (left_rank, right_rank) = (ring.left_rank(), ring.right_rank());
+        let give_up = AtomicBool::new(false);
+        let (left, right) = std::thread::scope(|s| {
+            let acceptor = s.spawn(|| {
+                let expected = Hello {
+                    rank: left_rank as u64,
+                    ..me
+                };
+                accept_left(&listener, me, expected, end, &give_up)
+                    .map_err(|reason| ring.error(left_rank, reason))
+            });
+            let expected = Hello {
+                rank: right_rank as u64,
+                ..me
+            };
+            let right = connect_right(peers[right_rank], me, expected, end)
+                .map_err(|reason| ring.error(right_rank, reason));
+            if right.is_err() {
+                give_up.store(true, Ordering::Relaxed);
+            }
+            let left = acceptor
+                .join()
+                .unwrap_or_else(|_| Err(ring.error(left_rank, "accepting thread panicked".into())));
+            (left, right)
+        });
+        let right = right?;
+        let left = left?;
+        for stream in [&left, &right] {
+            let configured = stream
+                .set_nodelay(true)
+                .and_then(|()| stream.set_read_timeout(Some(cfg.deadline)))
+                .and_then(|()| stream.set_write_timeout(Some(cfg.deadline)));
+            if let Err(e) = configured {
+                return Err(ring.error(right_rank, format!("configuring the socket: {e}")));
+            }
+        }
+        ring.links = Some(Links { left, right });
+        Ok(ring)
+    }
+
+    fn left_rank(&self) -> usize {
+        (self.cfg.rank + self.cfg.world - 1) % self.cfg.world
+    }
+
+    fn right_rank(&self) -> usize {
+        (self.cfg.rank + 1) % self.cfg.world
+    }
+
+    fn error(&self, peer: usize, reason: String) -> Error {
+        Error::Collective {
+            peer,
+            addr: self.peers[peer],
+            reason,
+        }
+    }
+
+    /// The ring algorithm on `self.data`.
+    fn ring_sum(&mut self) -> Result<()> {
+        let Some(links) = &self.links else {
+            return Ok(());
+        };
+        let (w, r) = (self.cfg.world, self.cfg.rank);
+        let n = self.data.len();
+        let seg = (self.cfg.segment_bytes / 4).max(1);
+        let chunk = |c: usize| (c * n / w)..((c + 1) * n / w);
+        let (left_rank, right_rank) = (self.left_rank(), self.right_rank());
+        let deadline = self.cfg.deadline;
+        self.calls += 1;
+        let mut header = [0u8; CALL_HEADER_LEN];
+        header[..8].copy_from_slice(&self.calls.to_le_bytes());
+        header[8..].copy_from_slice(&(n as u64).to_le_bytes());
+
+        // The first failure wins; it closes both links so that the other side of this rank and
+        // both neighbours stop waiting at once instead of at the deadline.
+        let first_error: Mutex<Option<(usize, String)>> = Mutex::new(None);
+        let fail = |peer: usize, reason: String| {
+            let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some((peer, reason));
+                let _ = links.left.shutdown(Shutdown::Both);
+                let _ = links.right.shutdown(Shutdown::Both);
+            }
+        };
+        let (to_send, outbox) = mpsc::channel::<Vec<u8>>();
+        let (recycle, spares) = mpsc::channel::<Vec<u8>>();
+        let data = &mut self.data;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut right = &links.right;
+                for bytes in outbox {
+                    if let Err(e) = right.write_all(&bytes) {
+                        fail(right_rank, io_reason("sending to", &e, deadline));
+                        return;
+                    }
+                    let _ = recycle.send(bytes);
+                }
+            });
+            let send = |values: &[f32]| {
+                let _ = to_send.send(encode(values, spares.try_recv().unwrap_or_default()));
+            };
+            let received = (|| -> std::result::Result<(), String> {
+                let _ = to_send.send(header.to_vec());
+                for part in segments(chunk(r), seg) {
+                    send(&data[part]);
+                }
+                let mut left = &links.left;
+                let mut theirs = [0u8; CALL_HEADER_LEN];
+                left.read_exact(&mut theirs)
+                    .map_err(|e| io_reason("receiving from", &e, deadline))?;
+                if theirs != header {
+                    let call = u64::from_le_bytes(header_word(&theirs, 0));
+                    let len = u64::from_le_bytes(header_word(&theirs, 8));
+                    return Err(format!(
+                        "out of step: peer is at all-reduce {call} of {len} elements, this rank at all-reduce {} of {n}",
+                        self.calls
+                    ));
+                }
+                let mut buf = vec![0u8; seg * 4];
+                // Reduce-scatter: add the left neighbour's partial sum of one chunk and pass it on.
+                // The last step finishes chunk r + 1, whose sends open the all-gather.
+                for step in 0..w - 1 {
+                    for part in segments(chunk((r + 2 * w - step - 1) % w), seg) {
+                        let bytes = &mut buf[..part.len() * 4];
+                        left.read_exact(bytes)
+                            .map_err(|e| io_reason("receiving from", &e, deadline))?;
+                        for (x, b) in data[part.clone()].iter_mut().zip(bytes.chunks_exact(4)) {
+                            *x += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        }
+                        send(&data[part]);
+                    }
+                }
+                // All-gather: take each finished chunk and pass it on until it has gone round.
+                for step in 0..w - 1 {
+                    for part in segments(chunk((r + w - step) % w), seg) {
+                        let bytes = &mut buf[..part.len() * 4];
+                        left.read_exact(bytes)
+                            .map_err(|e| io_reason("receiving from", &e, deadline))?;
+                        for (x, b) in data[part.clone()].iter_mut().zip(bytes.chunks_exact(4)) {
+                            *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        }
+                        if step + 2 < w {
+                            send(&data[part]);
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            drop(to_send);
+            if let Err(reason) = received {
+                fail(left_rank, reason);
+            }
+        });
+        match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some((peer, reason)) => Err(self.error(peer, reason)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Collective for RingCollective {
+    fn rank(&self) -> usize {
+        self.cfg.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.cfg.world
+    }
+
+    fn all_reduce_sum(&mut self, buffer: &mut Tensor) -> Result<()> {
+        if buffer.kind() != Kind::Float {
+            return Err(Error::DType {
+                name: "all-reduce buffer".into(),
+                found: format!("{:?}", buffer.kind()),
+                expected: "f32",
+            });
+        }
+        if buffer.device() != Device::Cpu {
+            return Err(Error::Input {
+                name: "all-reduce buffer".into(),
+                reason: format!(
+                    "on {:?}: the TCP ring reduces CPU tensors only",
+                    buffer.device()
+                ),
+            });
+        }
+        if let Some(reason) = &self.broken {
+            return Err(self.error(
+                self.left_rank(),
+                format!("the ring broke earlier ({reason}); join a new attempt"),
+            ));
+        }
+        if self.links.is_none() {
+            return Ok(());
+        }
+        let n = buffer.numel();
+        self.data.resize(n, 0.0);
+        buffer.f_reshape([-1])?.f_copy_data(&mut self.data, n)?;
+        if let Err(e) = self.ring_sum() {
+            self.broken = Some(e.to_string());
+            return Err(e);
+        }
+        let summed = Tensor::f_from_slice(&self.data)?.f_view(buffer.size().as_slice())?;
+        buffer.f_copy_(&summed)?;
+        Ok(())
+    }
+}
+
+/// Accepts connections until one carries the `expected` handshake; replies with `me` to every
+/// handshake so that a refused peer learns why.
+fn accept_left(
+    listener: &TcpListener,
+    me: Hello,
+    expected: Hello,
+    end: Instant,
+    give_up: &AtomicBool,
+) -> std::result::Result<TcpStream, String> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("listener: {e}"))?;
+    let mut refused = String::new();
+    loop {
+        match listener.accept() {
+            Ok((mut stream, from)) => {
+                let remaining = end.saturating_duration_since(Instant::now());
+                let mut hello = [0u8; HELLO_LEN];
+                let read = stream
+                    .set_nonblocking(false)
+                    .and_then(|()| stream.set_read_timeout(Some(remaining.max(ACCEPT_POLL))))
+                    .and_then(|()| stream.set_write_timeout(Some(remaining.max(ACCEPT_POLL))))
+                    .and_then(|()| stream.read_exact(&mut hello));
+                match read.map(|()| Hello::decode(&hello)) {
+                    Ok(Some(theirs)) => {
+                        let _ = stream.write_all(&me.encode());
+                        match theirs.mismatch(expected) {
+                            None => return Ok(stream),
+                            Some(why) => refused = format!("; refused {from}: {why}"),
+                        }
+                    }
+                    Ok(None) => refused = format!("; refused {from}: not an endofm ring handshake"),
+                    Err(e) => refused = format!("; refused {from}: {e}"),
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(format!("accepting: {e}")),
+        }
+        if give_up.load(Ordering::Relaxed) {
+            return Err(format!(
+                "stopped waiting for the left neighbour: the right one failed{refused}"
+            ));
+        }
+        if Instant::now() >= end {
+            return Err(format!("no valid connection before the deadline{refused}"));
+        }
+        std::thread::sleep(ACCEPT_POLL);
+    }
+}
+
+/// Connects to the right neighbour, retrying while it does not listen yet, and checks its reply.
+fn connect_right(
+    addr: SocketAddr,
+    me: Hello,
+    expected: Hello,
+    end: Instant,
+) -> std::result::Result<TcpStream, String> {
+    loop {
+        let remaining = end.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err("could not connect before the deadline".into());
+        }
+        let Ok(mut stream) = TcpStream::connect_timeout(&addr, remaining) else {
+            std::thread::sleep(CONNECT_RETRY);
+            continue;
+        };
+        let mut reply = [0u8; HELLO_LEN];
+        stream
+            .set_read_timeout(Some(remaining))
+            .and_then(|()| stream.set_write_timeout(Some(remaining)))
+            .and_then(|()| stream.write_all(&me.encode()))
+            .and_then(|()| stream.read_exact(&mut reply))
+            .map_err(|e| format!("handshake failed: {e}"))?;
+        let theirs = Hello::decode(&reply).ok_or("handshake refused: not an endofm ring rank")?;
+        return match theirs.mismatch(expected) {
+            None => Ok(stream),
+            Some(why) => Err(format!("handshake refused: {why}")),
+        };
+    }
+}
+
+/// `range` cut into pieces of at most `len` elements.
+fn segments(range: Range<usize>, len: usize) -> impl Iterator<Item = Range<usize>> {
+    let end = range.end;
+    range
+        .step_by(len)
+        .map(move |start| start..(start + len).min(end))
+}
+
+/// `values` as little-endian bytes, reusing `out`'s allocation.
+fn encode(values: &[f32], mut out: Vec<u8>) -> Vec<u8> {
+    out.resize(values.len() * 4, 0);
+    for (b, v) in out.chunks_exact_mut(4).zip(values) {
+        b.copy_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+fn header_word(header: &[u8; CALL_HEADER_LEN], at: usize) -> [u8; 8] {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&header[at..at + 8]);
+    word
+}
+
+/// A socket error in words a person can act on.
+fn io_reason(action: &str, e: &std::io::Error, deadline: Duration) -> String {
+    match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+            format!("{action} the peer: no progress for {deadline:?} (peer hung or too slow)")
+        }
+        ErrorKind::UnexpectedEof => format!("{action} the peer: connection closed (peer exited)"),
+        _ => format!("{action} the peer: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn listeners(world: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
+        let listeners: Vec<TcpListener> = (0..world)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let addrs = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr"))
+            .collect();
+        (listeners, addrs)
+    }
+
+    /// Runs one ring on threads; `inputs[r]` is rank r's buffer; returns every rank's result.
+    fn ring_sum(inputs: &[Vec<f32>], segment_bytes: usize) -> Vec<Vec<f32>> {
+        let world = inputs.len();
+        let (listeners, addrs) = listeners(world);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let addrs = &addrs;
+                    s.spawn(move || {
+                        let cfg = RingConfig {
+                            segment_bytes,
+                            ..RingConfig::new(rank, world, 7, Duration::from_secs(10))
+                        };
+                        let mut ring =
+                            RingCollective::connect(cfg, addrs, listener).expect("connect");
+                        let mut out = Vec::new();
+                        // Twice, so that the call counter and buffer reuse are exercised.
+                        for _ in 0..2 {
+                            let mut t = Tensor::from_slice(&inputs[rank]);
+                            ring.all_reduce_sum(&mut t).expect("all-reduce");
+                            out = Vec::<f32>::try_from(&t).expect("to vec");
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("rank thread"))
+                .collect()
+        })
+    }
+
+    fn check(world: usize, len: usize, integers: bool, segment_bytes: usize) {
+        let mut rng = ChaCha8Rng::seed_from_u64((world * 1000 + len) as u64);
+        let inputs: Vec<Vec<f32>> = (0..world)
+            .map(|_| {
+                (0..len)
+                    .map(|_| {
+                        if integers {
+                            rng.random_range(-1000i32..1000) as f32
+                        } else {
+                            rng.random_range(-1.0f32..1.0)
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let expected: Vec<f64> = (0..len)
+            .map(|i| inputs.iter().map(|v| f64::from(v[i])).sum::<f64>())
+            .collect();
+        let results = ring_sum(&inputs, segment_bytes);
+        let worst = results[0]
+            .iter()
+            .zip(&expected)
+            .map(|(&got, &want)| (f64::from(got) - want).abs())
+            .fold(0.0f64, f64::max);
+        let tolerance = if integers { 0.0 } else { 1e-4 };
+        assert!(
+            worst <= tolerance,
+            "world {world}, {len} elements: worst error {worst}"
+        );
+        for (rank, result) in results.iter().enumerate() {
+            let same = result
+                .iter()
+                .zip(&results[0])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "world {world}: rank {rank} differs from rank 0");
+        }
+    }
+
+    #[test]
+    fn sums_are_exact_and_bit_identical() {
+        for world in [2, 3, 4] {
+            for len in [1, 2, 3, 5, 1001, 4099] {
+                check(world, len, true, 64);
+                check(world, len, false, 64);
+            }
+        }
+        check(3, 100_003, false, 1 << 20);
+    }
+
+    #[test]
+    fn a_world_of_one_is_the_identity() {
+        let (mut listeners, addrs) = listeners(1);
+        let cfg = RingConfig::new(0, 1, 1, Duration::from_secs(1));
+        let mut ring = RingCollective::connect(cfg, &addrs, listeners.remove(0)).expect("connect");
+        let mut t = Tensor::from_slice(&[1.0f32, 2.0]);
+        ring.all_reduce_sum(&mut t).expect("all-reduce");
+        assert_eq!(Vec::<f32>::try_from(&t).expect("vec"), vec![1.0, 2.0]);
+    }
+
+    #[test]
+    fn other_dtypes_are_refused() {
+        let (mut listeners, addrs) = listeners(1);
+        let cfg = RingConfig::new(0, 1, 1, Duration::from_secs(1));
+        let mut ring = RingCollective::connect(cfg, &addrs, listeners.remove(0)).expect("connect");
+        let mut t = Tensor::from_slice(&[1.0f64]);
+        assert!(matches!(
+            ring.all_reduce_sum(&mut t),
+            Err(Error::DType { .. })
+        ));
+    }
+
+    #[test]
+    fn another_attempt_is_refused() {
+        let (listeners, addrs) = listeners(2);
+        let started = Instant::now();
+        let results: Vec<Result<RingCollective>> = std::thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let addrs = &addrs;
+                    s.spawn(move || {
+                        // Rank 1 belongs to the next attempt.
+                        let cfg =
+                            RingConfig::new(rank, 2, 40 + rank as u64, Duration::from_secs(5));
+                        RingCollective::connect(cfg, addrs, listener)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("rank"))
+                .collect()
+        });
+        for result in results {
+            let err = result.expect_err("a ring across attempts must not form");
+            assert!(err.to_string().contains("attempt"), "{err}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "refusal took too long"
+        );
+    }
+
+    /// Rank 1 of a ring of two stops taking part; rank 0 must fail within about the deadline.
+    fn peer_failure(drop_peer: bool) {
+        let (listeners, addrs) = listeners(2);
+        let deadline = Duration::from_millis(300);
+        std::thread::scope(|s| {
+            let mut handles = Vec::new();
+            for (rank, listener) in listeners.into_iter().enumerate() {
+                let addrs = &addrs;
+                handles.push(s.spawn(move || {
+                    let cfg = RingConfig::new(rank, 2, 3, deadline);
+                    let mut ring = RingCollective::connect(cfg, addrs, listener).expect("connect");
+                    let mut t = Tensor::ones([1000], (Kind::Float, Device::Cpu));
+                    ring.all_reduce_sum(&mut t).expect("first all-reduce");
+                    if rank == 1 {
+                        if drop_peer {
+                            drop(ring);
+                        } else {
+                            std::thread::sleep(deadline * 5);
+                        }
+                        return None;
+                    }
+                    let started = Instant::now();
+                    let result = ring.all_reduce_sum(&mut t);
+                    Some((result, started.elapsed()))
+                }));
+            }
+            let (result, took) = handles
+                .remove(0)
+                .join()
+                .expect("rank 0")
+                .expect("rank 0 reports");
+            let err = result.expect_err("the all-reduce must fail");
+            assert!(
+                matches!(err, Error::Collective { peer: 1, .. }),
+                "unexpected error: {err}"
+            );
+            assert!(took < deadline * 3, "took {took:?}: {err}");
+        });
+    }
+
+    #[test]
+    fn a_dead_peer_is_an_error() {
+        peer_failure(true);
+    }
+
+    #[test]
+    fn a_hung_peer_is_an_error_within_the_deadline() {
+        peer_failure(false);
+    }
+}
