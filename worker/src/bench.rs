@@ -407,6 +407,9 @@ pub fn allreduce(
     iters: usize,
 ) -> Result<Vec<AllReduceBench>> {
     let world = group.world_size();
+    // The ranks share the machine's cores: one libtorch thread each, or idle OpenMP workers
+    // spin against the ring's own threads.
+    tch::set_num_threads(1);
     let mut out = Vec::new();
     for &mb in sizes_mb {
         let bytes = mb << 20;
