@@ -31,44 +31,21 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Shapes of the views of one step.
-#[derive(Debug, Clone, Serialize)]
-pub struct ViewShapes {
-    /// Global view side in pixels.
-    pub global_px: i64,
-    /// Local view side in pixels.
-    pub local_px: i64,
-    /// Frames of each global view.
-    pub global_frames: Vec<i64>,
-    /// Frames of each local view.
-    pub local_frames: Vec<i64>,
-}
-
-impl ViewShapes {
-    /// The reference's view set for a model whose global size is `global_px` (local views at
-    /// 96/224 of it: 96 px for ViT-B, 48 px for the tiny preset).
-    pub fn reference(global_px: i64) -> Self {
-        Self {
-            global_px,
-            local_px: global_px * 96 / 224,
-            global_frames: vec![8, 16],
-            local_frames: vec![2, 2, 4, 4, 8, 8, 16, 16],
-        }
-    }
-
-    /// Random views of these shapes for `batch` clips.
-    pub fn random(&self, batch: i64, device: Device) -> Vec<Tensor> {
-        let opts = (Kind::Float, device);
-        self.global_frames
-            .iter()
-            .map(|&t| Tensor::randn([batch, 3, t, self.global_px, self.global_px], opts))
-            .chain(
-                self.local_frames
-                    .iter()
-                    .map(|&t| Tensor::randn([batch, 3, t, self.local_px, self.local_px], opts)),
-            )
-            .collect()
-    }
+/// Random views with the shapes `views` describes (global views first), for `batch` clips.
+pub fn random_views(views: &ViewConfig, batch: i64, device: Device) -> Vec<Tensor> {
+    let opts = (Kind::Float, device);
+    let (g, l) = (views.global_size as i64, views.local_size as i64);
+    views
+        .global_frames
+        .iter()
+        .map(|&t| Tensor::randn([batch, 3, t as i64, g, g], opts))
+        .chain(
+            views
+                .local_frames
+                .iter()
+                .map(|&t| Tensor::randn([batch, 3, t as i64, l, l], opts)),
+        )
+        .collect()
 }
 
 /// Result of `bench ssl-step`.
@@ -116,8 +93,8 @@ pub struct SslStepOptions {
     pub precision: TrainPrecision,
     /// Timed steps (after one warm-up step).
     pub steps: usize,
-    /// View shapes.
-    pub views: ViewShapes,
+    /// View shapes (the sizes and frame counts of the views).
+    pub views: ViewConfig,
 }
 
 /// Times complete training steps (forward of teacher and student, loss, backward, clipping,
@@ -130,7 +107,7 @@ pub fn ssl_step(model: &ModelConfig, opts: &SslStepOptions) -> Result<SslStepRes
         ..Default::default()
     };
     let mut trainer = SslTrainer::new(model, &cfg, opts.device, 1000, 1)?;
-    let views = opts.views.random(opts.batch, opts.device);
+    let views = random_views(&opts.views, opts.batch, opts.device);
     let mut times = Vec::with_capacity(opts.steps);
     for step in 0..=opts.steps {
         let started = Instant::now();

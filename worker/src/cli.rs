@@ -574,7 +574,7 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
                     device,
                     precision,
                     steps,
-                    views: crate::bench::ViewShapes::reference(cfg.img_size as i64),
+                    views: crate::pretrain::views_for(&cfg),
                 },
             )?;
             print_json(&serde_json::to_value(&result)?);

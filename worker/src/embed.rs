@@ -12,9 +12,6 @@ use crate::precision::{Precision, with_precision};
 use crate::video::{Clip, Frames};
 use crate::{Error, Result};
 
-const MEAN: [f64; 3] = [0.485, 0.456, 0.406];
-const STD: [f64; 3] = [0.229, 0.224, 0.225];
-
 /// Test-time transform settings.
 #[derive(Debug, Clone, Copy)]
 pub struct EmbedOptions {
@@ -44,12 +41,10 @@ pub fn clip_tensor(frames: &Frames, size: usize) -> Tensor {
     };
     let x = x.upsample_bilinear2d([nh, nw], false, None, None);
     let x = x.narrow(2, (nh - s) / 2, s).narrow(3, (nw - s) / 2, s);
-    let mean = Tensor::from_slice(&MEAN)
-        .to_kind(Kind::Float)
-        .reshape([1, 3, 1, 1]);
-    let std = Tensor::from_slice(&STD)
-        .to_kind(Kind::Float)
-        .reshape([1, 3, 1, 1]);
+    // The same normalisation as the pre-training views.
+    let views = crate::data::ViewConfig::reference();
+    let mean = Tensor::from_slice(&views.mean).reshape([1, 3, 1, 1]);
+    let std = Tensor::from_slice(&views.std).reshape([1, 3, 1, 1]);
     ((x - mean) / std).permute([1, 0, 2, 3]).contiguous()
 }
 

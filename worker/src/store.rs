@@ -71,6 +71,16 @@ impl Store {
             reason,
         };
         let bad_key = |key: &str| err(format!("unknown storage setting `{key}`"));
+        // The three cloud builders share no trait: apply the settings, then build.
+        macro_rules! build {
+            ($builder:expr) => {{
+                let mut b = $builder;
+                for (k, v) in settings {
+                    b = b.with_config(k.parse().map_err(|_| bad_key(k))?, *v);
+                }
+                Arc::new(b.build().map_err(|e| err(e.to_string()))?)
+            }};
+        }
         let inner: Arc<dyn ObjectStore> = match uri {
             StorageUri::Local { path } => {
                 if create {
@@ -84,38 +94,15 @@ impl Store {
                 Arc::new(fs)
             }
             StorageUri::S3 { bucket, .. } => {
-                let mut b = object_store::aws::AmazonS3Builder::from_env();
-                for (k, v) in settings {
-                    b = b.with_config(k.parse().map_err(|_| bad_key(k))?, *v);
-                }
-                Arc::new(
-                    b.with_bucket_name(bucket)
-                        .build()
-                        .map_err(|e| err(e.to_string()))?,
-                )
+                build!(object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket))
             }
-            StorageUri::Gcs { bucket, .. } => {
-                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env();
-                for (k, v) in settings {
-                    b = b.with_config(k.parse().map_err(|_| bad_key(k))?, *v);
-                }
-                Arc::new(
-                    b.with_bucket_name(bucket)
-                        .build()
-                        .map_err(|e| err(e.to_string()))?,
-                )
-            }
-            StorageUri::Azure { container, .. } => {
-                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env();
-                for (k, v) in settings {
-                    b = b.with_config(k.parse().map_err(|_| bad_key(k))?, *v);
-                }
-                Arc::new(
-                    b.with_container_name(container)
-                        .build()
-                        .map_err(|e| err(e.to_string()))?,
-                )
-            }
+            StorageUri::Gcs { bucket, .. } => build!(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket)
+            ),
+            StorageUri::Azure { container, .. } => build!(
+                object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(container)
+            ),
         };
         Ok(Self {
             inner,

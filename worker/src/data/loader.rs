@@ -275,7 +275,8 @@ struct Shared {
     changed: Condvar,
     stop: AtomicBool,
     stats: LoaderStats,
-    fingerprint_len: usize,
+    /// The permutation of the epoch being read (computed once per epoch, not per clip).
+    order: Mutex<Option<(usize, Arc<Vec<usize>>)>>,
 }
 
 /// Attempts before a clip's replacement search gives up.
@@ -288,7 +289,17 @@ impl Shared {
     fn clip_for(&self, seq: usize, j: usize) -> (usize, usize) {
         let epoch = seq / self.per_epoch;
         let k = (seq % self.per_epoch + j) % self.per_epoch;
-        let perm = permutation(self.fingerprint_len, self.cfg.seed, epoch);
+        let perm = {
+            let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+            match order.as_ref() {
+                Some((e, perm)) if *e == epoch => Arc::clone(perm),
+                _ => {
+                    let perm = Arc::new(permutation(self.corpus.len(), self.cfg.seed, epoch));
+                    *order = Some((epoch, Arc::clone(&perm)));
+                    perm
+                }
+            }
+        };
         (perm[k * self.cfg.world + self.cfg.rank], epoch)
     }
 
@@ -412,7 +423,7 @@ impl Loader {
         let threads_n = cfg.threads.max(1);
         let shared = Arc::new(Shared {
             per_epoch: ipe * cfg.batch,
-            fingerprint_len: corpus.len(),
+            order: Mutex::new(None),
             corpus,
             next: AtomicUsize::new(start_seq),
             consumed: Mutex::new(start_seq),
