@@ -19,6 +19,15 @@ pub enum Error {
         /// Comma-separated list of valid names.
         known: String,
     },
+    /// A job spec that does not parse (syntax, unknown field, wrong type); the message names
+    /// the field.
+    #[error("invalid job spec ({format}): {message}")]
+    SpecParse {
+        /// "TOML" or "JSON".
+        format: &'static str,
+        /// The parser's message (with the field and position).
+        message: String,
+    },
     /// A configuration document that is not valid JSON or has fields of the wrong type.
     #[error("cannot parse configuration {origin}: {source}")]
     Parse {

@@ -2,12 +2,14 @@
 //! its named presets, the error type, and telemetry set-up. Never depends on libtorch.
 
 pub mod error;
+pub mod job_spec;
 pub mod model_config;
 pub mod storage;
 pub mod telemetry;
 pub mod train_config;
 
 pub use error::{Error, Result};
+pub use job_spec::{DeviceKind, JobKind, JobSpec};
 pub use model_config::{HeadConfig, ModelConfig, ParamCounts, Preset};
 pub use storage::StorageUri;
 pub use train_config::{PretrainConfig, TrainPrecision};
