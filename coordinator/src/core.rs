@@ -1,0 +1,973 @@
+//! The coordinator's state machine: jobs, workers, the priority queue, gang placement, attempt
+//! failure and restart, cancellation, rendezvous data. Pure and synchronous: the gRPC layer
+//! calls it under one mutex, then waits until the changes it made are durable
+//! ([`Core::take_batch`] → the store) before answering.
+//!
+//! Invariants:
+//! - A device slot belongs to at most one rank; it is freed only when the worker reports that
+//!   rank's exit, re-registers without it, or is lost. So a new attempt never shares a device
+//!   with a rank of an old one that is still stopping.
+//! - All ranks of an attempt are placed in one step, or none (gang scheduling).
+//! - Queue order: higher priority first, FIFO (submission order) within a priority. A job that
+//!   does not fit blocks lower ones of the same device kind, unless it asks for more devices
+//!   than all live workers have (then it waits without starving the others).
+//! - The generation of a job grows by one per placement; only the current generation may use
+//!   the rendezvous, report progress or finish the job.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use endofm_proto::v1 as pb;
+use endofm_shared::{DeviceKind, JobSpec};
+use tokio::sync::{Notify, broadcast};
+
+use crate::metrics::Metrics;
+use crate::records::{CheckpointRec, EventRec, JobRec, PlacementRec, ProgressRec, State, now_ms};
+use crate::store::{Batch, Loaded};
+
+/// (job id, generation, rank).
+pub type RankKey = (String, u64, u32);
+
+/// Timing of the worker protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How often workers heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A worker silent for longer is lost.
+    pub lease: Duration,
+    /// A stop order still unanswered after this long is sent again.
+    pub stop_resend: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(1000),
+            lease: Duration::from_secs(10),
+            stop_resend: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Worker {
+    hostname: String,
+    devices: Vec<(DeviceKind, u32)>,
+    /// False for a placeholder rebuilt from stored placements after a coordinator restart,
+    /// until the worker registers again.
+    registered: bool,
+    last_seen: Instant,
+    busy: HashMap<(DeviceKind, u32), RankKey>,
+    outbox_assign: Vec<pb::Assignment>,
+    outbox_stop: Vec<pb::StopOrder>,
+    stop_sent: HashMap<RankKey, Instant>,
+}
+
+impl Worker {
+    fn new(hostname: String, now: Instant) -> Self {
+        Self {
+            hostname,
+            devices: Vec::new(),
+            registered: false,
+            last_seen: now,
+            busy: HashMap::new(),
+            outbox_assign: Vec::new(),
+            outbox_stop: Vec::new(),
+            stop_sent: HashMap::new(),
+        }
+    }
+
+    fn free_rank(&mut self, key: &RankKey) -> bool {
+        let slot = self
+            .busy
+            .iter()
+            .find_map(|(slot, k)| (k == key).then_some(*slot));
+        self.stop_sent.remove(key);
+        slot.map(|s| self.busy.remove(&s)).is_some()
+    }
+
+    fn order_stop(&mut self, key: &RankKey, reason: &str, now: Instant) {
+        self.stop_sent.insert(key.clone(), now);
+        self.outbox_stop.push(pb::StopOrder {
+            rank: Some(rank_ref(key)),
+            reason: reason.to_string(),
+        });
+    }
+}
+
+fn rank_ref(key: &RankKey) -> pb::RankRef {
+    pb::RankRef {
+        job_id: key.0.clone(),
+        generation: key.1,
+        rank: key.2,
+    }
+}
+
+fn key_of(r: &pb::RankRef) -> RankKey {
+    (r.job_id.clone(), r.generation, r.rank)
+}
+
+/// Why a rendezvous or report call is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such job.
+    NotFound(String),
+    /// The job is not running this generation (or the rank is out of range).
+    Stale(String),
+}
+
+/// A rendezvous scope: the values of one attempt and a wake-up for waiters.
+#[derive(Debug, Default)]
+pub struct Meeting {
+    values: HashMap<String, Vec<u8>>,
+    /// Notified on every put.
+    pub notify: Arc<Notify>,
+}
+
+/// The state machine.
+#[derive(Debug)]
+pub struct Core {
+    timing: Timing,
+    jobs: HashMap<String, JobRec>,
+    events: HashMap<String, Vec<EventRec>>,
+    queue: BTreeSet<(Reverse<i32>, u64, String)>,
+    queued_since: HashMap<String, Instant>,
+    workers: BTreeMap<String, Worker>,
+    next_job: u64,
+    worker_counter: u64,
+    meetings: HashMap<(String, u64), Meeting>,
+    updates: HashMap<String, broadcast::Sender<pb::JobUpdate>>,
+    dirty_jobs: HashSet<String>,
+    pending_events: Vec<(String, EventRec)>,
+    next_job_dirty: bool,
+    /// Bumped by every change that must reach the store.
+    epoch: u64,
+    metrics: Metrics,
+}
+
+impl Core {
+    /// Rebuilds the state from the store. Running jobs keep their placements; their workers
+    /// are expected to re-register within one lease, or the attempt fails and restarts.
+    pub fn new(loaded: Loaded, timing: Timing, metrics: Metrics) -> Self {
+        let now = Instant::now();
+        let mut core = Self {
+            timing,
+            jobs: HashMap::new(),
+            events: loaded.events,
+            queue: BTreeSet::new(),
+            queued_since: HashMap::new(),
+            workers: BTreeMap::new(),
+            next_job: loaded.next_job.max(1),
+            worker_counter: 0,
+            meetings: HashMap::new(),
+            updates: HashMap::new(),
+            dirty_jobs: HashSet::new(),
+            pending_events: Vec::new(),
+            next_job_dirty: false,
+            epoch: 0,
+            metrics,
+        };
+        let mut running = Vec::new();
+        for job in loaded.jobs {
+            match job.state {
+                State::Queued => {
+                    core.queue
+                        .insert((Reverse(job.spec.priority), job.seq, job.id.clone()));
+                    core.queued_since.insert(job.id.clone(), now);
+                }
+                State::Running => running.push(job.id.clone()),
+                _ => {}
+            }
+            core.jobs.insert(job.id.clone(), job);
+        }
+        for id in running {
+            let Some(job) = core.jobs.get(&id) else {
+                continue;
+            };
+            let kind = job.spec.resources.device;
+            let generation = job.generation;
+            for p in job.placement.clone() {
+                let worker = core
+                    .workers
+                    .entry(p.worker_id.clone())
+                    .or_insert_with(|| Worker::new(String::new(), now));
+                worker
+                    .busy
+                    .insert((kind, p.device_index), (id.clone(), generation, p.rank));
+            }
+            core.event(
+                &id,
+                "coordinator_restarted",
+                "coordinator restarted; waiting for the attempt's workers to reconnect".into(),
+                generation,
+                -1,
+            );
+        }
+        core
+    }
+
+    /// The metrics handles.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The change counter: callers wait until the store has flushed at least this epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Takes the pending changes (and the epoch they reach).
+    pub fn take_batch(&mut self) -> (Batch, u64) {
+        let mut batch = Batch::default();
+        for id in self.dirty_jobs.drain() {
+            if let Some(job) = self.jobs.get(&id) {
+                batch.jobs.push(job.clone());
+            }
+        }
+        batch.events = std::mem::take(&mut self.pending_events);
+        if std::mem::take(&mut self.next_job_dirty) {
+            batch.next_job = Some(self.next_job);
+        }
+        (batch, self.epoch)
+    }
+
+    /// Puts back a batch whose commit failed, so the next flush writes it again.
+    pub fn restore_batch(&mut self, batch: Batch) {
+        for job in batch.jobs {
+            self.dirty_jobs.insert(job.id);
+        }
+        let mut events = batch.events;
+        events.append(&mut self.pending_events);
+        self.pending_events = events;
+        if batch.next_job.is_some() {
+            self.next_job_dirty = true;
+        }
+        self.epoch += 1;
+    }
+
+    fn touch(&mut self, id: &str) {
+        self.dirty_jobs.insert(id.to_string());
+        self.epoch += 1;
+    }
+
+    fn event(&mut self, id: &str, kind: &str, message: String, generation: u64, rank: i32) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        job.events += 1;
+        let event = EventRec {
+            seq: job.events,
+            unix_ms: now_ms(),
+            kind: kind.to_string(),
+            message,
+            generation,
+            rank,
+        };
+        tracing::info!(job = id, generation, rank, kind, message = %event.message, "job event");
+        self.events
+            .entry(id.to_string())
+            .or_default()
+            .push(event.clone());
+        self.pending_events.push((id.to_string(), event.clone()));
+        self.emit(id, pb::job_update::Update::Event(event.to_pb()));
+        self.touch(id);
+    }
+
+    fn emit(&mut self, id: &str, update: pb::job_update::Update) {
+        if let Some(tx) = self.updates.get(id) {
+            if tx.receiver_count() == 0 {
+                self.updates.remove(id);
+            } else {
+                let _ = tx.send(pb::JobUpdate {
+                    update: Some(update),
+                });
+            }
+        }
+    }
+
+    fn emit_job(&mut self, id: &str) {
+        if let Some(job) = self.jobs.get(id) {
+            let pb = job.to_pb();
+            self.emit(id, pb::job_update::Update::Job(pb));
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Jobs API
+    // ------------------------------------------------------------------------------------
+
+    /// Queues a validated spec; returns the new job.
+    pub fn submit(&mut self, spec: JobSpec, now: Instant) -> JobRec {
+        let n = self.next_job;
+        self.next_job += 1;
+        self.next_job_dirty = true;
+        let id = format!("job-{n}");
+        let job = JobRec {
+            id: id.clone(),
+            seq: n,
+            state: State::Queued,
+            generation: 0,
+            restarts: 0,
+            submitted_ms: now_ms(),
+            started_ms: 0,
+            finished_ms: 0,
+            message: "waiting for devices".into(),
+            placement: vec![],
+            ranks_done: vec![],
+            last_checkpoint: None,
+            progress: None,
+            events: 0,
+            spec,
+        };
+        let summary = format!(
+            "{} `{}`: {} × {} rank(s), priority {}, max_restarts {}",
+            job.spec.kind.name(),
+            job.spec.name,
+            job.spec.resources.world_size,
+            job.spec.resources.device.name(),
+            job.spec.priority,
+            job.spec.max_restarts
+        );
+        self.queue
+            .insert((Reverse(job.spec.priority), job.seq, id.clone()));
+        self.queued_since.insert(id.clone(), now);
+        let fallback = job.clone();
+        self.jobs.insert(id.clone(), job);
+        self.event(&id, "submitted", summary, 0, -1);
+        self.schedule(now);
+        let snapshot = self.jobs.get(&id).cloned();
+        snapshot.unwrap_or(fallback)
+    }
+
+    /// A job by id.
+    pub fn job(&self, id: &str) -> Option<&JobRec> {
+        self.jobs.get(id)
+    }
+
+    /// Jobs in submission order, optionally only those in `states`.
+    pub fn list(&self, states: &[State]) -> Vec<&JobRec> {
+        let mut jobs: Vec<&JobRec> = self
+            .jobs
+            .values()
+            .filter(|j| states.is_empty() || states.contains(&j.state))
+            .collect();
+        jobs.sort_by_key(|j| j.seq);
+        jobs
+    }
+
+    /// A job's events with `seq > after`.
+    pub fn events_after(&self, id: &str, after: u64) -> Vec<EventRec> {
+        self.events
+            .get(id)
+            .map(|evs| evs.iter().filter(|e| e.seq > after).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// A receiver of the job's future updates.
+    pub fn subscribe(&mut self, id: &str) -> broadcast::Receiver<pb::JobUpdate> {
+        self.updates
+            .entry(id.to_string())
+            .or_insert_with(|| broadcast::channel(1024).0)
+            .subscribe()
+    }
+
+    /// Cancels a job (no-op when it is final). Running ranks are told to stop; their devices
+    /// are freed as their exits come in.
+    pub fn cancel(&mut self, id: &str, reason: &str, now: Instant) -> Option<JobRec> {
+        let job = self.jobs.get(id)?;
+        let state = job.state;
+        if state.is_final() {
+            return Some(job.clone());
+        }
+        let generation = job.generation;
+        let reason = if reason.is_empty() {
+            "cancelled by a user".to_string()
+        } else {
+            format!("cancelled: {reason}")
+        };
+        if state == State::Queued {
+            self.queue.retain(|(_, _, j)| j != id);
+            self.queued_since.remove(id);
+        } else {
+            self.stop_ranks(id, &reason, now);
+        }
+        if let Some(job) = self.jobs.get_mut(id) {
+            job.state = State::Cancelled;
+            job.finished_ms = now_ms();
+            job.message = reason.clone();
+        }
+        self.event(id, "cancelled", reason, generation, -1);
+        self.emit_job(id);
+        self.schedule(now);
+        self.jobs.get(id).cloned()
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Workers API
+    // ------------------------------------------------------------------------------------
+
+    /// Registers a worker (or a reconnecting one): returns its id.
+    pub fn register(&mut self, req: &pb::RegisterRequest, now: Instant) -> String {
+        let id = if req.worker_id.is_empty() {
+            self.worker_counter += 1;
+            format!(
+                "worker-{:x}{:02x}",
+                (now_ms() as u64) & 0xff_ffff_ffff,
+                self.worker_counter & 0xff
+            )
+        } else {
+            req.worker_id.clone()
+        };
+        let running: HashSet<RankKey> = req.running.iter().map(key_of).collect();
+        let mut devices: Vec<(DeviceKind, u32)> = req
+            .devices
+            .iter()
+            .filter_map(|d| DeviceKind::parse(&d.kind).map(|k| (k, d.index)))
+            .collect();
+        devices.sort();
+        devices.dedup();
+        let worker = self
+            .workers
+            .entry(id.clone())
+            .or_insert_with(|| Worker::new(req.hostname.clone(), now));
+        worker.hostname = req.hostname.clone();
+        worker.devices = devices;
+        worker.registered = true;
+        worker.last_seen = now;
+        // Ranks placed here that the worker no longer runs have died with it.
+        let vanished: Vec<RankKey> = worker
+            .busy
+            .values()
+            .filter(|k| !running.contains(*k))
+            .cloned()
+            .collect();
+        tracing::info!(worker = %id, hostname = %req.hostname, devices = ?req.devices.len(), running = running.len(), "worker registered");
+        for key in vanished {
+            self.rank_exit(
+                &id,
+                &key,
+                false,
+                "the rank was gone when its worker registered again",
+                now,
+            );
+        }
+        for key in running {
+            self.adopt_or_stop(&id, &key, now);
+        }
+        self.schedule(now);
+        id
+    }
+
+    /// A rank a worker says it runs: kept if it is part of the current attempt, else stopped.
+    fn adopt_or_stop(&mut self, worker_id: &str, key: &RankKey, now: Instant) {
+        let current = self.jobs.get(&key.0).and_then(|job| {
+            (job.state == State::Running && job.generation == key.1)
+                .then(|| {
+                    job.placement
+                        .iter()
+                        .find(|p| p.rank == key.2 && p.worker_id == worker_id)
+                        .map(|p| (job.spec.resources.device, p.device_index))
+                })
+                .flatten()
+        });
+        let resend = self.timing.stop_resend;
+        let Some(worker) = self.workers.get_mut(worker_id) else {
+            return;
+        };
+        match current {
+            Some(slot) => {
+                worker.busy.insert(slot, key.clone());
+            }
+            None => {
+                let due = worker
+                    .stop_sent
+                    .get(key)
+                    .is_none_or(|t| now.duration_since(*t) >= resend);
+                if due {
+                    worker.order_stop(key, "not part of the job's current attempt", now);
+                }
+            }
+        }
+    }
+
+    /// A heartbeat: renews the lease, takes exits, returns assignments and stop orders.
+    pub fn heartbeat(&mut self, req: &pb::HeartbeatRequest, now: Instant) -> pb::HeartbeatResponse {
+        for exit in &req.exited {
+            if let Some(r) = &exit.rank {
+                let message = if exit.message.is_empty() {
+                    "rank failed".to_string()
+                } else {
+                    exit.message.clone()
+                };
+                self.rank_exit(&req.worker_id, &key_of(r), exit.success, &message, now);
+            }
+        }
+        let known = self
+            .workers
+            .get(&req.worker_id)
+            .is_some_and(|w| w.registered);
+        if !known {
+            return pb::HeartbeatResponse {
+                reregister: true,
+                ..Default::default()
+            };
+        }
+        if let Some(w) = self.workers.get_mut(&req.worker_id) {
+            w.last_seen = now;
+        }
+        for r in &req.running {
+            let key = key_of(r);
+            let busy_here = self
+                .workers
+                .get(&req.worker_id)
+                .is_some_and(|w| w.busy.values().any(|k| *k == key));
+            let current = self
+                .jobs
+                .get(&key.0)
+                .is_some_and(|j| j.state == State::Running && j.generation == key.1);
+            if !(busy_here && current) {
+                self.adopt_or_stop(&req.worker_id, &key, now);
+            }
+        }
+        if !req.exited.is_empty() {
+            self.schedule(now);
+        }
+        let Some(w) = self.workers.get_mut(&req.worker_id) else {
+            return pb::HeartbeatResponse::default();
+        };
+        pb::HeartbeatResponse {
+            assignments: std::mem::take(&mut w.outbox_assign),
+            stop: std::mem::take(&mut w.outbox_stop),
+            reregister: false,
+        }
+    }
+
+    /// The epoch a heartbeat answer must wait for: the current one when the heartbeat changed
+    /// state or hands out orders (made by changes that must be durable first), else none.
+    pub fn heartbeat_epoch(&self, before: u64, resp: &pb::HeartbeatResponse) -> u64 {
+        if self.epoch != before || !resp.assignments.is_empty() || !resp.stop.is_empty() {
+            self.epoch
+        } else {
+            0
+        }
+    }
+
+    /// A rank ended (reported by a worker, or found gone).
+    fn rank_exit(
+        &mut self,
+        worker_id: &str,
+        key: &RankKey,
+        success: bool,
+        message: &str,
+        now: Instant,
+    ) {
+        let mut freed = false;
+        if let Some(w) = self.workers.get_mut(worker_id) {
+            freed = w.free_rank(key);
+        }
+        if !freed {
+            for w in self.workers.values_mut() {
+                if w.free_rank(key) {
+                    break;
+                }
+            }
+        }
+        let Some(job) = self.jobs.get_mut(&key.0) else {
+            return;
+        };
+        if job.state != State::Running || job.generation != key.1 {
+            return;
+        }
+        let (id, generation, rank) = key.clone();
+        if success {
+            if !job.ranks_done.contains(&rank) {
+                job.ranks_done.push(rank);
+            }
+            let world = job.spec.resources.world_size as usize;
+            let done = job.ranks_done.len() >= world;
+            self.event(
+                &id,
+                "rank_finished",
+                format!("rank {rank} finished on {worker_id}"),
+                generation,
+                rank as i32,
+            );
+            if done {
+                if let Some(job) = self.jobs.get_mut(&id) {
+                    job.state = State::Succeeded;
+                    job.finished_ms = now_ms();
+                    job.message = format!("all {world} rank(s) finished");
+                }
+                self.meetings.remove(&(id.clone(), generation));
+                self.event(
+                    &id,
+                    "succeeded",
+                    format!("all {world} rank(s) finished"),
+                    generation,
+                    -1,
+                );
+                self.emit_job(&id);
+            }
+        } else {
+            let reason = format!("rank {rank} on {worker_id} failed: {message}");
+            self.event(&id, "rank_failed", reason.clone(), generation, rank as i32);
+            self.fail_attempt(&id, &reason, now);
+        }
+    }
+
+    /// Sends stop orders to every rank of the job's current attempt.
+    fn stop_ranks(&mut self, id: &str, reason: &str, now: Instant) {
+        let Some(job) = self.jobs.get(id) else { return };
+        let generation = job.generation;
+        let placement = job.placement.clone();
+        for p in placement {
+            let key = (id.to_string(), generation, p.rank);
+            if let Some(w) = self.workers.get_mut(&p.worker_id)
+                && w.busy.values().any(|k| *k == key)
+            {
+                w.order_stop(&key, reason, now);
+            }
+        }
+    }
+
+    /// The current attempt of a running job failed: stop its ranks, then restart it from its
+    /// last checkpoint if restarts are left, else fail the job.
+    fn fail_attempt(&mut self, id: &str, reason: &str, now: Instant) {
+        let Some(job) = self.jobs.get(id) else { return };
+        if job.state != State::Running {
+            return;
+        }
+        let generation = job.generation;
+        self.stop_ranks(id, "the attempt failed", now);
+        self.meetings.remove(&(id.to_string(), generation));
+        self.event(id, "attempt_failed", reason.to_string(), generation, -1);
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        job.ranks_done.clear();
+        if job.restarts < job.spec.max_restarts {
+            job.restarts += 1;
+            job.state = State::Queued;
+            job.message = format!("restarting after: {reason}");
+            let from = job
+                .last_checkpoint
+                .as_ref()
+                .map_or("from the start (no checkpoint yet)".to_string(), |c| {
+                    format!("from checkpoint step {} ({})", c.step, c.uri)
+                });
+            let restarts = job.restarts;
+            let max = job.spec.max_restarts;
+            self.queue
+                .insert((Reverse(job.spec.priority), job.seq, id.to_string()));
+            self.queued_since.insert(id.to_string(), now);
+            self.metrics.attempt_restarts.inc();
+            self.event(
+                id,
+                "restarting",
+                format!("restart {restarts} of {max}: the next attempt resumes {from}"),
+                generation,
+                -1,
+            );
+            self.schedule(now);
+        } else {
+            job.state = State::Failed;
+            job.finished_ms = now_ms();
+            job.message = reason.to_string();
+            let max = job.spec.max_restarts;
+            self.event(
+                id,
+                "failed",
+                format!("no restarts left ({max} used): {reason}"),
+                generation,
+                -1,
+            );
+            self.emit_job(id);
+        }
+    }
+
+    /// Marks workers whose lease ran out as lost (their attempts fail).
+    pub fn expire_leases(&mut self, now: Instant) -> usize {
+        let lease = self.timing.lease;
+        let lost: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| now.duration_since(w.last_seen) > lease)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &lost {
+            let Some(worker) = self.workers.remove(id) else {
+                continue;
+            };
+            self.metrics.workers_lost.inc();
+            tracing::warn!(worker = %id, hostname = %worker.hostname, "worker lost (lease expired)");
+            let mut jobs: Vec<(String, u64, u32)> = worker.busy.into_values().collect();
+            jobs.sort();
+            for (job, generation, rank) in jobs {
+                let current = self
+                    .jobs
+                    .get(&job)
+                    .is_some_and(|j| j.state == State::Running && j.generation == generation);
+                if current {
+                    let reason = format!(
+                        "worker {id} lost (no heartbeat for {:.1} s) while running rank {rank}",
+                        lease.as_secs_f64()
+                    );
+                    self.event(&job, "worker_lost", reason.clone(), generation, rank as i32);
+                    self.fail_attempt(&job, &reason, now);
+                }
+            }
+        }
+        if !lost.is_empty() {
+            self.schedule(now);
+        }
+        lost.len()
+    }
+
+    /// Progress, checkpoints and logs from ranks.
+    pub fn report(&mut self, req: &pb::ReportRequest) {
+        for report in &req.reports {
+            let Some(r) = &report.rank else { continue };
+            let current = self
+                .jobs
+                .get(&r.job_id)
+                .is_some_and(|j| j.state == State::Running && j.generation == r.generation);
+            if !current {
+                continue;
+            }
+            match &report.report {
+                Some(pb::rank_report::Report::Progress(p)) if r.rank == 0 => {
+                    if let Some(job) = self.jobs.get_mut(&r.job_id) {
+                        job.progress = Some(ProgressRec::from_pb(p));
+                    }
+                    self.emit(&r.job_id, pb::job_update::Update::Progress(*p));
+                }
+                Some(pb::rank_report::Report::Checkpoint(c)) => {
+                    let newer = self.jobs.get(&r.job_id).is_some_and(|j| {
+                        j.last_checkpoint
+                            .as_ref()
+                            .is_none_or(|old| c.step > old.step)
+                    });
+                    if newer {
+                        if let Some(job) = self.jobs.get_mut(&r.job_id) {
+                            job.last_checkpoint = Some(CheckpointRec {
+                                step: c.step,
+                                uri: c.uri.clone(),
+                                generation: r.generation,
+                            });
+                        }
+                        self.event(
+                            &r.job_id,
+                            "checkpoint",
+                            format!("checkpoint committed at step {}: {}", c.step, c.uri),
+                            r.generation,
+                            r.rank as i32,
+                        );
+                    }
+                }
+                Some(pb::rank_report::Report::Log(line)) => {
+                    let message = if line.level.is_empty() {
+                        line.message.clone()
+                    } else {
+                        format!("{} {}", line.level, line.message)
+                    };
+                    self.event(&r.job_id, "log", message, r.generation, r.rank as i32);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The meeting of a rank's attempt, if the rank belongs to the job's current attempt.
+    pub fn meeting(&mut self, r: &pb::RankRef) -> Result<&mut Meeting, Refusal> {
+        let Some(job) = self.jobs.get(&r.job_id) else {
+            return Err(Refusal::NotFound(format!("no job `{}`", r.job_id)));
+        };
+        if job.state != State::Running || job.generation != r.generation {
+            return Err(Refusal::Stale(format!(
+                "job {} is {} at generation {}; generation {} may not meet",
+                job.id,
+                job.state.label(),
+                job.generation,
+                r.generation
+            )));
+        }
+        if r.rank >= job.spec.resources.world_size {
+            return Err(Refusal::Stale(format!(
+                "rank {} is outside the job's world size {}",
+                r.rank, job.spec.resources.world_size
+            )));
+        }
+        Ok(self
+            .meetings
+            .entry((r.job_id.clone(), r.generation))
+            .or_default())
+    }
+
+    /// Stores a rendezvous value.
+    pub fn rendezvous_put(
+        &mut self,
+        r: &pb::RankRef,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<(), Refusal> {
+        let meeting = self.meeting(r)?;
+        meeting.values.insert(key.to_string(), value);
+        meeting.notify.notify_waiters();
+        Ok(())
+    }
+
+    /// Looks a rendezvous value up; also returns the notifier to wait on when it is missing.
+    pub fn rendezvous_get(
+        &mut self,
+        r: &pb::RankRef,
+        key: &str,
+    ) -> Result<(Option<Vec<u8>>, Arc<Notify>), Refusal> {
+        let meeting = self.meeting(r)?;
+        Ok((
+            meeting.values.get(key).cloned(),
+            Arc::clone(&meeting.notify),
+        ))
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Scheduling
+    // ------------------------------------------------------------------------------------
+
+    /// Places queued jobs on free devices; returns how many were placed.
+    pub fn schedule(&mut self, now: Instant) -> usize {
+        if self.queue.is_empty() {
+            return 0;
+        }
+        let mut free: HashMap<DeviceKind, Vec<(String, u32)>> = HashMap::new();
+        let mut capacity: HashMap<DeviceKind, usize> = HashMap::new();
+        for (id, w) in &self.workers {
+            if !w.registered {
+                continue;
+            }
+            for &(kind, index) in &w.devices {
+                *capacity.entry(kind).or_default() += 1;
+                if !w.busy.contains_key(&(kind, index)) {
+                    free.entry(kind).or_default().push((id.clone(), index));
+                }
+            }
+        }
+        // Take slots from the front: ranks of a job pack onto as few workers as possible.
+        for slots in free.values_mut() {
+            slots.reverse();
+        }
+        let mut blocked: HashSet<DeviceKind> = HashSet::new();
+        let mut placements: Vec<(String, Vec<(String, u32)>)> = Vec::new();
+        for (_, _, id) in &self.queue {
+            if free.values().all(Vec::is_empty) {
+                break;
+            }
+            let Some(job) = self.jobs.get(id) else {
+                continue;
+            };
+            let kind = job.spec.resources.device;
+            if blocked.contains(&kind) {
+                continue;
+            }
+            let world = job.spec.resources.world_size as usize;
+            let slots = free.entry(kind).or_default();
+            if slots.len() >= world {
+                let taken: Vec<(String, u32)> = (0..world).filter_map(|_| slots.pop()).collect();
+                placements.push((id.clone(), taken));
+            } else if world <= capacity.get(&kind).copied().unwrap_or(0) {
+                blocked.insert(kind);
+            }
+        }
+        let placed = placements.len();
+        for (id, slots) in placements {
+            self.place(&id, slots, now);
+        }
+        placed
+    }
+
+    fn place(&mut self, id: &str, slots: Vec<(String, u32)>, now: Instant) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        self.queue
+            .remove(&(Reverse(job.spec.priority), job.seq, id.to_string()));
+        job.generation += 1;
+        job.state = State::Running;
+        job.ranks_done.clear();
+        if job.started_ms == 0 {
+            job.started_ms = now_ms();
+        }
+        job.message = format!("attempt {} running", job.generation);
+        job.placement = slots
+            .iter()
+            .enumerate()
+            .map(|(rank, (worker, index))| PlacementRec {
+                rank: rank as u32,
+                worker_id: worker.clone(),
+                device_index: *index,
+            })
+            .collect();
+        let generation = job.generation;
+        let kind = job.spec.resources.device;
+        let world = job.spec.resources.world_size;
+        let spec_json = job.spec.to_json();
+        let map = job
+            .placement
+            .iter()
+            .map(|p| {
+                format!(
+                    "rank {} → {}/{}:{}",
+                    p.rank,
+                    p.worker_id,
+                    kind.name(),
+                    p.device_index
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        for (rank, (worker, index)) in slots.iter().enumerate() {
+            let key = (id.to_string(), generation, rank as u32);
+            if let Some(w) = self.workers.get_mut(worker) {
+                w.busy.insert((kind, *index), key.clone());
+                w.outbox_assign.push(pb::Assignment {
+                    rank: Some(rank_ref(&key)),
+                    world_size: world,
+                    device_index: *index,
+                    device_kind: kind.name().to_string(),
+                    spec_json: spec_json.clone(),
+                });
+            }
+        }
+        if let Some(since) = self.queued_since.remove(id) {
+            self.metrics
+                .scheduling_latency
+                .observe(now.duration_since(since).as_secs_f64());
+        }
+        self.metrics.placements.inc();
+        self.meetings.retain(|(j, _), _| j != id);
+        self.event(
+            id,
+            "scheduled",
+            format!("attempt {generation}: {map}"),
+            generation,
+            -1,
+        );
+        self.emit_job(id);
+    }
+
+    /// Numbers for the gauges: jobs by state, queue depth, live workers.
+    pub fn gauges(&self) -> (HashMap<State, i64>, i64, i64) {
+        let mut by_state: HashMap<State, i64> = State::ALL.iter().map(|s| (*s, 0)).collect();
+        for job in self.jobs.values() {
+            *by_state.entry(job.state).or_default() += 1;
+        }
+        let alive = self.workers.values().filter(|w| w.registered).count() as i64;
+        (by_state, self.queue.len() as i64, alive)
+    }
+
+    /// The heartbeat interval and lease handed to workers.
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+}
