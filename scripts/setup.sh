@@ -6,7 +6,9 @@
 #   - `.libtorch`, a link to the venv's torch package, which .cargo/config.toml points tch at,
 #     so plain `cargo build` / `cargo test` work in the repository root afterwards;
 #   - moto, a real S3 server for the object-storage tests, in its own venv `.cache/moto-venv`
-#     (re-installed only when scripts/moto-requirements.txt changes).
+#     (re-installed only when scripts/moto-requirements.txt changes);
+#   - kubernetes-validate, which checks deploy/k8s against the Kubernetes schemas, in its own
+#     venv `.cache/k8s-venv` (re-installed only when scripts/k8s-requirements.txt changes).
 # A second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +20,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 # binutils: readelf (tests read the binaries' dynamic sections).
 # libav*-dev, libswscale-dev, clang, libclang-dev: FFmpeg 5.1 for clip encoding/decoding
 # (ffmpeg-next; its bindgen build needs libclang).
-debs=(binutils pkg-config libavcodec-dev libavformat-dev libavutil-dev libswscale-dev clang libclang-dev)
+# prometheus: promtool, which the deploy test runs on deploy/prometheus/prometheus.yml.
+debs=(binutils pkg-config libavcodec-dev libavformat-dev libavutil-dev libswscale-dev clang libclang-dev prometheus)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -72,4 +75,23 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$moto/bin/moto_server
   echo "$want" > "$stamp"
 fi
 
-log "ready: libtorch $version at .libtorch, moto at $moto/bin/moto_server"
+# --- Kubernetes schema validation for the deploy test (its own venv, like moto's) ----------
+k8s=.cache/k8s-venv
+if [ ! -x "$k8s/bin/python" ]; then
+  log "creating $k8s"
+  mkdir -p .cache
+  "$py" -m venv "$k8s"
+fi
+stamp=$k8s/.endofm-requirements
+want=$(sha256sum scripts/k8s-requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$k8s/bin/kubernetes-validate" ]; then
+  log "installing scripts/k8s-requirements.txt into $k8s (Kubernetes manifest validation)"
+  "$k8s/bin/pip" install --quiet --disable-pip-version-check -r scripts/k8s-requirements.txt
+  echo "$want" > "$stamp"
+fi
+# kubectl (for `kubectl kustomize`) comes with this machine kind. Debian's kubernetes-client
+# (1.20) embeds kustomize 2.0, too old for deploy/k8s, so it is not installed as a fallback.
+# Without kubectl the deploy test fails unless ENDOFM_SKIP_K8S=1.
+command -v kubectl >/dev/null || log "warning: kubectl not found: the deploy test needs it (or ENDOFM_SKIP_K8S=1)"
+
+log "ready: libtorch $version at .libtorch, moto at $moto/bin/moto_server, kubernetes-validate at $k8s/bin"
