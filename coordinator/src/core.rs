@@ -971,3 +971,226 @@ impl Core {
         self.timing
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::registry::Registry;
+
+    fn core() -> Core {
+        let mut registry = Registry::default();
+        Core::new(Loaded::default(), Timing::default(), Metrics::new(&mut registry))
+    }
+
+    fn spec(world: u32, priority: i32, max_restarts: u32) -> JobSpec {
+        JobSpec::from_json(
+            &serde_json::json!({
+                "kind": "pretrain",
+                "data": {"uri": "/corpus"},
+                "output": "/out",
+                "model": {"preset": "tiny"},
+                "resources": {"world_size": world, "device": "cpu"},
+                "priority": priority,
+                "max_restarts": max_restarts,
+            })
+            .to_string(),
+        )
+        .expect("spec")
+    }
+
+    fn register(core: &mut Core, id: &str, slots: u32, now: Instant) -> String {
+        core.register(
+            &pb::RegisterRequest {
+                worker_id: id.into(),
+                hostname: id.into(),
+                devices: (0..slots)
+                    .map(|i| pb::Device {
+                        kind: "cpu".into(),
+                        index: i,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+            now,
+        )
+    }
+
+    fn beat(core: &mut Core, id: &str, exited: Vec<(RankKey, bool)>, now: Instant) -> pb::HeartbeatResponse {
+        let running: Vec<pb::RankRef> = core
+            .workers
+            .get(id)
+            .map(|w| w.busy.values().filter(|k| !exited.iter().any(|(e, _)| e == *k)).map(rank_ref).collect())
+            .unwrap_or_default();
+        core.heartbeat(
+            &pb::HeartbeatRequest {
+                worker_id: id.into(),
+                running,
+                exited: exited
+                    .into_iter()
+                    .map(|(k, success)| pb::RankExit {
+                        rank: Some(rank_ref(&k)),
+                        success,
+                        message: if success { String::new() } else { "boom".into() },
+                    })
+                    .collect(),
+            },
+            now,
+        )
+    }
+
+    #[test]
+    fn gang_waits_for_enough_workers_and_priority_goes_first() {
+        let mut c = core();
+        let now = Instant::now();
+        register(&mut c, "a", 1, now);
+        register(&mut c, "b", 1, now);
+        let big = c.submit(spec(3, 0, 0), now);
+        assert_eq!(c.job(&big.id).map(|j| j.state), Some(State::Queued));
+        // Nothing was placed on a or b: no partial gang.
+        assert!(beat(&mut c, "a", vec![], now).assignments.is_empty());
+        register(&mut c, "c", 1, now);
+        assert_eq!(c.job(&big.id).map(|j| j.state), Some(State::Running));
+        let ranks: Vec<u32> = ["a", "b", "c"]
+            .iter()
+            .flat_map(|w| beat(&mut c, w, vec![], now).assignments)
+            .filter_map(|a| a.rank.map(|r| r.rank))
+            .collect();
+        assert_eq!(ranks.len(), 3);
+        // While it runs, a low- then a high-priority job queue up; the high one goes first.
+        let low = c.submit(spec(1, 0, 0), now);
+        let high = c.submit(spec(1, 5, 0), now);
+        for (i, w) in ["a", "b", "c"].iter().enumerate() {
+            beat(&mut c, w, vec![((big.id.clone(), 1, i as u32), true)], now);
+            if i == 0 {
+                assert_eq!(c.job(&high.id).map(|j| j.state), Some(State::Running));
+                assert_eq!(c.job(&low.id).map(|j| j.state), Some(State::Queued));
+            }
+        }
+        assert_eq!(c.job(&big.id).map(|j| j.state), Some(State::Succeeded));
+        assert_eq!(c.job(&low.id).map(|j| j.state), Some(State::Running));
+    }
+
+    #[test]
+    fn a_job_larger_than_the_cluster_does_not_block_others() {
+        let mut c = core();
+        let now = Instant::now();
+        register(&mut c, "a", 2, now);
+        let huge = c.submit(spec(3, 9, 0), now);
+        let small = c.submit(spec(2, 0, 0), now);
+        assert_eq!(c.job(&huge.id).map(|j| j.state), Some(State::Queued));
+        assert_eq!(c.job(&small.id).map(|j| j.state), Some(State::Running));
+    }
+
+    #[test]
+    fn failed_rank_restarts_the_attempt_until_restarts_run_out() {
+        let mut c = core();
+        let now = Instant::now();
+        register(&mut c, "a", 2, now);
+        let job = c.submit(spec(2, 0, 1), now);
+        assert_eq!(beat(&mut c, "a", vec![], now).assignments.len(), 2);
+        // Rank 1 fails: rank 0 is told to stop; the job is queued for attempt 2 but its
+        // devices stay busy until rank 0's exit arrives.
+        let resp = beat(&mut c, "a", vec![((job.id.clone(), 1, 1), false)], now);
+        assert_eq!(resp.stop.len(), 1);
+        assert_eq!(c.job(&job.id).map(|j| (j.state, j.restarts)), Some((State::Queued, 1)));
+        // The exit frees the devices; the new attempt comes back in the same answer.
+        let resp = beat(&mut c, "a", vec![((job.id.clone(), 1, 0), false)], now);
+        assert_eq!(resp.assignments.len(), 2);
+        assert!(resp.assignments.iter().all(|a| a.rank.as_ref().map(|r| r.generation) == Some(2)));
+        // The old generation may not meet any more; the new one may.
+        let old = pb::RankRef { job_id: job.id.clone(), generation: 1, rank: 0 };
+        assert!(matches!(c.rendezvous_put(&old, "k", vec![1]), Err(Refusal::Stale(_))));
+        let new = pb::RankRef { job_id: job.id.clone(), generation: 2, rank: 0 };
+        assert!(c.rendezvous_put(&new, "k", vec![1]).is_ok());
+        beat(&mut c, "a", vec![((job.id.clone(), 2, 0), false)], now);
+        let j = c.job(&job.id).expect("job");
+        assert_eq!(j.state, State::Failed);
+        let kinds: Vec<&str> = c.events[&job.id].iter().map(|e| e.kind.as_str()).collect();
+        assert!(kinds.contains(&"restarting") && kinds.contains(&"failed"), "{kinds:?}");
+    }
+
+    #[test]
+    fn lost_worker_fails_the_attempt_and_frees_its_devices() {
+        let mut c = core();
+        let t0 = Instant::now();
+        register(&mut c, "a", 1, t0);
+        register(&mut c, "b", 1, t0);
+        let job = c.submit(spec(2, 0, 3), t0);
+        beat(&mut c, "a", vec![], t0);
+        beat(&mut c, "b", vec![], t0);
+        let later = t0 + Duration::from_secs(8);
+        beat(&mut c, "a", vec![], later);
+        let expired = t0 + Duration::from_secs(11);
+        assert_eq!(c.expire_leases(expired), 1);
+        let j = c.job(&job.id).expect("job");
+        assert_eq!((j.state, j.restarts), (State::Queued, 1));
+        // b comes back as a new process: the job is placed again with generation 2.
+        register(&mut c, "b2", 1, expired);
+        let resp = beat(&mut c, "a", vec![((job.id.clone(), 1, 0), false)], expired);
+        assert_eq!(resp.assignments.len(), 1);
+        assert_eq!(c.job(&job.id).map(|j| j.generation), Some(2));
+    }
+
+    #[test]
+    fn cancel_stops_ranks_and_is_final() {
+        let mut c = core();
+        let now = Instant::now();
+        register(&mut c, "a", 1, now);
+        let job = c.submit(spec(1, 0, 3), now);
+        beat(&mut c, "a", vec![], now);
+        let cancelled = c.cancel(&job.id, "", now).expect("job");
+        assert_eq!(cancelled.state, State::Cancelled);
+        let resp = beat(&mut c, "a", vec![], now);
+        assert_eq!(resp.stop.len(), 1);
+        // The slot frees when the exit comes; a failure report no longer changes the job.
+        beat(&mut c, "a", vec![((job.id.clone(), 1, 0), false)], now);
+        assert_eq!(c.job(&job.id).map(|j| j.state), Some(State::Cancelled));
+        let queued = c.submit(spec(1, 0, 0), now);
+        assert_eq!(c.job(&queued.id).map(|j| j.state), Some(State::Running));
+        let q2 = c.submit(spec(1, 0, 0), now);
+        assert_eq!(c.cancel(&q2.id, "changed my mind", now).map(|j| j.state), Some(State::Cancelled));
+    }
+
+    #[test]
+    fn restart_of_the_coordinator_keeps_running_attempts_when_workers_return() {
+        let mut c = core();
+        let now = Instant::now();
+        register(&mut c, "a", 1, now);
+        let job = c.submit(spec(1, 0, 3), now);
+        beat(&mut c, "a", vec![], now);
+        let (_batch, _) = c.take_batch();
+        let loaded = Loaded {
+            jobs: c.jobs.values().cloned().collect(),
+            events: c.events.clone(),
+            next_job: c.next_job,
+        };
+        let mut registry = Registry::default();
+        let mut c2 = Core::new(loaded, Timing::default(), Metrics::new(&mut registry));
+        // The worker's first heartbeat is refused with "register again".
+        assert!(beat(&mut c2, "a", vec![], now).reregister);
+        c2.register(
+            &pb::RegisterRequest {
+                worker_id: "a".into(),
+                hostname: "a".into(),
+                devices: vec![pb::Device { kind: "cpu".into(), index: 0, ..Default::default() }],
+                running: vec![pb::RankRef { job_id: job.id.clone(), generation: 1, rank: 0 }],
+                labels: Default::default(),
+            },
+            now,
+        );
+        assert_eq!(c2.job(&job.id).map(|j| (j.state, j.generation)), Some((State::Running, 1)));
+        beat(&mut c2, "a", vec![((job.id.clone(), 1, 0), true)], now);
+        assert_eq!(c2.job(&job.id).map(|j| j.state), Some(State::Succeeded));
+        // Without the worker coming back, the attempt fails after a lease and restarts.
+        let mut registry = Registry::default();
+        let loaded = Loaded {
+            jobs: c.jobs.values().cloned().collect(),
+            events: c.events.clone(),
+            next_job: c.next_job,
+        };
+        let mut c3 = Core::new(loaded, Timing::default(), Metrics::new(&mut registry));
+        c3.expire_leases(now + Duration::from_secs(11));
+        assert_eq!(c3.job(&job.id).map(|j| (j.state, j.restarts)), Some((State::Queued, 1)));
+    }
+}
