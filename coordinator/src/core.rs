@@ -979,7 +979,11 @@ mod tests {
 
     fn core() -> Core {
         let mut registry = Registry::default();
-        Core::new(Loaded::default(), Timing::default(), Metrics::new(&mut registry))
+        Core::new(
+            Loaded::default(),
+            Timing::default(),
+            Metrics::new(&mut registry),
+        )
     }
 
     fn spec(world: u32, priority: i32, max_restarts: u32) -> JobSpec {
@@ -1016,11 +1020,22 @@ mod tests {
         )
     }
 
-    fn beat(core: &mut Core, id: &str, exited: Vec<(RankKey, bool)>, now: Instant) -> pb::HeartbeatResponse {
+    fn beat(
+        core: &mut Core,
+        id: &str,
+        exited: Vec<(RankKey, bool)>,
+        now: Instant,
+    ) -> pb::HeartbeatResponse {
         let running: Vec<pb::RankRef> = core
             .workers
             .get(id)
-            .map(|w| w.busy.values().filter(|k| !exited.iter().any(|(e, _)| e == *k)).map(rank_ref).collect())
+            .map(|w| {
+                w.busy
+                    .values()
+                    .filter(|k| !exited.iter().any(|(e, _)| e == *k))
+                    .map(rank_ref)
+                    .collect()
+            })
             .unwrap_or_default();
         core.heartbeat(
             &pb::HeartbeatRequest {
@@ -1031,7 +1046,11 @@ mod tests {
                     .map(|(k, success)| pb::RankExit {
                         rank: Some(rank_ref(&k)),
                         success,
-                        message: if success { String::new() } else { "boom".into() },
+                        message: if success {
+                            String::new()
+                        } else {
+                            "boom".into()
+                        },
                     })
                     .collect(),
             },
@@ -1093,21 +1112,42 @@ mod tests {
         // devices stay busy until rank 0's exit arrives.
         let resp = beat(&mut c, "a", vec![((job.id.clone(), 1, 1), false)], now);
         assert_eq!(resp.stop.len(), 1);
-        assert_eq!(c.job(&job.id).map(|j| (j.state, j.restarts)), Some((State::Queued, 1)));
+        assert_eq!(
+            c.job(&job.id).map(|j| (j.state, j.restarts)),
+            Some((State::Queued, 1))
+        );
         // The exit frees the devices; the new attempt comes back in the same answer.
         let resp = beat(&mut c, "a", vec![((job.id.clone(), 1, 0), false)], now);
         assert_eq!(resp.assignments.len(), 2);
-        assert!(resp.assignments.iter().all(|a| a.rank.as_ref().map(|r| r.generation) == Some(2)));
+        assert!(
+            resp.assignments
+                .iter()
+                .all(|a| a.rank.as_ref().map(|r| r.generation) == Some(2))
+        );
         // The old generation may not meet any more; the new one may.
-        let old = pb::RankRef { job_id: job.id.clone(), generation: 1, rank: 0 };
-        assert!(matches!(c.rendezvous_put(&old, "k", vec![1]), Err(Refusal::Stale(_))));
-        let new = pb::RankRef { job_id: job.id.clone(), generation: 2, rank: 0 };
+        let old = pb::RankRef {
+            job_id: job.id.clone(),
+            generation: 1,
+            rank: 0,
+        };
+        assert!(matches!(
+            c.rendezvous_put(&old, "k", vec![1]),
+            Err(Refusal::Stale(_))
+        ));
+        let new = pb::RankRef {
+            job_id: job.id.clone(),
+            generation: 2,
+            rank: 0,
+        };
         assert!(c.rendezvous_put(&new, "k", vec![1]).is_ok());
         beat(&mut c, "a", vec![((job.id.clone(), 2, 0), false)], now);
         let j = c.job(&job.id).expect("job");
         assert_eq!(j.state, State::Failed);
         let kinds: Vec<&str> = c.events[&job.id].iter().map(|e| e.kind.as_str()).collect();
-        assert!(kinds.contains(&"restarting") && kinds.contains(&"failed"), "{kinds:?}");
+        assert!(
+            kinds.contains(&"restarting") && kinds.contains(&"failed"),
+            "{kinds:?}"
+        );
     }
 
     #[test]
@@ -1149,7 +1189,10 @@ mod tests {
         let queued = c.submit(spec(1, 0, 0), now);
         assert_eq!(c.job(&queued.id).map(|j| j.state), Some(State::Running));
         let q2 = c.submit(spec(1, 0, 0), now);
-        assert_eq!(c.cancel(&q2.id, "changed my mind", now).map(|j| j.state), Some(State::Cancelled));
+        assert_eq!(
+            c.cancel(&q2.id, "changed my mind", now).map(|j| j.state),
+            Some(State::Cancelled)
+        );
     }
 
     #[test]
@@ -1173,13 +1216,24 @@ mod tests {
             &pb::RegisterRequest {
                 worker_id: "a".into(),
                 hostname: "a".into(),
-                devices: vec![pb::Device { kind: "cpu".into(), index: 0, ..Default::default() }],
-                running: vec![pb::RankRef { job_id: job.id.clone(), generation: 1, rank: 0 }],
+                devices: vec![pb::Device {
+                    kind: "cpu".into(),
+                    index: 0,
+                    ..Default::default()
+                }],
+                running: vec![pb::RankRef {
+                    job_id: job.id.clone(),
+                    generation: 1,
+                    rank: 0,
+                }],
                 labels: Default::default(),
             },
             now,
         );
-        assert_eq!(c2.job(&job.id).map(|j| (j.state, j.generation)), Some((State::Running, 1)));
+        assert_eq!(
+            c2.job(&job.id).map(|j| (j.state, j.generation)),
+            Some((State::Running, 1))
+        );
         beat(&mut c2, "a", vec![((job.id.clone(), 1, 0), true)], now);
         assert_eq!(c2.job(&job.id).map(|j| j.state), Some(State::Succeeded));
         // Without the worker coming back, the attempt fails after a lease and restarts.
@@ -1191,6 +1245,9 @@ mod tests {
         };
         let mut c3 = Core::new(loaded, Timing::default(), Metrics::new(&mut registry));
         c3.expire_leases(now + Duration::from_secs(11));
-        assert_eq!(c3.job(&job.id).map(|j| (j.state, j.restarts)), Some((State::Queued, 1)));
+        assert_eq!(
+            c3.job(&job.id).map(|j| (j.state, j.restarts)),
+            Some((State::Queued, 1))
+        );
     }
 }

@@ -142,6 +142,19 @@ impl Default for Resources {
     }
 }
 
+/// View sizes overriding the defaults derived from the model (global views at the model's
+/// image size, local views at 96/224 of it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewSizes {
+    /// Side of the two global views (pixels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_size: Option<usize>,
+    /// Side of the eight local views (pixels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_size: Option<usize>,
+}
+
 /// Seconds a collective may take before the attempt is failed (a dead or hung peer).
 fn default_collective_timeout_s() -> f64 {
     120.0
@@ -167,6 +180,9 @@ pub struct JobSpec {
     /// The network.
     #[serde(default)]
     pub model: ModelSpec,
+    /// View sizes (default: derived from the model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub views: Option<ViewSizes>,
     /// Initial weights for a fresh run (a checkpoint folder, `.safetensors` or `.pth`, on the
     /// workers' file system); a previous job's output folder works too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -271,6 +287,22 @@ impl JobSpec {
         }
         if let Some(cfg) = &self.model.config {
             cfg.validate().map_err(|e| prefixed("model.config", e))?;
+        }
+        if let Some(views) = &self.views {
+            let patch = self.model.resolve().map(|m| m.patch_size).unwrap_or(1);
+            for (field, size) in [
+                ("views.global_size", views.global_size),
+                ("views.local_size", views.local_size),
+            ] {
+                if let Some(size) = size
+                    && !(patch..=4096).contains(&size)
+                {
+                    return Err(Error::invalid(
+                        field,
+                        format!("{size} is outside {patch}..=4096 (at least one patch)"),
+                    ));
+                }
+            }
         }
         if let Some(init) = &self.init
             && init.trim().is_empty()

@@ -9,7 +9,7 @@ pub mod telemetry;
 pub mod train_config;
 
 pub use error::{Error, Result};
-pub use job_spec::{DeviceKind, JobKind, JobSpec};
+pub use job_spec::{DeviceKind, JobKind, JobSpec, ViewSizes};
 pub use model_config::{HeadConfig, ModelConfig, ParamCounts, Preset};
 pub use storage::StorageUri;
 pub use train_config::{PretrainConfig, TrainPrecision};
