@@ -133,6 +133,17 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// An NCCL operation failed or missed its deadline (or NCCL cannot run here). The
+    /// communicator has been aborted; restart the attempt.
+    #[error("nccl rank {rank} of {world}: {reason}")]
+    Nccl {
+        /// This rank.
+        rank: usize,
+        /// Number of ranks.
+        world: usize,
+        /// What happened: the operation, seconds waited, NCCL's code and last error.
+        reason: String,
+    },
 }
 
 /// Result alias for the worker library.
