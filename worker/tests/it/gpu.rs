@@ -119,3 +119,27 @@ fn nccl_missing_peer_fails_at_the_deadline() {
         "gave up after {waited:?}: {text}"
     );
 }
+
+#[test]
+fn bench_allreduce_nccl_runs_or_says_skipped() {
+    let out = support::worker_ok(&[
+        "bench",
+        "allreduce",
+        "--backend",
+        "nccl",
+        "--mb",
+        "1",
+        "--iters",
+        "2",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["backend"], "nccl", "{out}");
+    if gpu("bench_allreduce_nccl_runs_or_says_skipped (checked its skip line)").is_some() {
+        assert!(v["algbw_GBps"].as_f64().unwrap() > 0.0, "{out}");
+    } else {
+        assert!(
+            v["skipped"].as_str().unwrap().starts_with("SKIPPED"),
+            "{out}"
+        );
+    }
+}
