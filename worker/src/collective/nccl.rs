@@ -16,7 +16,9 @@
 //!   synchronisation. The host does wait for the all-reduce (an event recorded after it, polled):
 //!   that wait is what enforces the deadline. It costs the CPU/GPU overlap across the call (the
 //!   host cannot queue the next kernels while the all-reduce runs), a small price next to the
-//!   transfer itself for buckets of tens of MB.
+//!   transfer itself for buckets of tens of MB. The deadline of an all-reduce counts from the call,
+//!   so it also covers kernels still queued before it on the stream (the backward pass the host
+//!   has run ahead of): choose it well above a step's time.
 //! - Nothing from cudarc's driver or NCCL is called before [`available`]-style checks pass: the
 //!   dynamically loaded bindings panic when their library is missing. `libnccl.so` must be on the
 //!   search path (cudarc never looks for the wheel's `libnccl.so.2`; `build.rs` makes the link).
@@ -211,11 +213,18 @@ mod ffi {
     /// at run time, so CPU-only libtorch builds still link).
     pub fn torch_current_stream(device: i32) -> Result<Stream, String> {
         type GetStream = unsafe extern "C" fn(i32, *mut *mut c_void) -> i32;
-        let this = libloading::os::unix::Library::this();
-        // SAFETY: the symbol, when present, has this signature (torch/csrc/inductor/aoti_torch/
-        // c/shim.h: `AOTITorchError aoti_torch_get_current_cuda_stream(int32_t, void**)`).
-        let get = unsafe { this.get::<GetStream>(b"aoti_torch_get_current_cuda_stream\0") }
-            .map_err(|e| format!("libtorch_cuda is not loaded ({e})"))?;
+        static GET: std::sync::OnceLock<Result<GetStream, String>> = std::sync::OnceLock::new();
+        let get = GET.get_or_init(|| {
+            let this = libloading::os::unix::Library::this();
+            // SAFETY: the symbol, when present, has this signature (torch/csrc/inductor/
+            // aoti_torch/c/shim.h: `AOTITorchError aoti_torch_get_current_cuda_stream(int32_t,
+            // void**)`). The pointer is copied out: libtorch_cuda is a DT_NEEDED library of the
+            // program and is never unloaded.
+            unsafe { this.get::<GetStream>(b"aoti_torch_get_current_cuda_stream\0") }
+                .map(|symbol| *symbol)
+                .map_err(|e| format!("libtorch_cuda is not loaded ({e})"))
+        });
+        let get = get.clone()?;
         let mut stream: *mut c_void = std::ptr::null_mut();
         // SAFETY: `stream` is valid for writes; the shim reports failures through its result.
         let code = unsafe { get(device, &mut stream) };
@@ -696,7 +705,7 @@ mod tests {
             }
             Err(e) => {
                 let text = e.to_string();
-                assert!(text.contains("nccl"), "{text}");
+                assert!(text.starts_with("nccl: "), "{text}");
             }
         }
     }
@@ -720,6 +729,18 @@ mod tests {
             let err = NcclCollective::connect(rank, world, &id, 0, Duration::from_secs(1))
                 .expect_err("invalid rank");
             assert!(matches!(err, Error::Input { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn libtorch_stream_lookup_never_panics() {
+        match ffi::torch_current_stream(0) {
+            Ok(_) => assert!(tch::Cuda::is_available()),
+            // The shim is found (libtorch_cuda is linked) and refuses without a GPU.
+            Err(e) => {
+                assert!(!tch::Cuda::is_available(), "{e}");
+                assert!(e.contains("failed with"), "the shim was not found: {e}");
+            }
         }
     }
 
