@@ -1,8 +1,9 @@
 //! Links the worker (and its test binaries) so it runs without LD_LIBRARY_PATH: an rpath to
 //! libtorch and to the CUDA libraries of the venv's `nvidia/*` wheels, and `libtorch_cuda`
 //! forced into DT_NEEDED (the linker's `--as-needed` would otherwise drop it, leaving CUDA
-//! unavailable at run time). Also checks that the libtorch found is 2.13.0, since torch-sys
-//! skips that check when `LIBTORCH` is set.
+//! unavailable at run time). Makes the `libnccl.so` link next to the wheel's `libnccl.so.2`
+//! (cudarc's loader only looks for the former; that dir is on the rpath). Also checks that the
+//! libtorch found is 2.13.0, since torch-sys skips that check when `LIBTORCH` is set.
 
 use std::path::{Path, PathBuf};
 
@@ -30,6 +31,9 @@ fn main() {
             rpaths.extend(dirs);
         }
     }
+    if let Some(nccl) = rpaths.iter().find(|d| d.join("libnccl.so.2").exists()) {
+        link_libnccl(nccl);
+    }
     // The venv's python runs the checkpoint converter (torch pickles) at run time.
     // <venv>/lib/pythonX.Y/site-packages/torch/lib -> <venv>/bin/python
     if let Some(venv) = lib.ancestors().nth(5) {
@@ -43,6 +47,20 @@ fn main() {
     }
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    }
+}
+
+/// `libnccl.so -> libnccl.so.2` in `dir`, unless a `libnccl.so` is there already.
+fn link_libnccl(dir: &Path) {
+    let link = dir.join("libnccl.so");
+    if link.symlink_metadata().is_ok() {
+        return;
+    }
+    if let Err(e) = std::os::unix::fs::symlink("libnccl.so.2", &link) {
+        println!(
+            "cargo:warning=cannot create {} ({e}): the NCCL backend will not find NCCL",
+            link.display()
+        );
     }
 }
 

@@ -375,11 +375,12 @@ pub struct AllReduceBench {
     pub busbw_gbps: f64,
 }
 
-/// Times `iters` all-reduces of each size in `sizes_mb` (after one warm-up each) on this rank;
-/// every rank of the group must call it with the same arguments.
+/// Times `iters` all-reduces of each size in `sizes_mb` (after one warm-up each) on this rank,
+/// with the buffers on `device`; every rank of the group must call it with the same arguments.
 pub fn allreduce(
     group: &mut dyn crate::collective::Collective,
     backend: &'static str,
+    device: Device,
     sizes_mb: &[usize],
     iters: usize,
 ) -> Result<Vec<AllReduceBench>> {
@@ -390,12 +391,16 @@ pub fn allreduce(
     let mut out = Vec::new();
     for &mb in sizes_mb {
         let bytes = mb << 20;
-        let mut buffer = Tensor::ones([(bytes / 4) as i64], (Kind::Float, Device::Cpu));
+        let mut buffer = Tensor::ones([(bytes / 4) as i64], (Kind::Float, device));
         group.all_reduce_sum(&mut buffer)?;
         let mut times = Vec::with_capacity(iters);
         for _ in 0..iters {
             // Keep the values small and finite however many rounds run.
             let _ = buffer.fill_(1.0);
+            if let Device::Cuda(index) = device {
+                // Time the all-reduce only, not the fill queued before it.
+                tch::Cuda::synchronize(index as i64);
+            }
             let started = Instant::now();
             group.all_reduce_sum(&mut buffer)?;
             times.push(started.elapsed().as_secs_f64());

@@ -227,12 +227,16 @@ pub enum BenchCommand {
         #[arg(long, default_value = "vit_b")]
         preset: String,
     },
-    /// All-reduce bandwidth of the TCP ring: W processes of this program on loopback.
+    /// All-reduce bandwidth: the TCP ring over W processes of this program on loopback, or NCCL
+    /// in a world of one on GPU 0.
     #[command(name = "allreduce")]
     AllReduce {
-        /// Ranks (this process and W-1 children).
-        #[arg(long, default_value_t = 2)]
-        world: usize,
+        /// Which collective to time.
+        #[arg(long, value_enum, default_value_t = AllReduceBackend::TcpRing)]
+        backend: AllReduceBackend,
+        /// Ranks (this process and W-1 children); default 2 for the ring, 1 for NCCL.
+        #[arg(long)]
+        world: Option<usize>,
         /// Buffer sizes in MiB, comma-separated.
         #[arg(long, value_delimiter = ',', default_values_t = [4, 64])]
         mb: Vec<usize>,
@@ -294,6 +298,15 @@ pub struct SynthArgs {
     /// Probability that a clip shows polyps.
     #[arg(long, default_value_t = 0.3)]
     pub polyp_probability: f64,
+}
+
+/// `bench allreduce --backend` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AllReduceBackend {
+    /// The CPU ring (`collective::ring`), one process per rank on loopback.
+    TcpRing,
+    /// NCCL on CUDA device 0, world of one (this workplace's GPU machines have one GPU).
+    Nccl,
 }
 
 /// `synth --kind` values.
@@ -608,11 +621,20 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
             Ok(())
         }
         BenchCommand::AllReduce {
+            backend: AllReduceBackend::Nccl,
+            world,
+            mb,
+            iters,
+            deadline_s,
+        } => bench_allreduce_nccl(world.unwrap_or(1), &mb, iters, deadline_s),
+        BenchCommand::AllReduce {
+            backend: AllReduceBackend::TcpRing,
             world,
             mb,
             iters,
             deadline_s,
         } => {
+            let world = world.unwrap_or(2);
             if world < 2 || iters < 1 || mb.is_empty() {
                 bail!("--world must be at least 2, --iters at least 1, --mb not empty");
             }
@@ -721,8 +743,43 @@ fn allreduce_rank(
     );
     let mut ring = RingCollective::connect(cfg, peers, listener)
         .with_context(|| format!("rank {rank} joining the ring"))?;
-    crate::bench::allreduce(&mut ring, "tcp-ring", mb, iters)
+    crate::bench::allreduce(&mut ring, "tcp-ring", Device::Cpu, mb, iters)
         .with_context(|| format!("rank {rank} all-reduce"))
+}
+
+/// `bench allreduce --backend nccl`: one rank on CUDA device 0. Without a usable GPU it prints
+/// one JSON line with a `skipped` reason and succeeds, as the GPU tests do.
+fn bench_allreduce_nccl(
+    world: usize,
+    mb: &[usize],
+    iters: usize,
+    deadline_s: u64,
+) -> anyhow::Result<()> {
+    use crate::collective::nccl::{self, NcclCollective};
+    if world != 1 || iters < 1 || mb.is_empty() {
+        bail!(
+            "--backend nccl runs a world of one (--world 1; multi-rank NCCL needs the coordinator's rendezvous), --iters at least 1, --mb not empty"
+        );
+    }
+    if !nccl::available() {
+        print_json(&json!({
+            "bench": "allreduce",
+            "backend": "nccl",
+            "world": world,
+            "skipped": "SKIPPED: no CUDA device visible to libtorch, or libnccl.so not loadable",
+        }));
+        return Ok(());
+    }
+    let id = nccl::unique_id().context("making the NCCL unique id")?;
+    let deadline = std::time::Duration::from_secs(deadline_s);
+    let mut group =
+        NcclCollective::connect(0, 1, &id, 0, deadline).context("joining the NCCL communicator")?;
+    let cases = crate::bench::allreduce(&mut group, "nccl", Device::Cuda(0), mb, iters)
+        .context("NCCL all-reduce")?;
+    for case in cases {
+        print_json(&serde_json::to_value(&case)?);
+    }
+    Ok(())
 }
 
 fn run_synth(args: SynthArgs) -> anyhow::Result<()> {

@@ -2,8 +2,10 @@
 //! [`Collective::all_reduce_sum`]; backends (a TCP ring on CPUs, NCCL on GPUs) implement it.
 //! Knows nothing about the model.
 
+pub mod nccl;
 pub mod ring;
 
+pub use nccl::NcclCollective;
 pub use ring::RingCollective;
 
 use tch::Tensor;

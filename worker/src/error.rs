@@ -133,6 +133,26 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// An NCCL operation failed or missed its deadline (or NCCL cannot run here). The
+    /// communicator has been aborted; restart the attempt.
+    #[error("nccl{}: {reason}", nccl_rank(*.rank, *.world))]
+    Nccl {
+        /// This rank.
+        rank: usize,
+        /// Number of ranks; 0 before there is a communicator (making the unique id).
+        world: usize,
+        /// What happened: the operation, seconds waited, NCCL's code and last error.
+        reason: String,
+    },
+}
+
+/// " rank R of W", or nothing before there is a communicator.
+fn nccl_rank(rank: usize, world: usize) -> String {
+    if world == 0 {
+        String::new()
+    } else {
+        format!(" rank {rank} of {world}")
+    }
 }
 
 /// Result alias for the worker library.
