@@ -29,22 +29,36 @@ pub fn corpus() -> PathBuf {
     static CORPUS: OnceLock<PathBuf> = OnceLock::new();
     CORPUS
         .get_or_init(|| {
-            let dir = std::env::temp_dir().join(format!("endofm-e2e-corpus-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("endofm-e2e-corpus-{}", std::process::id()));
             let out = Command::new(bin("endofm-worker").unwrap())
                 .args(["synth", "--kind", "pretrain", "--out"])
                 .arg(&dir)
-                .args(["--clips", "8", "--frames", "16", "--size", "64", "--seed", "3"])
+                .args([
+                    "--clips", "8", "--frames", "16", "--size", "64", "--seed", "3",
+                ])
                 .env("RUST_LOG", "warn")
                 .output()
                 .expect("running synth");
-            assert!(out.status.success(), "synth failed: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "synth failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             dir
         })
         .clone()
 }
 
 /// A job spec for the tiny preset on small views, fast on one CPU thread per rank.
-pub fn tiny_spec(name: &str, out: &Path, data: &str, world: u32, extra_top: &str, train: &str) -> String {
+pub fn tiny_spec(
+    name: &str,
+    out: &Path,
+    data: &str,
+    world: u32,
+    extra_top: &str,
+    train: &str,
+) -> String {
     format!(
         r#"name = "{name}"
 kind = "pretrain"
@@ -129,9 +143,21 @@ impl Cluster {
             .open(self.dir.path().join("coordinator.log"))
             .expect("log");
         let mut child = Command::new(bin("endofm").unwrap())
-            .args(["coordinator", "--listen", &listen, "--metrics-listen", "127.0.0.1:0", "--state"])
+            .args([
+                "coordinator",
+                "--listen",
+                &listen,
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--state",
+            ])
             .arg(self.dir.path().join("state"))
-            .args(["--heartbeat-ms", &HEARTBEAT_MS.to_string(), "--lease-ms", &LEASE_MS.to_string()])
+            .args([
+                "--heartbeat-ms",
+                &HEARTBEAT_MS.to_string(),
+                "--lease-ms",
+                &LEASE_MS.to_string(),
+            ])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -143,10 +169,17 @@ impl Cluster {
             .read_line(&mut line)
             .expect("reading the coordinator's address");
         let addr: Value = serde_json::from_str(line.trim()).unwrap_or_else(|e| {
-            panic!("coordinator did not start ({e}): {}", self.log("coordinator"))
+            panic!(
+                "coordinator did not start ({e}): {}",
+                self.log("coordinator")
+            )
         });
         let grpc = addr["grpc"].as_str().expect("grpc").to_string();
-        self.port = grpc.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+        self.port = grpc
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
         self.url = format!("http://{grpc}");
         self.metrics = format!("http://{}", addr["metrics"].as_str().expect("metrics"));
         self.coordinator = Some(child);
@@ -163,12 +196,25 @@ impl Cluster {
     /// Starts an agent offering `devices` (`cpu`, `cpu:2`); returns its index.
     pub fn add_worker(&mut self, devices: &str) -> usize {
         let i = self.workers.len();
-        let log = std::fs::File::create(self.dir.path().join(format!("worker-{i}.log"))).expect("log");
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("worker-{i}.log"))).expect("log");
         let metrics = format!("127.0.0.1:{}", free_port());
         let child = Command::new(bin("endofm-worker").unwrap())
-            .args(["agent", "--coordinator", &self.url, "--devices", devices, "--metrics-listen", &metrics])
+            .args([
+                "agent",
+                "--coordinator",
+                &self.url,
+                "--devices",
+                devices,
+                "--metrics-listen",
+                &metrics,
+            ])
             .args(["--stop-grace-s", "2"])
-            .envs(self.worker_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(
+                self.worker_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -200,9 +246,15 @@ impl Cluster {
 
     /// Every log, for failure messages.
     pub fn logs(&self) -> String {
-        let mut text = format!("--- coordinator ---\n{}", tail(&self.log("coordinator"), 60));
+        let mut text = format!(
+            "--- coordinator ---\n{}",
+            tail(&self.log("coordinator"), 60)
+        );
         for i in 0..self.workers.len() {
-            text += &format!("\n--- worker-{i} ---\n{}", tail(&self.log(&format!("worker-{i}")), 60));
+            text += &format!(
+                "\n--- worker-{i} ---\n{}",
+                tail(&self.log(&format!("worker-{i}")), 60)
+            );
         }
         text
     }
@@ -224,25 +276,42 @@ impl Cluster {
         let path = self.dir.path().join(format!("spec-{}.toml", endofm_now()));
         std::fs::write(&path, spec).expect("spec");
         let out = self.cli(&["submit", path.to_str().expect("utf-8")]);
-        assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "submit failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     /// `endofm status ID --json`.
     pub fn status(&self, id: &str) -> Value {
         let out = self.cli(&["status", id, "--json"]);
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
     /// The job's events (`endofm logs ID`), as lines.
     pub fn events(&self, id: &str) -> Vec<String> {
         let out = self.cli(&["logs", id]);
-        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     /// Polls the job until `pred` holds, panicking with the logs after `limit`.
-    pub fn wait_until(&self, id: &str, limit: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub fn wait_until(
+        &self,
+        id: &str,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let started = Instant::now();
         loop {
             let out = self.cli(&["status", id, "--json"]);
@@ -259,7 +328,11 @@ impl Cluster {
                     );
                 }
             } else if started.elapsed() > limit {
-                panic!("{id}: status failed: {}\n{}", String::from_utf8_lossy(&out.stderr), self.logs());
+                panic!(
+                    "{id}: status failed: {}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    self.logs()
+                );
             }
             std::thread::sleep(Duration::from_millis(150));
         }
@@ -306,10 +379,16 @@ pub fn tail(text: &str, n: usize) -> String {
 /// Child processes of `pid` (from /proc).
 pub fn children_of(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in entries.flatten() {
-        let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
         // Fields after the parenthesised command: state, ppid, ...
         let ppid = stat
             .rsplit(')')
@@ -327,19 +406,30 @@ pub fn children_of(pid: u32) -> Vec<u32> {
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()).map(|st| st != "Z"))
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                .map(|st| st != "Z")
+        })
         .unwrap_or(false)
 }
 
 /// Sends a signal with kill(1).
 pub fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("kill");
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill");
     assert!(status.success(), "kill -{sig} {pid}");
 }
 
 /// An HTTP GET body.
 pub fn http_get(url: &str) -> String {
-    let out = Command::new("curl").args(["-sf", "--max-time", "10", url]).output().expect("curl");
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "10", url])
+        .output()
+        .expect("curl");
     assert!(out.status.success(), "GET {url} failed");
     String::from_utf8_lossy(&out.stdout).to_string()
 }

@@ -2,4 +2,6 @@
 
 #![allow(clippy::unwrap_used)] // tests fail by panicking
 
+mod cluster;
 mod programs;
+mod service;
