@@ -133,6 +133,23 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A call to the coordinator failed (unreachable, refused, or a stale generation).
+    #[error("coordinator {call}: {reason}")]
+    Rpc {
+        /// The call ("register", "rendezvous get ring/1", ...).
+        call: String,
+        /// The status or transport error.
+        reason: String,
+    },
+    /// The agent or a rank process could not do its part of the service (bad flags, spawning or
+    /// supervising a rank, rendezvous).
+    #[error("{what}: {reason}")]
+    Service {
+        /// What was being done.
+        what: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// Result alias for the worker library.

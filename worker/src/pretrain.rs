@@ -92,6 +92,17 @@ impl InitSource {
     }
 }
 
+/// Watches a run from outside (the service's rank process reports progress with it). Called on
+/// the training thread after every step (every rank), and on the checkpoint writer's thread once
+/// a checkpoint's manifest is committed (rank 0). Implementations must be quick and not fail.
+pub trait RunObserver: Send + Sync + std::fmt::Debug {
+    /// After every completed step: its statistics and the step the run ends at (exclusive).
+    fn on_step(&self, _line: &MetricsLine, _end_step: usize) {}
+    /// After the manifest of the checkpoint taken after `step` steps was written; `uri` is the
+    /// checkpoint's folder.
+    fn on_checkpoint(&self, _step: usize, _uri: &str) {}
+}
+
 /// Everything a run needs.
 #[derive(Debug, Clone)]
 pub struct PretrainJob {
@@ -121,6 +132,8 @@ pub struct PretrainJob {
     pub progress: bool,
     /// Set (by a signal handler) to stop at the next step boundary with a checkpoint.
     pub stop: Arc<AtomicBool>,
+    /// Told about every step and committed checkpoint (the service's progress reports).
+    pub observer: Option<Arc<dyn RunObserver>>,
 }
 
 /// What a run did.
@@ -294,7 +307,13 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
             .collect::<String>(),
         Err(_) => String::new(),
     };
-    let mut writer = (rank == 0).then(|| Writer::new(out.clone(), job.train.keep_checkpoints));
+    let mut writer = (rank == 0).then(|| {
+        Writer::with_observer(
+            out.clone(),
+            job.train.keep_checkpoints,
+            job.observer.clone(),
+        )
+    });
     let mut summary = Summary {
         started_at: start_step,
         steps: start_step,
@@ -357,14 +376,17 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
         summary.last_loss = stats.loss;
         summary.steps = step + 1;
         summary.clips_failed = failed;
+        let line = MetricsLine {
+            stats: stats.clone(),
+            samples_per_s: global_batch / step_s,
+            data_wait_s: batch.wait_s,
+            step_s,
+            clips_failed: failed,
+        };
+        if let Some(observer) = &job.observer {
+            observer.on_step(&line, end);
+        }
         if rank == 0 && (step % job.train.log_every == 0 || step + 1 == end) {
-            let line = MetricsLine {
-                stats: stats.clone(),
-                samples_per_s: global_batch / step_s,
-                data_wait_s: batch.wait_s,
-                step_s,
-                clips_failed: failed,
-            };
             let json = serde_json::to_string(&line).unwrap_or_default();
             metrics_text.push_str(&json);
             metrics_text.push('\n');
