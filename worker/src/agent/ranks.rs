@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use endofm_proto::v1;
@@ -260,9 +260,9 @@ impl Ranks {
                 drop(dir);
                 let exit = describe_exit(rank, status, stop_reason, last_error);
                 if exit.success {
-                    tracing::info!(message = %exit.message, "rank exited");
+                    tracing::info!(status = %exit.message, "rank exited");
                 } else {
-                    tracing::warn!(message = %exit.message, "rank failed");
+                    tracing::warn!(status = %exit.message, "rank failed");
                 }
                 let _ = exits.send(exit);
             }
@@ -365,7 +365,7 @@ async fn read_stdout(
                 Report::Progress(p.to_proto())
             }
             Some(RankLine::Checkpoint { step, uri }) => {
-                tracing::info!(step, %uri, "checkpoint committed");
+                tracing::debug!(step, %uri, "checkpoint reported");
                 Report::Checkpoint(v1::CheckpointRef {
                     step,
                     uri,
@@ -415,7 +415,7 @@ async fn read_stderr(
     rank: v1::RankRef,
     reports: Arc<ReportQueue>,
 ) -> Option<String> {
-    let last_error = Arc::new(Mutex::new(None::<String>));
+    let mut last_error = None::<String>;
     let mut lines = BufReader::new(err).lines();
     let mut infos = 0u64;
     while let Ok(Some(line)) = lines.next_line().await {
@@ -426,7 +426,7 @@ async fn read_stderr(
         let forward = match level.as_str() {
             "error" => {
                 tracing::error!(from = "rank", "{text}");
-                *last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(text.clone());
+                last_error = Some(text.clone());
                 true
             }
             "warn" => {
@@ -436,7 +436,7 @@ async fn read_stderr(
             "info" => {
                 tracing::info!(from = "rank", "{text}");
                 infos += 1;
-                infos <= 10 || infos % INFO_SAMPLE == 0
+                infos <= 10 || infos.is_multiple_of(INFO_SAMPLE)
             }
             _ => {
                 tracing::debug!(from = "rank", "{text}");
@@ -454,7 +454,7 @@ async fn read_stderr(
             });
         }
     }
-    last_error.lock().unwrap_or_else(|e| e.into_inner()).take()
+    last_error
 }
 
 #[cfg(test)]
