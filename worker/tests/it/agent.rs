@@ -242,9 +242,15 @@ async fn agent_runs_a_two_rank_job_and_obeys_stop_orders() {
     fake.0.lock().unwrap().assignments = assignments("job-a", &done_spec);
     wait_for(
         &fake,
-        "both exits of job-a",
+        "exits and reports of job-a (reports may trail exits by a flush)",
         Duration::from_secs(240),
-        |s| exits_of(s, "job-a").len() == 2,
+        |s| {
+            exits_of(s, "job-a").len() == 2
+                && progress_ranks(s, "job-a").len() == 2
+                && s.reports.iter().any(|r| {
+                    matches!(&r.report, Some(v1::rank_report::Report::Checkpoint(c)) if c.step == 3)
+                })
+        },
     )
     .await;
     {
