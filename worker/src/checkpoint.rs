@@ -352,6 +352,16 @@ impl std::fmt::Debug for Writer {
 impl Writer {
     /// Starts the writer for `store`, keeping `keep` checkpoints.
     pub fn new(store: Store, keep: usize) -> Self {
+        Self::with_observer(store, keep, None)
+    }
+
+    /// Like [`Writer::new`], telling `observer` about every committed checkpoint (from the
+    /// writer's thread, after the manifest is written).
+    pub fn with_observer(
+        store: Store,
+        keep: usize,
+        observer: Option<std::sync::Arc<dyn crate::pretrain::RunObserver>>,
+    ) -> Self {
         // One snapshot in flight and one queued: the trainer waits rather than piling up copies.
         let (tx, rx) = mpsc::sync_channel::<Job>(1);
         let (done_tx, done) = mpsc::channel();
@@ -364,7 +374,13 @@ impl Writer {
                     let started = std::time::Instant::now();
                     let result = write_snapshot(&store, *snap, keep);
                     match &result {
-                        Ok(dir) => tracing::info!(step, dir = %store.describe(dir), secs = started.elapsed().as_secs_f64(), "checkpoint committed"),
+                        Ok(dir) => {
+                            let uri = store.describe(dir);
+                            tracing::info!(step, dir = %uri, secs = started.elapsed().as_secs_f64(), "checkpoint committed");
+                            if let Some(observer) = &observer {
+                                observer.on_checkpoint(step, &uri);
+                            }
+                        }
                         Err(e) => tracing::error!(step, error = %e, "checkpoint failed"),
                     }
                     if done_tx.send(result).is_err() {

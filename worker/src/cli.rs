@@ -58,6 +58,78 @@ pub enum Command {
     /// Benchmarks printing one JSON object per case.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The worker agent: registers with the coordinator and runs one rank process per assigned
+    /// device until SIGTERM.
+    Agent(AgentArgs),
+    /// One rank of a job (started by the agent; stdout carries JSON progress lines).
+    #[command(hide = true)]
+    Rank(RankArgs),
+}
+
+/// `agent` arguments.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The coordinator's URL (http://host:port).
+    #[arg(long)]
+    pub coordinator: String,
+    /// Device slots: cpu, cpu:N, cuda (every GPU) or cuda:0,1.
+    #[arg(long)]
+    pub devices: String,
+    /// Serve /metrics and /healthz on this address (e.g. 0.0.0.0:9091).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Host other ranks reach this worker's ranks at (CPU ring).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub advertise_host: String,
+    /// File keeping the worker id across agent restarts.
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
+    /// Seconds between SIGTERM and SIGKILL when stopping a rank.
+    #[arg(long, default_value_t = 10.0)]
+    pub stop_grace_s: f64,
+    /// libtorch threads per rank when the job spec does not say (default: cores / slots).
+    #[arg(long)]
+    pub threads_per_rank: Option<usize>,
+}
+
+/// `rank` arguments (internal: the agent passes them).
+#[derive(Debug, Args)]
+pub struct RankArgs {
+    /// The coordinator's URL.
+    #[arg(long)]
+    pub coordinator: String,
+    /// The assignment file the agent wrote.
+    #[arg(long)]
+    pub assignment: PathBuf,
+    /// libtorch intra-op threads.
+    #[arg(long)]
+    pub threads: usize,
+    /// Host the ring listener binds to and advertises.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub advertise_host: String,
+}
+
+/// The agent's configuration from its flags.
+pub fn agent_config(args: &AgentArgs) -> anyhow::Result<crate::agent::AgentConfig> {
+    let devices = crate::agent::devices::parse_devices(&args.devices, || {
+        usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
+    })?;
+    if !(args.stop_grace_s.is_finite() && (0.0..=3600.0).contains(&args.stop_grace_s)) {
+        bail!("--stop-grace-s {} is outside [0, 3600]", args.stop_grace_s);
+    }
+    if args.threads_per_rank == Some(0) {
+        bail!("--threads-per-rank must be at least 1");
+    }
+    Ok(crate::agent::AgentConfig {
+        coordinator: args.coordinator.clone(),
+        devices,
+        metrics_listen: args.metrics_listen,
+        advertise_host: args.advertise_host.clone(),
+        state_file: args.state_file.clone(),
+        stop_grace: std::time::Duration::from_secs_f64(args.stop_grace_s),
+        threads_per_rank: args.threads_per_rank,
+        exe: std::env::current_exe().context("locating the worker binary")?,
+    })
 }
 
 /// `pretrain` arguments (flags override the --config file, which overrides the defaults).
@@ -180,6 +252,7 @@ pub fn pretrain_job(args: &PretrainArgs) -> anyhow::Result<crate::pretrain::Pret
         data_threads: args.data_threads.unwrap_or(cores).max(1),
         progress,
         stop: crate::pretrain::stop_on_signals()?,
+        observer: None,
     })
 }
 
@@ -550,6 +623,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(&serde_json::to_value(&summary)?);
             Ok(())
         }
+        Command::Agent(args) => Ok(crate::agent::run(agent_config(&args)?)?),
+        Command::Rank(args) => Ok(crate::agent::rank::run(crate::agent::rank::RankConfig {
+            coordinator: args.coordinator,
+            assignment: args.assignment,
+            threads: args.threads,
+            advertise_host: args.advertise_host,
+        })?),
     }
 }
 

@@ -144,6 +144,23 @@ pub enum Error {
         /// What happened: the operation, seconds waited, NCCL's code and last error.
         reason: String,
     },
+    /// A call to the coordinator failed (unreachable, refused, or a stale generation).
+    #[error("coordinator {call}: {reason}")]
+    Rpc {
+        /// The call ("register", "rendezvous get ring/1", ...).
+        call: String,
+        /// The status or transport error.
+        reason: String,
+    },
+    /// The agent or a rank process could not do its part of the service (bad flags, spawning or
+    /// supervising a rank, rendezvous).
+    #[error("{what}: {reason}")]
+    Service {
+        /// What was being done.
+        what: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// " rank R of W", or nothing before there is a communicator.

@@ -2,8 +2,10 @@
 //! objective (`train`), pre-training views (`data`), reference-vector checks (`verify`), clip
 //! encoding and decoding (`video`),
 //! procedural endoscopy clips (`synth`), and the worker's command line (`cli`).
-//! Nothing here does RPC yet; `model`, `video` and `synth` never will.
+//! The service side (`agent`: the per-node agent and its rank processes) talks gRPC to the
+//! coordinator; `model`, `video` and `synth` never do RPC.
 
+pub mod agent;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;

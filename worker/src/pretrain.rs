@@ -92,6 +92,17 @@ impl InitSource {
     }
 }
 
+/// Watches a run from outside (the service's rank process reports progress with it). Called on
+/// the training thread after every step (every rank), and on the checkpoint writer's thread once
+/// a checkpoint's manifest is committed (rank 0). Implementations must be quick and not fail.
+pub trait RunObserver: Send + Sync + std::fmt::Debug {
+    /// After every completed step: its statistics and the step the run ends at (exclusive).
+    fn on_step(&self, _line: &MetricsLine, _end_step: usize) {}
+    /// After the manifest of the checkpoint taken after `step` steps was written; `uri` is the
+    /// checkpoint's folder.
+    fn on_checkpoint(&self, _step: usize, _uri: &str) {}
+}
+
 /// Everything a run needs.
 #[derive(Debug, Clone)]
 pub struct PretrainJob {
@@ -121,6 +132,8 @@ pub struct PretrainJob {
     pub progress: bool,
     /// Set (by a signal handler) to stop at the next step boundary with a checkpoint.
     pub stop: Arc<AtomicBool>,
+    /// Told about every step and committed checkpoint (the service's progress reports).
+    pub observer: Option<Arc<dyn RunObserver>>,
 }
 
 /// What a run did.
@@ -294,7 +307,13 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
             .collect::<String>(),
         Err(_) => String::new(),
     };
-    let mut writer = (rank == 0).then(|| Writer::new(out.clone(), job.train.keep_checkpoints));
+    let mut writer = (rank == 0).then(|| {
+        Writer::with_observer(
+            out.clone(),
+            job.train.keep_checkpoints,
+            job.observer.clone(),
+        )
+    });
     let mut summary = Summary {
         started_at: start_step,
         steps: start_step,
@@ -338,6 +357,7 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
         bar
     });
     let corpus_fp = corpus.fingerprint();
+    let digests = std::env::var_os(PARAM_DIGESTS_ENV).map(PathBuf::from);
     let global_batch = (job.train.batch_per_rank * world) as f64;
     let mut last_saved = start_step;
     for step in start_step..end {
@@ -350,6 +370,9 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
             .collect();
         let stats = trainer.step(&views, step, collective)?;
         let step_s = step_started.elapsed().as_secs_f64();
+        if let Some(dir) = &digests {
+            append_digest(dir, rank, step + 1, trainer.student_flat().buffer());
+        }
         let failed = loader
             .stats()
             .clips_failed
@@ -357,14 +380,17 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
         summary.last_loss = stats.loss;
         summary.steps = step + 1;
         summary.clips_failed = failed;
+        let line = MetricsLine {
+            stats: stats.clone(),
+            samples_per_s: global_batch / step_s,
+            data_wait_s: batch.wait_s,
+            step_s,
+            clips_failed: failed,
+        };
+        if let Some(observer) = &job.observer {
+            observer.on_step(&line, end);
+        }
         if rank == 0 && (step % job.train.log_every == 0 || step + 1 == end) {
-            let line = MetricsLine {
-                stats: stats.clone(),
-                samples_per_s: global_batch / step_s,
-                data_wait_s: batch.wait_s,
-                step_s,
-                clips_failed: failed,
-            };
             let json = serde_json::to_string(&line).unwrap_or_default();
             metrics_text.push_str(&json);
             metrics_text.push('\n');
@@ -424,6 +450,45 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
     summary.checkpoint = out.describe(&checkpoint::folder(last_saved));
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Diagnostic switch: when this environment variable names a folder, every rank appends
+/// `step digest` lines (a 64-bit FNV-1a hash of the student's parameter bits after the step) to
+/// `rank-<r>.txt` there, so that tests and operators can check that ranks hold bit-identical
+/// parameters. Costs one host copy of the parameters per step; off by default.
+pub const PARAM_DIGESTS_ENV: &str = "ENDOFM_PARAM_DIGESTS";
+
+fn append_digest(dir: &Path, rank: usize, step: usize, params: &tch::Tensor) {
+    use std::io::Write;
+    let values: Vec<f32> = match Vec::<f32>::try_from(
+        params
+            .detach()
+            .to_device(Device::Cpu)
+            .to_kind(tch::Kind::Float)
+            .flatten(0, -1),
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "parameter digest skipped");
+            return;
+        }
+    };
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in values {
+        for b in v.to_bits().to_le_bytes() {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let path = dir.join(format!("rank-{rank}.txt"));
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| writeln!(f, "{step} {hash:016x}"));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the parameter digest");
+    }
 }
 
 /// A flag set by SIGTERM and SIGINT (Kubernetes eviction, Ctrl-C): the run checkpoints at the

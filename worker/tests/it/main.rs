@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // tests fail by panicking
 
+mod agent;
 mod cli;
 mod convert;
 mod gpu;

@@ -1,0 +1,185 @@
+//! What flows between the agent and its rank processes: the assignment file the agent writes for
+//! a rank, and the JSON lines a rank prints on stdout (`{"type":"progress",..}` after every step,
+//! `{"type":"checkpoint",..}` when a checkpoint is committed). Non-finite numbers travel as `null`
+//! and come back as NaN.
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use endofm_proto::v1;
+
+use crate::{Error, Result};
+
+/// One rank of one attempt, as the agent hands it to the rank process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AssignmentFile {
+    /// The job.
+    pub job_id: String,
+    /// The attempt.
+    pub generation: u64,
+    /// This rank.
+    pub rank: u32,
+    /// Ranks of the attempt.
+    pub world_size: u32,
+    /// `cpu` or `cuda`.
+    pub device_kind: String,
+    /// Index of the device on this worker.
+    pub device_index: u32,
+    /// The job's validated spec (JSON).
+    pub spec_json: String,
+}
+
+impl AssignmentFile {
+    /// From the coordinator's assignment; refuses one without a rank.
+    pub fn from_proto(a: &v1::Assignment) -> Result<Self> {
+        let rank = a.rank.as_ref().ok_or_else(|| Error::Service {
+            what: "assignment".into(),
+            reason: "has no rank".into(),
+        })?;
+        Ok(Self {
+            job_id: rank.job_id.clone(),
+            generation: rank.generation,
+            rank: rank.rank,
+            world_size: a.world_size,
+            device_kind: a.device_kind.clone(),
+            device_index: a.device_index,
+            spec_json: a.spec_json.clone(),
+        })
+    }
+
+    /// The rank reference used in every call about this rank.
+    pub fn rank_ref(&self) -> v1::RankRef {
+        v1::RankRef {
+            job_id: self.job_id.clone(),
+            generation: self.generation,
+            rank: self.rank,
+        }
+    }
+}
+
+fn nan_for_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// A rank's progress after one step.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProgressLine {
+    /// Steps completed in total.
+    pub step: u64,
+    /// The step this run ends at.
+    pub total_steps: u64,
+    /// Epoch of the last step.
+    pub epoch: u32,
+    /// Loss of the last step (this rank's batch).
+    #[serde(deserialize_with = "nan_for_null")]
+    pub loss: f64,
+    /// Learning rate of the last step.
+    #[serde(deserialize_with = "nan_for_null")]
+    pub lr: f64,
+    /// Clips per second over all ranks.
+    #[serde(deserialize_with = "nan_for_null")]
+    pub samples_per_s: f64,
+    /// Seconds the step waited for data.
+    #[serde(deserialize_with = "nan_for_null")]
+    pub data_wait_s: f64,
+    /// Seconds of the step.
+    #[serde(deserialize_with = "nan_for_null")]
+    pub step_s: f64,
+    /// Estimated seconds to the end of the run.
+    #[serde(deserialize_with = "nan_for_null")]
+    pub eta_s: f64,
+    /// Seconds in all-reduce during the step.
+    #[serde(deserialize_with = "nan_for_null")]
+    pub allreduce_s: f64,
+    /// Bytes all-reduced during the step.
+    pub allreduce_bytes: u64,
+    /// Clips skipped so far.
+    pub clips_failed: u64,
+}
+
+impl ProgressLine {
+    /// As the API's progress message.
+    pub fn to_proto(&self) -> v1::Progress {
+        v1::Progress {
+            step: self.step,
+            total_steps: self.total_steps,
+            epoch: self.epoch,
+            loss: self.loss,
+            lr: self.lr,
+            samples_per_s: self.samples_per_s,
+            data_wait_s: self.data_wait_s,
+            step_s: self.step_s,
+            eta_s: self.eta_s,
+            allreduce_s: self.allreduce_s,
+            allreduce_bytes: self.allreduce_bytes,
+            clips_failed: self.clips_failed,
+        }
+    }
+}
+
+/// One line of a rank's stdout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RankLine {
+    /// After every step.
+    Progress(ProgressLine),
+    /// A committed checkpoint.
+    Checkpoint {
+        /// Steps completed when it was taken.
+        step: u64,
+        /// Its folder.
+        uri: String,
+    },
+}
+
+impl RankLine {
+    /// Parses one stdout line; `None` for anything else.
+    pub fn parse(line: &str) -> Option<Self> {
+        serde_json::from_str(line.trim()).ok()
+    }
+
+    /// The line as printed (one JSON object, no newline).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_round_trip_and_survive_nan() {
+        let p = ProgressLine {
+            step: 3,
+            total_steps: 10,
+            epoch: 1,
+            loss: f64::NAN,
+            lr: 0.5,
+            samples_per_s: 2.0,
+            allreduce_bytes: 1024,
+            ..Default::default()
+        };
+        let text = RankLine::Progress(p.clone()).to_json();
+        assert!(
+            text.starts_with(r#"{"type":"progress","step":3,"#),
+            "{text}"
+        );
+        let Some(RankLine::Progress(back)) = RankLine::parse(&text) else {
+            panic!("not parsed: {text}");
+        };
+        assert!(back.loss.is_nan());
+        assert_eq!((back.step, back.lr, back.allreduce_bytes), (3, 0.5, 1024));
+        assert_eq!(back.to_proto().total_steps, 10);
+        let c =
+            RankLine::parse(r#"{"type":"checkpoint","step":2,"uri":"file:///o/checkpoints/x"}"#);
+        assert_eq!(
+            c,
+            Some(RankLine::Checkpoint {
+                step: 2,
+                uri: "file:///o/checkpoints/x".into()
+            })
+        );
+        assert_eq!(RankLine::parse("not json"), None);
+        assert_eq!(RankLine::parse(r#"{"type":"other"}"#), None);
+    }
+}
