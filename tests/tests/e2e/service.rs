@@ -26,17 +26,25 @@ fn python() -> std::path::PathBuf {
 
 /// Largest |a-b| / max|b| over every tensor of two safetensors files, and the keys compared.
 fn max_rel_diff(a: &Path, b: &Path) -> (f64, usize) {
+    let (worst, n, _) = max_rel_diff_at(a, b);
+    (worst, n)
+}
+
+/// [`max_rel_diff`] with the worst tensor described.
+fn max_rel_diff_at(a: &Path, b: &Path) -> (f64, usize, String) {
     let code = r#"
 import sys
 from safetensors.torch import load_file
 a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
 assert a.keys() == b.keys(), (sorted(a.keys() ^ b.keys()))
-worst = 0.0
+worst, key = 0.0, ""
 for k in a:
     x, y = a[k].double(), b[k].double()
     scale = max(y.abs().max().item(), 1e-12)
-    worst = max(worst, (x - y).abs().max().item() / scale)
-print(worst, len(a))
+    err = (x - y).abs().max().item() / scale
+    if err > worst:
+        worst, key = err, "%s (max abs diff %.3e, scale %.3e)" % (k, (x - y).abs().max().item(), scale)
+print(worst, len(a), key)
 "#;
     let out = Command::new(python())
         .args(["-c", code])
@@ -54,7 +62,36 @@ print(worst, len(a))
     (
         parts.next().and_then(|v| v.parse().ok()).expect("diff"),
         parts.next().and_then(|v| v.parse().ok()).expect("count"),
+        parts.collect::<Vec<_>>().join(" "),
     )
+}
+
+/// Tensors where |a - b| > 1e-4 · max|b| + 1e-6 (empty when all are within).
+fn within_tolerance(a: &Path, b: &Path) -> String {
+    let code = r#"
+import sys
+from safetensors.torch import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+bad = []
+for k in a:
+    x, y = a[k].double(), b[k].double()
+    d = (x - y).abs().max().item()
+    if d > 1e-4 * y.abs().max().item() + 1e-6:
+        bad.append("%s: %.3e" % (k, d))
+print("; ".join(bad))
+"#;
+    let out = Command::new(python())
+        .args(["-c", code])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn final_checkpoint(out: &Path) -> std::path::PathBuf {
@@ -108,12 +145,20 @@ fn two_ranks_stay_identical_and_match_one_rank_on_the_same_global_batch() {
     assert_eq!(code, 0, "{job}");
     let (a, b) = (final_checkpoint(&two), final_checkpoint(&one));
     assert_eq!(a.file_name(), b.file_name());
-    let (worst, n) = max_rel_diff(
+    // Tolerance per tensor: |a - b| <= 1e-4 * max|b| + 1e-6. The absolute part covers
+    // zero-initialised tensors (biases), where summation-order noise of ~1e-9 is all there is.
+    let (worst, n, at) = max_rel_diff_at(
         &a.join("student.safetensors"),
         &b.join("student.safetensors"),
     );
-    println!("two ranks vs one rank: worst relative difference {worst:.3e} over {n} tensors");
-    assert!(worst < 1e-4, "worst relative difference {worst}");
+    println!(
+        "two ranks vs one rank: worst relative difference {worst:.3e} over {n} tensors at {at}"
+    );
+    let ok = within_tolerance(
+        &a.join("student.safetensors"),
+        &b.join("student.safetensors"),
+    );
+    assert!(ok.is_empty(), "outside |a-b| <= 1e-4 max|b| + 1e-6: {ok}");
 }
 
 #[test]
@@ -246,7 +291,7 @@ fn coordinator_killed_and_restarted_keeps_every_job_and_finishes_the_running_one
         &c.dir.path().join("out2"),
         data.to_str().unwrap(),
         2,
-        "max_steps = 2",
+        "max_steps = 6",
         "",
     ));
     c.wait_until(&id, LONG, "training", |j| step(j) >= 2);
