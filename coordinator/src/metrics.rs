@@ -136,7 +136,7 @@ pub fn render(registry: &Registry, core: &Mutex<Core>) -> String {
     if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
         text.clear();
     }
-    text
+    endofm_shared::prom_text::from_openmetrics(&text)
 }
 
 /// Serves `/metrics` and `/healthz` on `listener` until the process ends.
@@ -156,7 +156,7 @@ pub async fn serve(
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            endofm_shared::prom_text::CONTENT_TYPE,
                         )],
                         render(&registry, &core),
                     )

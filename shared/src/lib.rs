@@ -4,6 +4,7 @@
 pub mod error;
 pub mod job_spec;
 pub mod model_config;
+pub mod prom_text;
 pub mod storage;
 pub mod telemetry;
 pub mod train_config;

@@ -182,7 +182,7 @@ impl Metrics {
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
             text.clear();
         }
-        text
+        endofm_shared::prom_text::from_openmetrics(&text)
     }
 }
 
@@ -209,7 +209,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            endofm_shared::prom_text::CONTENT_TYPE,
                         )],
                         metrics.render(),
                     )
