@@ -417,7 +417,8 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
         }
         let every = job.train.checkpoint_every;
         let done = step + 1;
-        let stopping = job.stop.load(Ordering::SeqCst) && done < end;
+        let stopping =
+            agree_stop(collective, job.stop.load(Ordering::SeqCst), job.device)? && done < end;
         if let Some(w) = writer.as_mut()
             && ((every > 0 && done % every == 0) || done == end || stopping)
         {
@@ -450,6 +451,18 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
     summary.checkpoint = out.describe(&checkpoint::folder(last_saved));
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Whether any rank was asked to stop (SIGTERM on one pod, a cancel reaching ranks at different
+/// moments): one one-element all-reduce per step, so that every rank stops after the same step
+/// and rank 0's checkpoint is the state of all of them.
+fn agree_stop(collective: &mut dyn Collective, local: bool, device: Device) -> Result<bool> {
+    if collective.world_size() == 1 {
+        return Ok(local);
+    }
+    let mut flag = tch::Tensor::from_slice(&[if local { 1.0f32 } else { 0.0 }]).to_device(device);
+    collective.all_reduce_sum(&mut flag)?;
+    Ok(flag.double_value(&[0]) > 0.0)
 }
 
 /// Diagnostic switch: when this environment variable names a folder, every rank appends
