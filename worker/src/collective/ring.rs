@@ -9,9 +9,9 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
@@ -585,7 +585,7 @@ mod host {
         {
             return None;
         }
-        let n = usize::try_from(tensor.numel()).ok()?;
+        let n = tensor.numel();
         if n == 0 {
             return Some(&mut []);
         }
@@ -718,6 +718,46 @@ mod tests {
             }
         }
         check(3, 100_003, false, 1 << 20);
+    }
+
+    /// A strided buffer (a transposed view) is summed through a contiguous copy and written back.
+    #[test]
+    fn strided_buffers_are_summed_in_place() {
+        let (listeners, addrs) = listeners(2);
+        let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let addrs = &addrs;
+                    s.spawn(move || {
+                        let cfg = RingConfig {
+                            segment_bytes: 16,
+                            ..RingConfig::new(rank, 2, 5, Duration::from_secs(10))
+                        };
+                        let mut ring =
+                            RingCollective::connect(cfg, addrs, listener).expect("connect");
+                        let base = Tensor::arange(12, (Kind::Float, Device::Cpu))
+                            .f_add_scalar(rank as f64 * 100.0)
+                            .expect("add")
+                            .reshape([3, 4]);
+                        let mut t = base.tr();
+                        assert!(!t.is_contiguous());
+                        ring.all_reduce_sum(&mut t).expect("all-reduce");
+                        Vec::<f32>::try_from(&t.contiguous().reshape([-1])).expect("to vec")
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("rank"))
+                .collect()
+        });
+        let expected: Vec<f32> = (0..4)
+            .flat_map(|c| (0..3).map(move |r| (2 * (r * 4 + c) + 100) as f32))
+            .collect();
+        assert_eq!(results[0], expected);
+        assert_eq!(results[1], expected);
     }
 
     #[test]
