@@ -9,8 +9,9 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, mpsc};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
@@ -56,6 +57,9 @@ impl RingConfig {
         }
     }
 }
+
+/// A segment's id and elements, on their way to or back from the sending thread.
+type Segment<'a> = (usize, &'a mut [f32]);
 
 /// The handshake each side of a link sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,8 +143,8 @@ pub struct RingCollective {
     links: Option<Links>,
     /// All-reduces done so far; checked against the left neighbour at every call.
     calls: u64,
-    /// The buffer being reduced, as host floats.
-    data: Vec<f32>,
+    /// Receive buffer of one segment for the reduce-scatter, kept across calls.
+    scratch: Vec<f32>,
     /// Why the ring broke, once it has: later calls fail at once.
     broken: Option<String>,
 }
@@ -166,7 +170,7 @@ impl RingCollective {
             peers: peers.to_vec(),
             links: None,
             calls: 0,
-            data: Vec::new(),
+            scratch: Vec::new(),
             broken: None,
         };
         if world == 1 {
@@ -234,21 +238,47 @@ impl RingCollective {
         }
     }
 
-    /// The ring algorithm on `self.data`.
-    fn ring_sum(&mut self) -> Result<()> {
+    /// The ring algorithm on `data`, which is this rank's buffer in place.
+    ///
+    /// `data` is cut into segments whose `&mut` borrows travel between this thread and the
+    /// sending thread: a segment being sent is never written here, and is written (in the
+    /// all-gather) only after the sender has handed it back. Segments are sent straight from
+    /// `data` and the all-gather receives straight into it; only the reduce-scatter reads into
+    /// `self.scratch`, a buffer kept across calls.
+    fn ring_sum(&mut self, data: &mut [f32]) -> Result<()> {
         let Some(links) = &self.links else {
             return Ok(());
         };
         let (w, r) = (self.cfg.world, self.cfg.rank);
-        let n = self.data.len();
+        let n = data.len();
         let seg = (self.cfg.segment_bytes / 4).max(1);
         let chunk = |c: usize| (c * n / w)..((c + 1) * n / w);
         let (left_rank, right_rank) = (self.left_rank(), self.right_rank());
         let deadline = self.cfg.deadline;
         self.calls += 1;
+        let calls = self.calls;
         let mut header = [0u8; CALL_HEADER_LEN];
-        header[..8].copy_from_slice(&self.calls.to_le_bytes());
+        header[..8].copy_from_slice(&calls.to_le_bytes());
         header[8..].copy_from_slice(&(n as u64).to_le_bytes());
+
+        // Segment ids run chunk by chunk; `first[c]` is the first id of chunk c.
+        let mut first = Vec::with_capacity(w + 1);
+        let mut slots: Vec<Option<&mut [f32]>> = Vec::new();
+        let mut rest = data;
+        for c in 0..w {
+            first.push(slots.len());
+            for part in segments(chunk(c), seg) {
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(part.len());
+                slots.push(Some(head));
+                rest = tail;
+            }
+        }
+        first.push(slots.len());
+        let ids = |c: usize| first[c]..first[c + 1];
+        if self.scratch.len() < seg.min(n) {
+            self.scratch.resize(seg.min(n), 0.0);
+        }
+        let scratch = &mut self.scratch;
 
         // The first failure wins; it closes both links so that the other side of this rank and
         // both neighbours stop waiting at once instead of at the deadline.
@@ -261,27 +291,27 @@ impl RingCollective {
                 let _ = links.right.shutdown(Shutdown::Both);
             }
         };
-        let (to_send, outbox) = mpsc::channel::<Vec<u8>>();
-        let (recycle, spares) = mpsc::channel::<Vec<u8>>();
-        let data = &mut self.data;
+        let (to_send, outbox) = mpsc::channel::<Segment<'_>>();
+        let (give_back, returned) = mpsc::channel::<Segment<'_>>();
         std::thread::scope(|s| {
             s.spawn(|| {
+                let give_back = give_back;
                 let mut right = &links.right;
-                for bytes in outbox {
-                    if let Err(e) = right.write_all(&bytes) {
+                if let Err(e) = right.write_all(&header) {
+                    fail(right_rank, io_reason("sending to", &e, deadline));
+                    return;
+                }
+                for (id, values) in outbox {
+                    if let Err(e) = right.write_all(host::bytes(values)) {
                         fail(right_rank, io_reason("sending to", &e, deadline));
                         return;
                     }
-                    let _ = recycle.send(bytes);
+                    let _ = give_back.send((id, values));
                 }
             });
-            let send = |values: &[f32]| {
-                let _ = to_send.send(encode(values, spares.try_recv().unwrap_or_default()));
-            };
             let received = (|| -> std::result::Result<(), String> {
-                let _ = to_send.send(header.to_vec());
-                for part in segments(chunk(r), seg) {
-                    send(&data[part]);
+                for id in ids(r) {
+                    send(&mut slots, id, &to_send);
                 }
                 let mut left = &links.left;
                 let mut theirs = [0u8; CALL_HEADER_LEN];
@@ -291,35 +321,31 @@ impl RingCollective {
                     let call = u64::from_le_bytes(header_word(&theirs, 0));
                     let len = u64::from_le_bytes(header_word(&theirs, 8));
                     return Err(format!(
-                        "out of step: peer is at all-reduce {call} of {len} elements, this rank at all-reduce {} of {n}",
-                        self.calls
+                        "out of step: peer is at all-reduce {call} of {len} elements, this rank at all-reduce {calls} of {n}"
                     ));
                 }
-                let mut buf = vec![0u8; seg * 4];
                 // Reduce-scatter: add the left neighbour's partial sum of one chunk and pass it on.
                 // The last step finishes chunk r + 1, whose sends open the all-gather.
                 for step in 0..w - 1 {
-                    for part in segments(chunk((r + 2 * w - step - 1) % w), seg) {
-                        let bytes = &mut buf[..part.len() * 4];
-                        left.read_exact(bytes)
+                    for id in ids((r + 2 * w - step - 1) % w) {
+                        let values = take(&mut slots, id, &returned)?;
+                        let theirs = &mut scratch[..values.len()];
+                        left.read_exact(host::bytes_mut(theirs))
                             .map_err(|e| io_reason("receiving from", &e, deadline))?;
-                        for (x, b) in data[part.clone()].iter_mut().zip(bytes.chunks_exact(4)) {
-                            *x += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                        }
-                        send(&data[part]);
+                        add(values, theirs);
+                        slots[id] = Some(values);
+                        send(&mut slots, id, &to_send);
                     }
                 }
                 // All-gather: take each finished chunk and pass it on until it has gone round.
                 for step in 0..w - 1 {
-                    for part in segments(chunk((r + w - step) % w), seg) {
-                        let bytes = &mut buf[..part.len() * 4];
-                        left.read_exact(bytes)
+                    for id in ids((r + w - step) % w) {
+                        let values = take(&mut slots, id, &returned)?;
+                        left.read_exact(host::bytes_mut(values))
                             .map_err(|e| io_reason("receiving from", &e, deadline))?;
-                        for (x, b) in data[part.clone()].iter_mut().zip(bytes.chunks_exact(4)) {
-                            *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                        }
+                        slots[id] = Some(values);
                         if step + 2 < w {
-                            send(&data[part]);
+                            send(&mut slots, id, &to_send);
                         }
                     }
                 }
@@ -372,15 +398,29 @@ impl Collective for RingCollective {
         if self.links.is_none() {
             return Ok(());
         }
-        let n = buffer.numel();
-        self.data.resize(n, 0.0);
-        buffer.f_reshape([-1])?.f_copy_data(&mut self.data, n)?;
-        if let Err(e) = self.ring_sum() {
+        // Reduce in the tensor's own memory when it allows; otherwise in a contiguous copy.
+        let direct = buffer.is_contiguous() && !buffer.requires_grad();
+        let summed = if direct {
+            match host::floats_mut(buffer) {
+                Some(data) => self.ring_sum(data),
+                None => Err(unaddressable()),
+            }
+        } else {
+            let mut work = Tensor::f_empty(buffer.size(), (Kind::Float, Device::Cpu))?;
+            work.f_copy_(buffer)?;
+            let summed = match host::floats_mut(&mut work) {
+                Some(data) => self.ring_sum(data),
+                None => Err(unaddressable()),
+            };
+            if summed.is_ok() {
+                buffer.f_copy_(&work)?;
+            }
+            summed
+        };
+        if let Err(e) = summed {
             self.broken = Some(e.to_string());
             return Err(e);
         }
-        let summed = Tensor::f_from_slice(&self.data)?.f_view(buffer.size().as_slice())?;
-        buffer.f_copy_(&summed)?;
         Ok(())
     }
 }
@@ -474,13 +514,92 @@ fn segments(range: Range<usize>, len: usize) -> impl Iterator<Item = Range<usize
         .map(move |start| start..(start + len).min(end))
 }
 
-/// `values` as little-endian bytes, reusing `out`'s allocation.
-fn encode(values: &[f32], mut out: Vec<u8>) -> Vec<u8> {
-    out.resize(values.len() * 4, 0);
-    for (b, v) in out.chunks_exact_mut(4).zip(values) {
-        b.copy_from_slice(&v.to_le_bytes());
+/// Hands segment `id` to the sending thread.
+fn send<'a>(slots: &mut [Option<&'a mut [f32]>], id: usize, to_send: &Sender<Segment<'a>>) {
+    if let Some(values) = slots[id].take() {
+        let _ = to_send.send((id, values));
     }
-    out
+}
+
+/// Segment `id`, waiting for the sending thread to hand it back if it has it.
+fn take<'a>(
+    slots: &mut [Option<&'a mut [f32]>],
+    id: usize,
+    returned: &Receiver<Segment<'a>>,
+) -> std::result::Result<&'a mut [f32], String> {
+    loop {
+        if let Some(values) = slots[id].take() {
+            return Ok(values);
+        }
+        match returned.recv() {
+            Ok((back, values)) => slots[back] = Some(values),
+            Err(_) => return Err("the sending thread stopped".into()),
+        }
+    }
+}
+
+fn unaddressable() -> Error {
+    Error::Input {
+        name: "all-reduce buffer".into(),
+        reason: "its memory is not addressable as f32".into(),
+    }
+}
+
+/// `mine[i] += theirs[i]`: the partial sum so far plus the left neighbour's.
+fn add(mine: &mut [f32], theirs: &[f32]) {
+    for (x, y) in mine.iter_mut().zip(theirs) {
+        *x += *y;
+    }
+}
+
+#[allow(unsafe_code)]
+mod host {
+    //! Views of host memory as the wire format (little-endian f32) and of a CPU float tensor's
+    //! storage as a slice, so that the ring neither copies nor allocates per call.
+    use tch::{Device, Kind, Tensor};
+
+    #[cfg(not(target_endian = "little"))]
+    compile_error!("the ring's wire format is little-endian f32, sent straight from memory");
+
+    /// The bytes of `values` (little-endian, see the check above).
+    pub fn bytes(values: &[f32]) -> &[u8] {
+        // SAFETY: the pointer and length cover exactly the memory of `values`, which stays
+        // borrowed (shared) for the result's lifetime; u8 has alignment 1 and every byte of an
+        // f32 is initialised.
+        unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), size_of_val(values)) }
+    }
+
+    /// The bytes of `values`, writable.
+    pub fn bytes_mut(values: &mut [f32]) -> &mut [u8] {
+        // SAFETY: as in `bytes`, with the exclusive borrow of `values` carried over to the
+        // result; any bit pattern written is a valid f32.
+        unsafe {
+            std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), size_of_val(values))
+        }
+    }
+
+    /// The elements of `tensor`, which must be a contiguous float32 CPU tensor; `None` otherwise
+    /// or when its data pointer is unusable.
+    pub fn floats_mut(tensor: &mut Tensor) -> Option<&mut [f32]> {
+        if tensor.kind() != Kind::Float || tensor.device() != Device::Cpu || !tensor.is_contiguous()
+        {
+            return None;
+        }
+        let n = tensor.numel();
+        if n == 0 {
+            return Some(&mut []);
+        }
+        let ptr = tensor.data_ptr().cast::<f32>();
+        if ptr.is_null() || !ptr.is_aligned() {
+            return None;
+        }
+        // SAFETY: a contiguous float32 CPU tensor with n elements has n initialised f32 at
+        // `data_ptr()` (which includes the storage offset), and the storage lives as long as the
+        // tensor, which stays exclusively borrowed for the slice's lifetime. This handle is
+        // borrowed mutably; other handles sharing the storage are not used while the slice
+        // lives (the all-reduce owns its buffer for the call, as an in-place op would).
+        Some(unsafe { std::slice::from_raw_parts_mut(ptr, n) })
+    }
 }
 
 fn header_word(header: &[u8; CALL_HEADER_LEN], at: usize) -> [u8; 8] {
@@ -599,6 +718,46 @@ mod tests {
             }
         }
         check(3, 100_003, false, 1 << 20);
+    }
+
+    /// A strided buffer (a transposed view) is summed through a contiguous copy and written back.
+    #[test]
+    fn strided_buffers_are_summed_in_place() {
+        let (listeners, addrs) = listeners(2);
+        let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let addrs = &addrs;
+                    s.spawn(move || {
+                        let cfg = RingConfig {
+                            segment_bytes: 16,
+                            ..RingConfig::new(rank, 2, 5, Duration::from_secs(10))
+                        };
+                        let mut ring =
+                            RingCollective::connect(cfg, addrs, listener).expect("connect");
+                        let base = Tensor::arange(12, (Kind::Float, Device::Cpu))
+                            .f_add_scalar(rank as f64 * 100.0)
+                            .expect("add")
+                            .reshape([3, 4]);
+                        let mut t = base.tr();
+                        assert!(!t.is_contiguous());
+                        ring.all_reduce_sum(&mut t).expect("all-reduce");
+                        Vec::<f32>::try_from(&t.contiguous().reshape([-1])).expect("to vec")
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("rank"))
+                .collect()
+        });
+        let expected: Vec<f32> = (0..4)
+            .flat_map(|c| (0..3).map(move |r| (2 * (r * 4 + c) + 100) as f32))
+            .collect();
+        assert_eq!(results[0], expected);
+        assert_eq!(results[1], expected);
     }
 
     #[test]
