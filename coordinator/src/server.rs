@@ -48,6 +48,8 @@ pub struct ServeConfig {
     pub user_token: Option<String>,
     /// Bearer token workers must present (Workers service), if any.
     pub worker_token: Option<String>,
+    /// Folders local paths in job specs must stay inside (empty: no limit).
+    pub local_roots: Vec<PathBuf>,
 }
 
 /// Addresses actually bound.
@@ -62,6 +64,7 @@ pub struct Bound {
 #[derive(Debug)]
 struct Shared {
     core: Arc<Mutex<Core>>,
+    local_roots: Vec<PathBuf>,
     kick: Arc<Notify>,
     flushed: watch::Receiver<u64>,
     metrics: Metrics,
@@ -139,7 +142,9 @@ impl Jobs for JobsSvc {
             pb::SpecFormat::Json => JobSpec::from_json(&req.spec),
             pb::SpecFormat::Auto => JobSpec::parse_auto(&req.spec),
         };
-        let spec = parsed.map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let spec = parsed
+            .and_then(|spec| spec.check_local_roots(&self.0.local_roots).map(|()| spec))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (job, epoch) = {
             let mut core = self.0.lock()?;
             let job = core.submit(spec, Instant::now());
@@ -544,6 +549,7 @@ pub async fn serve(
 
     let shared = Arc::new(Shared {
         core,
+        local_roots: cfg.local_roots.clone(),
         kick,
         flushed: flushed_rx,
         metrics,

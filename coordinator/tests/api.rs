@@ -25,6 +25,7 @@ async fn start(dir: &std::path::Path) -> (Bound, oneshot::Sender<()>) {
         timing: Timing::default(),
         user_token: Some(USER.into()),
         worker_token: Some(WORKER.into()),
+        local_roots: vec!["/tmp/endofm-api-test".into()],
     };
     tokio::spawn(async move {
         server::serve(
@@ -138,6 +139,18 @@ async fn tokens_health_reflection_validation_and_watch() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(
         err.message().contains("resources.world_size"),
+        "{}",
+        err.message()
+    );
+    let err = jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec: SPEC.replace("/tmp/endofm-api-test/out", "/etc/out"),
+            format: 0,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("output") && err.message().contains("allowed roots"),
         "{}",
         err.message()
     );

@@ -350,15 +350,103 @@ impl JobSpec {
         Ok(())
     }
 
+    /// Refuses local paths (plain paths and `file://`) outside `roots`, the folders an
+    /// operator lets jobs read and write on the workers' file systems. No roots: no limit.
+    pub fn check_local_roots(&self, roots: &[std::path::PathBuf]) -> Result<()> {
+        if roots.is_empty() {
+            return Ok(());
+        }
+        let mut places = vec![
+            ("data.uri", self.data.uri.clone()),
+            ("output", self.output.clone()),
+        ];
+        if let Some(init) = &self.init {
+            places.push(("init", init.clone()));
+        }
+        for (field, uri) in places {
+            let path = match StorageUri::parse(&uri) {
+                Ok(StorageUri::Local { path }) => path,
+                _ => continue,
+            };
+            let normal = normalise(&path);
+            let inside = path.is_absolute()
+                && normal.is_some_and(|p| roots.iter().any(|r| p.starts_with(r)));
+            if !inside {
+                let list: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "local path `{uri}` is outside the allowed roots ({}); use an absolute path below one of them or an object-store URI",
+                        list.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The spec as JSON with every default filled in.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
 }
 
+/// Resolves `.` and `..` lexically; `None` when `..` climbs above the root.
+fn normalise(path: &std::path::Path) -> Option<std::path::PathBuf> {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                if !out.pop() {
+                    return None;
+                }
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_paths_must_stay_inside_the_roots() {
+        let spec = |data: &str, out: &str| {
+            JobSpec::from_toml(&format!(
+                "kind = \"pretrain\"\noutput = \"{out}\"\n[data]\nuri = \"{data}\"\n"
+            ))
+            .expect("spec")
+        };
+        let roots = vec![
+            std::path::PathBuf::from("/data"),
+            std::path::PathBuf::from("/runs"),
+        ];
+        assert!(
+            spec("/data/corpus", "file:///runs/a")
+                .check_local_roots(&roots)
+                .is_ok()
+        );
+        assert!(
+            spec("s3://bucket/c", "/runs/a")
+                .check_local_roots(&roots)
+                .is_ok()
+        );
+        assert!(spec("/data/corpus", "/etc").check_local_roots(&[]).is_ok());
+        for (data, out, field) in [
+            ("/data/../etc", "/runs/a", "data.uri"),
+            ("relative/corpus", "/runs/a", "data.uri"),
+            ("/data/c", "/tmp/x", "output"),
+        ] {
+            match spec(data, out).check_local_roots(&roots) {
+                Err(Error::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{data} {out}: {other:?}"),
+            }
+        }
+    }
 
     const MINIMAL: &str = r#"
 kind = "pretrain"

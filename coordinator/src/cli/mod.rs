@@ -126,6 +126,10 @@ struct CoordinatorArgs {
     /// A worker silent for this long is lost (milliseconds).
     #[arg(long, default_value_t = 10_000)]
     lease_ms: u64,
+    /// Local folders that job specs may name (data, output, init); repeatable. Without it
+    /// any local path is accepted.
+    #[arg(long = "local-root")]
+    local_roots: Vec<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value = "auto")]
     log_format: LogFormatArg,
@@ -198,6 +202,7 @@ fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         },
         user_token: user_token(),
         worker_token: token("ENDOFM_WORKER_TOKEN"),
+        local_roots: args.local_roots,
     };
     runtime()?.block_on(server::serve(
         cfg,

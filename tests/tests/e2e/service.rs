@@ -94,6 +94,22 @@ print("; ".join(bad))
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A cluster with one `cpu:2` agent running a two-rank tiny job: (cluster, agent, job, output).
+fn two_rank_job(name: &str, top: &str) -> (Cluster, usize, String, std::path::PathBuf) {
+    let mut c = Cluster::start();
+    let w = c.add_worker("cpu:2");
+    let out = c.dir.path().join("out");
+    let id = c.submit(&tiny_spec(
+        name,
+        &out,
+        corpus().to_str().unwrap(),
+        2,
+        top,
+        "",
+    ));
+    (c, w, id, out)
+}
+
 fn final_checkpoint(out: &Path) -> std::path::PathBuf {
     let mut steps: Vec<_> = std::fs::read_dir(out.join("checkpoints"))
         .expect("checkpoints")
@@ -216,17 +232,7 @@ fn killed_worker_restarts_the_job_from_its_last_checkpoint() {
 #[test]
 fn stopped_rank_fails_the_attempt_within_the_deadline_and_the_job_recovers() {
     let _serial = serial();
-    let mut c = Cluster::start();
-    let w = c.add_worker("cpu:2");
-    let out = c.dir.path().join("out");
-    let id = c.submit(&tiny_spec(
-        "sigstop",
-        &out,
-        corpus().to_str().unwrap(),
-        2,
-        "max_steps = 8",
-        "",
-    ));
+    let (c, w, id, _) = two_rank_job("sigstop", "max_steps = 8");
     c.wait_until(&id, LONG, "training", |j| step(j) >= 2);
     let ranks = children_of(c.worker_pid(w));
     assert_eq!(ranks.len(), 2, "two rank processes");
@@ -352,17 +358,7 @@ fn gang_scheduling_and_priorities() {
 #[test]
 fn cancel_stops_every_rank_and_keeps_the_last_checkpoint() {
     let _serial = serial();
-    let mut c = Cluster::start();
-    let w = c.add_worker("cpu:2");
-    let out = c.dir.path().join("out");
-    let id = c.submit(&tiny_spec(
-        "cancel",
-        &out,
-        corpus().to_str().unwrap(),
-        2,
-        "",
-        "",
-    ));
+    let (c, w, id, out) = two_rank_job("cancel", "");
     c.wait_until(&id, LONG, "checkpointed", |j| {
         j["last_checkpoint"]["step"].as_u64().unwrap_or(0) >= 2
     });

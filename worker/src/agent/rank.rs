@@ -459,6 +459,17 @@ pub fn run(cfg: RankConfig) -> Result<()> {
         seconds = summary.seconds,
         "rank finished"
     );
+    if summary.interrupted {
+        // Stopped before the end (SIGTERM: a stop order, a pod eviction): the attempt did not
+        // finish, so the exit must not count as success; the job resumes from this checkpoint.
+        return Err(Error::Service {
+            what: "training".into(),
+            reason: format!(
+                "stopped on request after step {} of {}; checkpoint {}",
+                summary.steps, summary.total_steps, summary.checkpoint
+            ),
+        });
+    }
     Ok(())
 }
 
