@@ -63,6 +63,12 @@ struct Worker {
     outbox_assign: Vec<pb::Assignment>,
     outbox_stop: Vec<pb::StopOrder>,
     stop_sent: HashMap<RankKey, Instant>,
+    /// Assignments handed out but not yet seen running or exited, with the heartbeat number
+    /// of the answer that carried them: resent when a later heartbeat still lacks them (the
+    /// answer was lost).
+    unacked: HashMap<RankKey, (pb::Assignment, u64)>,
+    /// Heartbeats received since registration.
+    beats: u64,
 }
 
 impl Worker {
@@ -76,6 +82,8 @@ impl Worker {
             outbox_assign: Vec::new(),
             outbox_stop: Vec::new(),
             stop_sent: HashMap::new(),
+            unacked: HashMap::new(),
+            beats: 0,
         }
     }
 
@@ -85,6 +93,7 @@ impl Worker {
             .iter()
             .find_map(|(slot, k)| (k == key).then_some(*slot));
         self.stop_sent.remove(key);
+        self.unacked.remove(key);
         slot.map(|s| self.busy.remove(&s)).is_some()
     }
 
@@ -534,11 +543,45 @@ impl Core {
         if !req.exited.is_empty() {
             self.schedule(now);
         }
+        let current: HashSet<RankKey> = self
+            .workers
+            .get(&req.worker_id)
+            .map(|w| {
+                w.unacked
+                    .keys()
+                    .filter(|k| {
+                        self.jobs
+                            .get(&k.0)
+                            .is_some_and(|j| j.state == State::Running && j.generation == k.1)
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
         let Some(w) = self.workers.get_mut(&req.worker_id) else {
             return pb::HeartbeatResponse::default();
         };
+        w.beats += 1;
+        for r in &req.running {
+            w.unacked.remove(&key_of(r));
+        }
+        w.unacked.retain(|k, _| current.contains(k));
+        let beat = w.beats;
+        let mut assignments = std::mem::take(&mut w.outbox_assign);
+        for (key, (a, sent)) in &mut w.unacked {
+            if *sent < beat {
+                tracing::warn!(job = %key.0, generation = key.1, rank = key.2, "assignment not acknowledged; sending it again");
+                *sent = beat;
+                assignments.push(a.clone());
+            }
+        }
+        for a in &assignments {
+            if let Some(r) = &a.rank {
+                w.unacked.insert(key_of(r), (a.clone(), beat));
+            }
+        }
         pb::HeartbeatResponse {
-            assignments: std::mem::take(&mut w.outbox_assign),
+            assignments,
             stop: std::mem::take(&mut w.outbox_stop),
             reregister: false,
         }
@@ -1088,6 +1131,49 @@ mod tests {
         }
         assert_eq!(c.job(&big.id).map(|j| j.state), Some(State::Succeeded));
         assert_eq!(c.job(&low.id).map(|j| j.state), Some(State::Running));
+    }
+
+    #[test]
+    fn an_assignment_whose_answer_was_lost_is_sent_again_once() {
+        let mut c = core();
+        let now = Instant::now();
+        register(&mut c, "a", 1, now);
+        let job = c.submit(spec(1, 0, 0), now);
+        let first = c.heartbeat(
+            &pb::HeartbeatRequest {
+                worker_id: "a".into(),
+                ..Default::default()
+            },
+            now,
+        );
+        assert_eq!(first.assignments.len(), 1);
+        // That answer never arrived: the next heartbeat lists nothing running.
+        let again = c.heartbeat(
+            &pb::HeartbeatRequest {
+                worker_id: "a".into(),
+                ..Default::default()
+            },
+            now,
+        );
+        assert_eq!(again.assignments.len(), 1);
+        assert_eq!(again.assignments[0].rank, first.assignments[0].rank);
+        // Once the rank shows up as running, it is not sent again.
+        let running = vec![pb::RankRef {
+            job_id: job.id.clone(),
+            generation: 1,
+            rank: 0,
+        }];
+        for _ in 0..3 {
+            let r = c.heartbeat(
+                &pb::HeartbeatRequest {
+                    worker_id: "a".into(),
+                    running: running.clone(),
+                    exited: vec![],
+                },
+                now,
+            );
+            assert!(r.assignments.is_empty());
+        }
     }
 
     #[test]
