@@ -20,8 +20,10 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 # binutils: readelf (tests read the binaries' dynamic sections).
 # libav*-dev, libswscale-dev, clang, libclang-dev: FFmpeg 5.1 for clip encoding/decoding
 # (ffmpeg-next; its bindgen build needs libclang).
-# prometheus: promtool, which the deploy test runs on deploy/prometheus/prometheus.yml.
-debs=(binutils pkg-config libavcodec-dev libavformat-dev libavutil-dev libswscale-dev clang libclang-dev prometheus)
+# prometheus: the server and promtool (the metrics and deploy tests run both).
+# curl: the tests' HTTP client (metrics scrapes, Prometheus queries). openssl: the TLS test
+# makes its certificates with it.
+debs=(binutils pkg-config libavcodec-dev libavformat-dev libavutil-dev libswscale-dev clang libclang-dev prometheus curl openssl)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -57,8 +57,19 @@ pub fn normalise(url: &str) -> String {
     }
 }
 
-/// Connects a channel, retrying until `patience` has passed.
+/// Connects a channel, retrying until `patience` has passed (`https://`: TLS, verified against
+/// `ENDOFM_TLS_CA` or the system roots).
 pub async fn channel(url: &str, patience: Duration) -> Result<Channel> {
+    let ca = std::env::var_os(endofm_proto::tls::CA_ENV).map(std::path::PathBuf::from);
+    channel_with_ca(url, ca.as_deref(), patience).await
+}
+
+/// [`channel`] with an explicit CA file.
+pub async fn channel_with_ca(
+    url: &str,
+    ca: Option<&std::path::Path>,
+    patience: Duration,
+) -> Result<Channel> {
     let url = normalise(url);
     let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| Error::Connect {
@@ -67,6 +78,11 @@ pub async fn channel(url: &str, patience: Duration) -> Result<Channel> {
         })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
+    let endpoint =
+        endofm_proto::tls::configure(endpoint, &url, ca).map_err(|message| Error::Connect {
+            url: url.clone(),
+            message,
+        })?;
     let started = Instant::now();
     loop {
         match endpoint.connect().await {

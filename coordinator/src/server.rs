@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub worker_token: Option<String>,
     /// Folders local paths in job specs must stay inside (empty: no limit).
     pub local_roots: Vec<PathBuf>,
+    /// Serve gRPC over TLS with this certificate chain and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Addresses actually bound.
@@ -581,7 +583,20 @@ pub async fn serve(
         metrics: metrics_addr,
     });
     tracing::info!(grpc = %grpc, metrics = ?metrics_addr, "coordinator serving");
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &cfg.tls {
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|source| Error::Io {
+                action: format!("reading the TLS file {}", p.display()),
+                source,
+            })
+        };
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| Error::Invalid(format!("TLS configuration: {e}")))?;
+    }
+    builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(jobs)

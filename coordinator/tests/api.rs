@@ -26,6 +26,7 @@ async fn start(dir: &std::path::Path) -> (Bound, oneshot::Sender<()>) {
         user_token: Some(USER.into()),
         worker_token: Some(WORKER.into()),
         local_roots: vec!["/tmp/endofm-api-test".into()],
+        tls: None,
     };
     tokio::spawn(async move {
         server::serve(
@@ -228,4 +229,150 @@ async fn tokens_health_reflection_validation_and_watch() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
     let _ = stop.send(());
+}
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (Debian package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn tls_when_certificates_are_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=endofm test CA",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let cfg = ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        state: d.join("state"),
+        timing: Timing::default(),
+        user_token: None,
+        worker_token: None,
+        local_roots: vec![],
+        tls: Some((d.join("server.pem"), d.join("server.key"))),
+    };
+    tokio::spawn(async move {
+        server::serve(
+            cfg,
+            move |b| {
+                let _ = ready_tx.send(b);
+            },
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+    });
+    let bound = ready_rx.await.unwrap();
+    let port = bound.grpc.port();
+    let patience = Duration::from_secs(5);
+    let ca = d.join("ca.pem");
+    let channel =
+        client::channel_with_ca(&format!("https://localhost:{port}"), Some(&ca), patience)
+            .await
+            .unwrap();
+    let mut jobs = pb::jobs_client::JobsClient::new(channel);
+    assert!(
+        jobs.list_jobs(pb::ListJobsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+            .is_empty()
+    );
+    // Plain-text gRPC against the TLS port fails; so does TLS without trusting the CA.
+    let plain =
+        client::channel_with_ca(&format!("http://127.0.0.1:{port}"), None, Duration::ZERO).await;
+    let plain_ok = match plain {
+        Ok(ch) => pb::jobs_client::JobsClient::new(ch)
+            .list_jobs(pb::ListJobsRequest::default())
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    assert!(!plain_ok, "plain text accepted on the TLS port");
+    let wrong_ca = d.join("server.pem");
+    let untrusted = client::channel_with_ca(
+        &format!("https://localhost:{port}"),
+        Some(&wrong_ca),
+        Duration::ZERO,
+    )
+    .await;
+    let untrusted_ok = match untrusted {
+        Ok(ch) => pb::jobs_client::JobsClient::new(ch)
+            .list_jobs(pb::ListJobsRequest::default())
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    assert!(
+        !untrusted_ok,
+        "a certificate from an untrusted CA was accepted"
+    );
 }

@@ -31,3 +31,41 @@ pub mod v1 {
         }
     }
 }
+
+/// TLS for clients of the coordinator: `https://` URLs are verified against the CA in
+/// `ENDOFM_TLS_CA` (a PEM file) when it is set, else against the system's roots.
+pub mod tls {
+    use std::path::Path;
+
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+    /// Environment variable naming the PEM file of the CA that signed the coordinator's
+    /// certificate.
+    pub const CA_ENV: &str = "ENDOFM_TLS_CA";
+
+    /// Adds TLS to `endpoint` when `url` is `https://`; `ca` (a PEM file) replaces the
+    /// system roots. Errors are messages naming the file or the URL.
+    pub fn configure(endpoint: Endpoint, url: &str, ca: Option<&Path>) -> Result<Endpoint, String> {
+        if !url.starts_with("https://") {
+            return Ok(endpoint);
+        }
+        let mut cfg = ClientTlsConfig::new();
+        match ca {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| format!("reading the CA certificate {}: {e}", path.display()))?;
+                cfg = cfg.ca_certificate(Certificate::from_pem(pem));
+            }
+            None => cfg = cfg.with_native_roots(),
+        }
+        endpoint
+            .tls_config(cfg)
+            .map_err(|e| format!("TLS for {url}: {e}"))
+    }
+
+    /// [`configure`] with the CA from `ENDOFM_TLS_CA`.
+    pub fn configure_from_env(endpoint: Endpoint, url: &str) -> Result<Endpoint, String> {
+        let ca = std::env::var_os(CA_ENV).map(std::path::PathBuf::from);
+        configure(endpoint, url, ca.as_deref())
+    }
+}

@@ -130,6 +130,12 @@ struct CoordinatorArgs {
     /// any local path is accepted.
     #[arg(long = "local-root")]
     local_roots: Vec<PathBuf>,
+    /// Serve gRPC over TLS: certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value = "auto")]
     log_format: LogFormatArg,
@@ -203,6 +209,7 @@ fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         user_token: user_token(),
         worker_token: token("ENDOFM_WORKER_TOKEN"),
         local_roots: args.local_roots,
+        tls: args.tls_cert.zip(args.tls_key),
     };
     runtime()?.block_on(server::serve(
         cfg,

@@ -69,6 +69,11 @@ pub fn connect(url: &str) -> Result<Client> {
         })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_keepalive(Some(Duration::from_secs(30)));
+    let endpoint =
+        endofm_proto::tls::configure_from_env(endpoint, url).map_err(|reason| Error::Service {
+            what: format!("--coordinator `{url}`"),
+            reason,
+        })?;
     let channel = endpoint.connect_lazy();
     Ok(WorkersClient::with_interceptor(channel, Auth::from_env()?))
 }
