@@ -198,10 +198,12 @@ impl Core {
             let kind = job.spec.resources.device;
             let generation = job.generation;
             for p in job.placement.clone() {
+                // Workers back off while the coordinator is away: they get two leases to return.
+                let grace = now + timing.lease;
                 let worker = core
                     .workers
                     .entry(p.worker_id.clone())
-                    .or_insert_with(|| Worker::new(String::new(), now));
+                    .or_insert_with(|| Worker::new(String::new(), grace));
                 worker
                     .busy
                     .insert((kind, p.device_index), (id.clone(), generation, p.rank));
@@ -1322,7 +1324,7 @@ mod tests {
         );
         beat(&mut c2, "a", vec![((job.id.clone(), 1, 0), true)], now);
         assert_eq!(c2.job(&job.id).map(|j| j.state), Some(State::Succeeded));
-        // Without the worker coming back, the attempt fails after a lease and restarts.
+        // Without the worker coming back, the attempt fails after two leases and restarts.
         let mut registry = Registry::default();
         let loaded = Loaded {
             jobs: c.jobs.values().cloned().collect(),
