@@ -1334,6 +1334,12 @@ mod tests {
         let mut c3 = Core::new(loaded, Timing::default(), Metrics::new(&mut registry));
         c3.expire_leases(now + Duration::from_secs(11));
         assert_eq!(
+            c3.job(&job.id).map(|j| j.state),
+            Some(State::Running),
+            "within the grace"
+        );
+        c3.expire_leases(now + Duration::from_secs(21));
+        assert_eq!(
             c3.job(&job.id).map(|j| (j.state, j.restarts)),
             Some((State::Queued, 1))
         );
