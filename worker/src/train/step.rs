@@ -111,6 +111,9 @@ pub struct SslTrainer {
     /// A second student sharing the parameters' storage, for running view groups on two
     /// threads (CPU with ≥ 2 intra-op threads); each thread then uses one libtorch thread.
     replica: Option<EndoFm>,
+    /// The teacher's twin for the second thread (parameters shared with the teacher, so EMA
+    /// updates reach it).
+    teacher_replica: Option<EndoFm>,
     student_flat: FlatParams,
     teacher_flat: FlatParams,
     optimizer: AdamW,
@@ -160,6 +163,10 @@ impl SslTrainer {
         } else {
             None
         };
+        let teacher_replica = match replica {
+            Some(_) => Some(Self::replica_of(&teacher)?),
+            None => None,
+        };
         let optimizer = AdamW::new(&student_flat, AdamWConfig::default());
         let grads = Tensor::zeros([student_flat.trainable_len()], (Kind::Float, device));
         let objective = SslLoss::new(
@@ -186,6 +193,7 @@ impl SslTrainer {
             student,
             teacher,
             replica,
+            teacher_replica,
             student_flat,
             teacher_flat,
             optimizer,
@@ -306,10 +314,13 @@ impl SslTrainer {
     /// libtorch's intra-op threads (`false`). Either is deterministic for a seed; they differ
     /// in the order floating-point sums are taken.
     pub fn set_two_threads(&mut self, on: bool) -> Result<()> {
-        self.replica = if on && self.student.device() == Device::Cpu {
-            Some(Self::replica_of(&self.student)?)
+        (self.replica, self.teacher_replica) = if on && self.student.device() == Device::Cpu {
+            (
+                Some(Self::replica_of(&self.student)?),
+                Some(Self::replica_of(&self.teacher)?),
+            )
         } else {
-            None
+            (None, None)
         };
         Ok(())
     }
@@ -320,8 +331,9 @@ impl SslTrainer {
     }
 
     /// Loss, teacher outputs and flat gradients of one step computed on two threads: thread A
-    /// runs the teacher and then the student on the second global view, thread B the student
-    /// replica on every other view; each differentiates its own terms of the objective and the
+    /// runs the teacher and the student on the second global view, thread B the teacher on the
+    /// first global view and the student replica on every other view (about equal work); they
+    /// swap teacher probabilities, each differentiates its own terms of the objective, and the
     /// two gradients are added in a fixed order (deterministic for a seed).
     fn two_thread_grads(
         &mut self,
@@ -351,13 +363,22 @@ impl SslTrainer {
             .chain(GLOBAL_VIEWS..views.len())
             .collect();
         let (student, teacher) = (&mut self.student, &mut self.teacher);
-        let Some(replica) = self.replica.as_mut() else {
+        let (Some(replica), Some(teacher_b)) =
+            (self.replica.as_mut(), self.teacher_replica.as_mut())
+        else {
             return Err(Error::Input {
                 name: "trainer".into(),
                 reason: "no replica for two-thread steps".into(),
             });
         };
-        let (tx, rx) = std::sync::mpsc::channel::<Tensor>();
+        // Each thread runs the teacher on one global view and hands the other its
+        // probabilities: both send before they receive, so neither can wait on the other.
+        let (tx_a, rx_b) = std::sync::mpsc::channel::<Tensor>();
+        let (tx_b, rx_a) = std::sync::mpsc::channel::<Tensor>();
+        let stopped = || Error::Input {
+            name: "trainer".into(),
+            reason: "the other training thread stopped".into(),
+        };
         let grads_of = |net: &EndoFm, loss: &Tensor, names: &[String]| -> Tensor {
             let vars = net.var_store().variables();
             let inputs: Vec<Tensor> = names.iter().map(|n| vars[n].shallow_clone()).collect();
@@ -367,48 +388,53 @@ impl SslTrainer {
                 0,
             )
         };
+        let center_b = center.shallow_clone();
         let (a, b) = std::thread::scope(|s| {
             let names_a = names.clone();
             let a = s.spawn(move || -> Result<(f64, Tensor, Tensor)> {
                 tch::set_num_threads(1);
                 with_drop_path_seed(seed ^ 0xA, || {
                     with_precision(precision, device, || {
-                        let t_out =
-                            tch::no_grad(|| teacher.forward_views(&views_a[..GLOBAL_VIEWS], true));
-                        let probs = teacher_probs(&t_out, &center, teacher_temp, GLOBAL_VIEWS);
-                        let _ = tx.send(probs.shallow_clone());
+                        let t1 =
+                            tch::no_grad(|| teacher.forward_views(&views_a[1..GLOBAL_VIEWS], true));
+                        let p1 = teacher_probs(&t1, &center, teacher_temp, 1);
+                        let _ = tx_a.send(p1.shallow_clone());
+                        let p0 = rx_a.recv().map_err(|_| stopped())?;
+                        let probs = Tensor::cat(&[p0, p1], 0);
                         let s_out = student.forward_views(&views_a[1..GLOBAL_VIEWS], true);
                         let loss = cross_terms(&probs, &s_out, &[1], student_temp) / terms;
                         let value = loss.to_kind(Kind::Double).double_value(&[]);
-                        (value, t_out, grads_of(student, &loss, &names_a))
-                    })
+                        Ok((value, t1, grads_of(student, &loss, &names_a)))
+                    })?
                 })
             });
-            let b = s.spawn(move || -> Result<(f64, Tensor)> {
+            let b = s.spawn(move || -> Result<(f64, Tensor, Tensor)> {
                 tch::set_num_threads(1);
                 with_drop_path_seed(seed ^ 0xB, || {
                     with_precision(precision, device, || {
+                        let t0 = tch::no_grad(|| teacher_b.forward_views(&views_b[..1], true));
+                        let p0 = teacher_probs(&t0, &center_b, teacher_temp, 1);
+                        let _ = tx_b.send(p0.shallow_clone());
                         let s_out = replica.forward_views(&views_b, true);
-                        let probs = rx.recv().map_err(|_| Error::Input {
-                            name: "trainer".into(),
-                            reason: "the teacher thread stopped".into(),
-                        })?;
+                        let p1 = rx_b.recv().map_err(|_| stopped())?;
+                        let probs = Tensor::cat(&[p0, p1], 0);
                         let loss = cross_terms(&probs, &s_out, &ids_b, student_temp) / terms;
                         let value = loss.to_kind(Kind::Double).double_value(&[]);
-                        Ok((value, grads_of(replica, &loss, &names)))
+                        Ok((value, t0, grads_of(replica, &loss, &names)))
                     })?
                 })
             });
             (a.join(), b.join())
         });
-        let (la, t_out, ga) = a.map_err(|_| Error::Input {
+        let (la, t1, ga) = a.map_err(|_| Error::Input {
             name: "trainer".into(),
             reason: "a training thread panicked".into(),
         })??;
-        let (lb, gb) = b.map_err(|_| Error::Input {
+        let (lb, t0, gb) = b.map_err(|_| Error::Input {
             name: "trainer".into(),
             reason: "a training thread panicked".into(),
         })??;
+        let t_out = Tensor::cat(&[t0, t1], 0);
         let grads = self.grads.shallow_clone();
         tch::no_grad(|| {
             let _ = ga.add_out(&grads, &gb);
