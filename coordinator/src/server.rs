@@ -585,6 +585,7 @@ pub async fn serve(
     tracing::info!(grpc = %grpc, metrics = ?metrics_addr, "coordinator serving");
     let mut builder = tonic::transport::Server::builder();
     if let Some((cert, key)) = &cfg.tls {
+        endofm_proto::tls::install_crypto_provider();
         let read = |p: &PathBuf| {
             std::fs::read(p).map_err(|source| Error::Io {
                 action: format!("reading the TLS file {}", p.display()),

@@ -43,12 +43,19 @@ pub mod tls {
     /// certificate.
     pub const CA_ENV: &str = "ENDOFM_TLS_CA";
 
+    /// Makes ring the process's rustls crypto provider (idempotent). Needed before any TLS
+    /// handshake: with both of rustls's providers compiled in, it cannot choose by itself.
+    pub fn install_crypto_provider() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+
     /// Adds TLS to `endpoint` when `url` is `https://`; `ca` (a PEM file) replaces the
     /// system roots. Errors are messages naming the file or the URL.
     pub fn configure(endpoint: Endpoint, url: &str, ca: Option<&Path>) -> Result<Endpoint, String> {
         if !url.starts_with("https://") {
             return Ok(endpoint);
         }
+        install_crypto_provider();
         let mut cfg = ClientTlsConfig::new();
         match ca {
             Some(path) => {
