@@ -154,6 +154,8 @@ pub struct Core {
     /// Bumped by every change that must reach the store.
     epoch: u64,
     metrics: Metrics,
+    /// Whether a queued job may stop lower-priority running jobs to get its devices.
+    preemption: bool,
 }
 
 impl Core {
@@ -177,6 +179,7 @@ impl Core {
             next_job_dirty: false,
             epoch: 0,
             metrics,
+            preemption: false,
         };
         let mut running = Vec::new();
         for job in loaded.jobs {
@@ -217,6 +220,12 @@ impl Core {
             );
         }
         core
+    }
+
+    /// Lets a queued job that cannot be placed stop lower-priority running jobs (they
+    /// checkpoint, are re-queued without using a restart, and resume later).
+    pub fn set_preemption(&mut self, on: bool) {
+        self.preemption = on;
     }
 
     /// The metrics handles.
@@ -928,7 +937,126 @@ impl Core {
         for (id, slots) in placements {
             self.place(&id, slots, now);
         }
+        if self.preemption {
+            self.preempt(now);
+        }
         placed
+    }
+
+    /// For each device kind, the first queued job that fits the cluster but not the free
+    /// devices may stop running jobs of lower priority (lowest first, newest first) until the
+    /// devices it needs are free or being freed.
+    fn preempt(&mut self, now: Instant) {
+        let mut capacity: HashMap<DeviceKind, usize> = HashMap::new();
+        let mut free: HashMap<DeviceKind, usize> = HashMap::new();
+        let mut stopping: HashMap<DeviceKind, usize> = HashMap::new();
+        for w in self.workers.values().filter(|w| w.registered) {
+            for &(kind, index) in &w.devices {
+                *capacity.entry(kind).or_default() += 1;
+                match w.busy.get(&(kind, index)) {
+                    None => *free.entry(kind).or_default() += 1,
+                    Some(k) => {
+                        let current = self
+                            .jobs
+                            .get(&k.0)
+                            .is_some_and(|j| j.state == State::Running && j.generation == k.1);
+                        if !current {
+                            *stopping.entry(kind).or_default() += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let mut heads: Vec<(String, DeviceKind, usize, i32)> = Vec::new();
+        for (_, _, id) in &self.queue {
+            let Some(job) = self.jobs.get(id) else {
+                continue;
+            };
+            let kind = job.spec.resources.device;
+            let world = job.spec.resources.world_size as usize;
+            if heads.iter().any(|h| h.1 == kind)
+                || world > capacity.get(&kind).copied().unwrap_or(0)
+            {
+                continue;
+            }
+            heads.push((id.clone(), kind, world, job.spec.priority));
+        }
+        for (head, kind, world, priority) in heads {
+            let available =
+                free.get(&kind).copied().unwrap_or(0) + stopping.get(&kind).copied().unwrap_or(0);
+            if available >= world {
+                continue;
+            }
+            let mut victims: Vec<(i32, i64, String, usize)> = self
+                .jobs
+                .values()
+                .filter(|j| {
+                    j.state == State::Running
+                        && j.spec.resources.device == kind
+                        && j.spec.priority < priority
+                })
+                .map(|j| {
+                    (
+                        j.spec.priority,
+                        -j.started_ms,
+                        j.id.clone(),
+                        j.spec.resources.world_size as usize,
+                    )
+                })
+                .collect();
+            victims.sort();
+            let mut chosen = Vec::new();
+            let mut gained = 0;
+            for (_, _, id, size) in victims {
+                if available + gained >= world {
+                    break;
+                }
+                gained += size;
+                chosen.push(id);
+            }
+            if available + gained < world {
+                continue;
+            }
+            for id in chosen {
+                self.preempt_job(&id, &head, now);
+                *stopping.entry(kind).or_default() += self
+                    .jobs
+                    .get(&id)
+                    .map_or(0, |j| j.spec.resources.world_size as usize);
+            }
+        }
+    }
+
+    fn preempt_job(&mut self, id: &str, by: &str, now: Instant) {
+        let by_priority = self.jobs.get(by).map_or(0, |j| j.spec.priority);
+        let reason = format!("preempted by {by} (priority {by_priority})");
+        self.stop_ranks(id, &reason, now);
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        let generation = job.generation;
+        job.state = State::Queued;
+        job.ranks_done.clear();
+        job.message = format!("{reason}; waiting to resume");
+        let from = job
+            .last_checkpoint
+            .as_ref()
+            .map_or("from the start (no checkpoint yet)".to_string(), |c| {
+                format!("from checkpoint step {} ({})", c.step, c.uri)
+            });
+        self.queue
+            .insert((Reverse(job.spec.priority), job.seq, id.to_string()));
+        self.queued_since.insert(id.to_string(), now);
+        self.meetings.remove(&(id.to_string(), generation));
+        self.event(
+            id,
+            "preempted",
+            format!(
+                "{reason}: ranks checkpoint and stop; the job resumes {from} when devices free up"
+            ),
+            generation,
+            -1,
+        );
     }
 
     fn place(&mut self, id: &str, slots: Vec<(String, u32)>, now: Instant) {
@@ -1176,6 +1304,39 @@ mod tests {
             );
             assert!(r.assignments.is_empty());
         }
+    }
+
+    #[test]
+    fn preemption_stops_lower_priority_jobs_and_requeues_them() {
+        let mut c = core();
+        c.set_preemption(true);
+        let now = Instant::now();
+        register(&mut c, "a", 2, now);
+        let low = c.submit(spec(1, 0, 0), now);
+        let mid = c.submit(spec(1, 5, 0), now);
+        assert_eq!(beat(&mut c, "a", vec![], now).assignments.len(), 2);
+        let high = c.submit(spec(1, 9, 0), now);
+        // One device is needed: only the lowest-priority job is stopped.
+        let resp = beat(&mut c, "a", vec![], now);
+        assert_eq!(resp.stop.len(), 1);
+        assert_eq!(
+            resp.stop[0].rank.as_ref().map(|r| r.job_id.clone()),
+            Some(low.id.clone())
+        );
+        assert_eq!(
+            c.job(&low.id).map(|j| (j.state, j.restarts)),
+            Some((State::Queued, 0))
+        );
+        assert_eq!(c.job(&mid.id).map(|j| j.state), Some(State::Running));
+        // Its exit (a failure: it stopped early) frees the device for the high-priority job.
+        let resp = beat(&mut c, "a", vec![((low.id.clone(), 1, 0), false)], now);
+        assert_eq!(resp.assignments.len(), 1);
+        assert_eq!(c.job(&high.id).map(|j| j.state), Some(State::Running));
+        assert_eq!(c.job(&low.id).map(|j| j.state), Some(State::Queued));
+        // Equal or higher priority is never preempted.
+        let other = c.submit(spec(2, 5, 0), now);
+        assert!(beat(&mut c, "a", vec![], now).stop.is_empty());
+        assert_eq!(c.job(&other.id).map(|j| j.state), Some(State::Queued));
     }
 
     #[test]

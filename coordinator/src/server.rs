@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub local_roots: Vec<PathBuf>,
     /// Serve gRPC over TLS with this certificate chain and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Let queued jobs preempt lower-priority running ones.
+    pub preemption: bool,
 }
 
 /// Addresses actually bound.
@@ -492,7 +494,9 @@ pub async fn serve(
     );
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
-    let core = Arc::new(Mutex::new(Core::new(loaded, cfg.timing, metrics.clone())));
+    let mut state = Core::new(loaded, cfg.timing, metrics.clone());
+    state.set_preemption(cfg.preemption);
+    let core = Arc::new(Mutex::new(state));
     let (flushed_tx, flushed_rx) = watch::channel(0u64);
     let kick = Arc::new(Notify::new());
     tokio::spawn(flusher(

@@ -27,6 +27,7 @@ async fn start(dir: &std::path::Path) -> (Bound, oneshot::Sender<()>) {
         worker_token: Some(WORKER.into()),
         local_roots: vec!["/tmp/endofm-api-test".into()],
         tls: None,
+        preemption: false,
     };
     tokio::spawn(async move {
         server::serve(
@@ -317,6 +318,7 @@ async fn tls_when_certificates_are_configured() {
         worker_token: None,
         local_roots: vec![],
         tls: Some((d.join("server.pem"), d.join("server.key"))),
+        preemption: false,
     };
     tokio::spawn(async move {
         server::serve(

@@ -130,6 +130,10 @@ struct CoordinatorArgs {
     /// any local path is accepted.
     #[arg(long = "local-root")]
     local_roots: Vec<PathBuf>,
+    /// Let a queued job stop running jobs of lower priority to get its devices (they
+    /// checkpoint, are re-queued without using a restart, and resume later).
+    #[arg(long)]
+    preempt: bool,
     /// Serve gRPC over TLS: certificate chain (PEM); needs --tls-key.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -210,6 +214,7 @@ fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         worker_token: token("ENDOFM_WORKER_TOKEN"),
         local_roots: args.local_roots,
         tls: args.tls_cert.zip(args.tls_key),
+        preemption: args.preempt,
     };
     runtime()?.block_on(server::serve(
         cfg,

@@ -104,6 +104,7 @@ pub struct Cluster {
     pub url: String,
     pub metrics: String,
     port: u16,
+    coordinator_args: Vec<String>,
     coordinator: Option<Child>,
     workers: Vec<Option<Child>>,
     worker_env: Vec<(String, String)>,
@@ -113,12 +114,18 @@ pub struct Cluster {
 impl Cluster {
     /// A coordinator on a free port with a fresh state directory.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`Cluster::start`] with extra coordinator flags.
+    pub fn start_with(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut c = Self {
             dir,
             url: String::new(),
             metrics: String::new(),
             port: 0,
+            coordinator_args: args.iter().map(|a| a.to_string()).collect(),
             coordinator: None,
             workers: Vec::new(),
             worker_env: Vec::new(),
@@ -158,6 +165,7 @@ impl Cluster {
                 "--lease-ms",
                 &LEASE_MS.to_string(),
             ])
+            .args(&self.coordinator_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

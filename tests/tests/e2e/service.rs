@@ -696,3 +696,45 @@ fn metrics_are_valid_prometheus_and_scraped_by_prometheus() {
         "{result}"
     );
 }
+
+#[test]
+fn a_higher_priority_job_preempts_a_lower_one_which_resumes_from_its_checkpoint() {
+    let _serial = serial();
+    let mut c = Cluster::start_with(&["--preempt"]);
+    c.add_worker("cpu:2");
+    let d = corpus();
+    let d = d.to_str().unwrap();
+    let low = c.submit(&tiny_spec(
+        "low",
+        &c.dir.path().join("low"),
+        d,
+        2,
+        "max_steps = 12",
+        "",
+    ));
+    c.wait_until(&low, LONG, "checkpointed", |j| {
+        j["last_checkpoint"]["step"].as_u64().unwrap_or(0) >= 2 && step(j) >= 3
+    });
+    let high = c.submit(&tiny_spec(
+        "high",
+        &c.dir.path().join("high"),
+        d,
+        2,
+        "priority = 5\nmax_steps = 2",
+        "",
+    ));
+    let (code, done) = c.wait(&high, LONG);
+    assert_eq!(code, 0, "{done}");
+    let (code, low_done) = c.wait(&low, LONG);
+    let events = c.events(&low).join("\n");
+    assert_eq!(code, 0, "{low_done}\n{events}");
+    assert!(events.contains("preempted by"), "{events}");
+    assert!(low_done["generation"].as_u64().unwrap() >= 2, "{low_done}");
+    assert_eq!(
+        low_done["restarts"], 0,
+        "preemption does not use a restart: {low_done}"
+    );
+    // The high-priority job started before the low one's second attempt.
+    let high_job = c.status(&high);
+    assert!(high_job["started_unix_ms"].as_i64() <= low_done["finished_unix_ms"].as_i64());
+}
