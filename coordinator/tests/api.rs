@@ -15,10 +15,9 @@ use tokio::sync::oneshot;
 const USER: &str = "user-secret";
 const WORKER: &str = "worker-secret";
 
-async fn start(dir: &std::path::Path) -> (Bound, oneshot::Sender<()>) {
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let cfg = ServeConfig {
+/// The configuration of the first test: tokens, metrics, a local root, no TLS.
+fn config(dir: &std::path::Path) -> ServeConfig {
+    ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         state: dir.to_path_buf(),
@@ -28,7 +27,13 @@ async fn start(dir: &std::path::Path) -> (Bound, oneshot::Sender<()>) {
         local_roots: vec!["/tmp/endofm-api-test".into()],
         tls: None,
         preemption: false,
-    };
+    }
+}
+
+/// Serves `cfg` in this runtime until the returned sender is used or dropped.
+async fn start(cfg: ServeConfig) -> (Bound, oneshot::Sender<()>) {
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
         server::serve(
             cfg,
@@ -60,7 +65,7 @@ device = "cpu"
 #[tokio::test]
 async fn tokens_health_reflection_validation_and_watch() {
     let dir = tempfile::tempdir().unwrap();
-    let (bound, stop) = start(dir.path()).await;
+    let (bound, stop) = start(config(dir.path())).await;
     let url = format!("http://{}", bound.grpc);
     let patience = Duration::from_secs(10);
 
@@ -308,30 +313,15 @@ async fn tls_when_certificates_are_configured() {
             "ext.cnf",
         ],
     );
-    let (ready_tx, ready_rx) = oneshot::channel();
     let cfg = ServeConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
-        state: d.join("state"),
-        timing: Timing::default(),
         user_token: None,
         worker_token: None,
         local_roots: vec![],
         tls: Some((d.join("server.pem"), d.join("server.key"))),
-        preemption: false,
+        ..config(&d.join("state"))
     };
-    tokio::spawn(async move {
-        server::serve(
-            cfg,
-            move |b| {
-                let _ = ready_tx.send(b);
-            },
-            std::future::pending(),
-        )
-        .await
-        .unwrap();
-    });
-    let bound = ready_rx.await.unwrap();
+    let (bound, _stop) = start(cfg).await;
     let port = bound.grpc.port();
     let patience = Duration::from_secs(5);
     let ca = d.join("ca.pem");

@@ -24,60 +24,34 @@ fn python() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python")
 }
 
-/// Largest |a-b| / max|b| over every tensor of two safetensors files, and the keys compared.
-fn max_rel_diff(a: &Path, b: &Path) -> (f64, usize) {
-    let (worst, n, _) = max_rel_diff_at(a, b);
-    (worst, n)
+/// How two safetensors files differ.
+struct Comparison {
+    /// Largest |a-b| / max|b| over the tensors.
+    worst: f64,
+    /// Tensors compared.
+    tensors: usize,
+    /// The worst tensor, described.
+    at: String,
+    /// Tensors where |a - b| > 1e-4 · max|b| + 1e-6 ("; "-separated, empty when none).
+    outside: String,
 }
 
-/// [`max_rel_diff`] with the worst tensor described.
-fn max_rel_diff_at(a: &Path, b: &Path) -> (f64, usize, String) {
+fn compare(a: &Path, b: &Path) -> Comparison {
     let code = r#"
 import sys
 from safetensors.torch import load_file
 a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
 assert a.keys() == b.keys(), (sorted(a.keys() ^ b.keys()))
-worst, key = 0.0, ""
+worst, key, bad = 0.0, "", []
 for k in a:
     x, y = a[k].double(), b[k].double()
-    scale = max(y.abs().max().item(), 1e-12)
-    err = (x - y).abs().max().item() / scale
-    if err > worst:
-        worst, key = err, "%s (max abs diff %.3e, scale %.3e)" % (k, (x - y).abs().max().item(), scale)
-print(worst, len(a), key)
-"#;
-    let out = Command::new(python())
-        .args(["-c", code])
-        .arg(a)
-        .arg(b)
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut parts = text.split_whitespace();
-    (
-        parts.next().and_then(|v| v.parse().ok()).expect("diff"),
-        parts.next().and_then(|v| v.parse().ok()).expect("count"),
-        parts.collect::<Vec<_>>().join(" "),
-    )
-}
-
-/// Tensors where |a - b| > 1e-4 · max|b| + 1e-6 (empty when all are within).
-fn within_tolerance(a: &Path, b: &Path) -> String {
-    let code = r#"
-import sys
-from safetensors.torch import load_file
-a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
-bad = []
-for k in a:
-    x, y = a[k].double(), b[k].double()
-    d = (x - y).abs().max().item()
-    if d > 1e-4 * y.abs().max().item() + 1e-6:
+    d, scale = (x - y).abs().max().item(), y.abs().max().item()
+    if d / max(scale, 1e-12) > worst:
+        worst, key = d / max(scale, 1e-12), "%s (max abs diff %.3e, scale %.3e)" % (k, d, scale)
+    if d > 1e-4 * scale + 1e-6:
         bad.append("%s: %.3e" % (k, d))
+print(worst, len(a))
+print(key)
 print("; ".join(bad))
 "#;
     let out = Command::new(python())
@@ -91,7 +65,15 @@ print("; ".join(bad))
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lines = text.lines();
+    let mut first = lines.next().unwrap_or("").split_whitespace();
+    Comparison {
+        worst: first.next().and_then(|v| v.parse().ok()).expect("diff"),
+        tensors: first.next().and_then(|v| v.parse().ok()).expect("count"),
+        at: lines.next().unwrap_or("").to_string(),
+        outside: lines.next().unwrap_or("").trim().to_string(),
+    }
 }
 
 /// A cluster with one `cpu:2` agent running a two-rank tiny job: (cluster, agent, job, output).
@@ -163,18 +145,19 @@ fn two_ranks_stay_identical_and_match_one_rank_on_the_same_global_batch() {
     assert_eq!(a.file_name(), b.file_name());
     // Tolerance per tensor: |a - b| <= 1e-4 * max|b| + 1e-6. The absolute part covers
     // zero-initialised tensors (biases), where summation-order noise of ~1e-9 is all there is.
-    let (worst, n, at) = max_rel_diff_at(
+    let cmp = compare(
         &a.join("student.safetensors"),
         &b.join("student.safetensors"),
     );
     println!(
-        "two ranks vs one rank: worst relative difference {worst:.3e} over {n} tensors at {at}"
+        "two ranks vs one rank: worst relative difference {:.3e} over {} tensors at {}",
+        cmp.worst, cmp.tensors, cmp.at
     );
-    let ok = within_tolerance(
-        &a.join("student.safetensors"),
-        &b.join("student.safetensors"),
+    assert!(
+        cmp.outside.is_empty(),
+        "outside |a-b| <= 1e-4 max|b| + 1e-6: {}",
+        cmp.outside
     );
-    assert!(ok.is_empty(), "outside |a-b| <= 1e-4 max|b| + 1e-6: {ok}");
 }
 
 #[test]
@@ -383,8 +366,8 @@ fn cancel_stops_every_rank_and_keeps_the_last_checkpoint() {
             .unwrap();
     assert!(manifest.is_object());
     let student = last.join("student.safetensors");
-    let (worst, n) = max_rel_diff(&student, &student);
-    assert!(worst == 0.0 && n > 10, "checkpoint readable");
+    let cmp = compare(&student, &student);
+    assert!(cmp.worst == 0.0 && cmp.tensors > 10, "checkpoint readable");
 }
 
 #[test]
