@@ -8,6 +8,7 @@
 //! clip per core, and libtorch's own threads would only compete with the other workers.
 
 pub mod augment;
+pub mod bicubic;
 pub mod loader;
 pub mod views;
 

@@ -1,5 +1,5 @@
 //! Turns a [`ViewPlan`] and the decoded frames it asked for into normalised view tensors:
-//! crop + u8→f32 of only the needed region, one bicubic resize per view (libtorch), then one
+//! crop + u8→f32 of only the needed region, one separable bicubic resize per view ([`super::bicubic`]), then one
 //! fused pass for flip, colour jitter, grayscale and normalisation.
 //!
 //! Numerics follow the reference's float32 element-wise operations in the same order; only the
@@ -94,6 +94,7 @@ fn render_all(
 #[derive(Default)]
 struct Scratch {
     crop: Vec<f32>,
+    rows: Vec<f32>,
     resized: Vec<f32>,
     out: Vec<f32>,
 }
@@ -108,12 +109,13 @@ fn render_view(
     let t = draw.frames.len();
     let s = draw.size;
     crop_to_unit(frames, draw, position, &mut scratch.crop);
-    resize_bicubic(
+    super::bicubic::resize(
         &scratch.crop,
         [t * 3, draw.crop.height, draw.crop.width],
         s,
+        &mut scratch.rows,
         &mut scratch.resized,
-    )?;
+    );
     // Every element is written by `finish`; the buffer is reused across views and clips.
     let out = &mut scratch.out;
     out.resize(3 * t * s * s, 0.0);
@@ -167,22 +169,6 @@ fn crop_to_unit(
             }
         }
     }
-}
-
-/// Bicubic resize (A = -0.75, `align_corners = false`, no clamping) of `n` planes of
-/// `h × w` to `size × size`, by libtorch's `upsample_bicubic2d` in one call.
-fn resize_bicubic(
-    input: &[f32],
-    [n, h, w]: [usize; 3],
-    size: usize,
-    out: &mut Vec<f32>,
-) -> Result<()> {
-    let x = Tensor::f_from_slice(input)?.f_view([1, n as i64, h as i64, w as i64])?;
-    let y = x.f_upsample_bicubic2d([size as i64, size as i64], false, None, None)?;
-    // `copy_data` overwrites every element: no need to clear first.
-    out.resize(n * size * size, 0.0);
-    y.f_copy_data(out, n * size * size)?;
-    Ok(())
 }
 
 /// One colour operation with its factor as float32 scalars, as the reference multiplies.
