@@ -184,11 +184,7 @@ impl Core {
         let mut running = Vec::new();
         for job in loaded.jobs {
             match job.state {
-                State::Queued => {
-                    core.queue
-                        .insert((Reverse(job.spec.priority), job.seq, job.id.clone()));
-                    core.queued_since.insert(job.id.clone(), now);
-                }
+                State::Queued => core.enqueue(job.queue_key(), now),
                 State::Running => running.push(job.id.clone()),
                 _ => {}
             }
@@ -265,6 +261,12 @@ impl Core {
             self.next_job_dirty = true;
         }
         self.epoch += 1;
+    }
+
+    /// Puts a job in the queue (at its priority and submission position) from `now`.
+    fn enqueue(&mut self, key: (Reverse<i32>, u64, String), now: Instant) {
+        self.queued_since.insert(key.2.clone(), now);
+        self.queue.insert(key);
     }
 
     fn touch(&mut self, id: &str) {
@@ -350,9 +352,7 @@ impl Core {
             job.spec.priority,
             job.spec.max_restarts
         );
-        self.queue
-            .insert((Reverse(job.spec.priority), job.seq, id.clone()));
-        self.queued_since.insert(id.clone(), now);
+        self.enqueue(job.queue_key(), now);
         let fallback = job.clone();
         self.jobs.insert(id.clone(), job);
         self.event(&id, "submitted", summary, 0, -1);
@@ -705,17 +705,11 @@ impl Core {
             job.restarts += 1;
             job.state = State::Queued;
             job.message = format!("restarting after: {reason}");
-            let from = job
-                .last_checkpoint
-                .as_ref()
-                .map_or("from the start (no checkpoint yet)".to_string(), |c| {
-                    format!("from checkpoint step {} ({})", c.step, c.uri)
-                });
+            let from = job.resume_point();
             let restarts = job.restarts;
             let max = job.spec.max_restarts;
-            self.queue
-                .insert((Reverse(job.spec.priority), job.seq, id.to_string()));
-            self.queued_since.insert(id.to_string(), now);
+            let key = job.queue_key();
+            self.enqueue(key, now);
             self.metrics.attempt_restarts.inc();
             self.event(
                 id,
@@ -1038,15 +1032,9 @@ impl Core {
         job.state = State::Queued;
         job.ranks_done.clear();
         job.message = format!("{reason}; waiting to resume");
-        let from = job
-            .last_checkpoint
-            .as_ref()
-            .map_or("from the start (no checkpoint yet)".to_string(), |c| {
-                format!("from checkpoint step {} ({})", c.step, c.uri)
-            });
-        self.queue
-            .insert((Reverse(job.spec.priority), job.seq, id.to_string()));
-        self.queued_since.insert(id.to_string(), now);
+        let from = job.resume_point();
+        let key = job.queue_key();
+        self.enqueue(key, now);
         self.meetings.remove(&(id.to_string(), generation));
         self.event(
             id,
@@ -1063,8 +1051,7 @@ impl Core {
         let Some(job) = self.jobs.get_mut(id) else {
             return;
         };
-        self.queue
-            .remove(&(Reverse(job.spec.priority), job.seq, id.to_string()));
+        self.queue.remove(&job.queue_key());
         job.generation += 1;
         job.state = State::Running;
         job.ranks_done.clear();

@@ -199,6 +199,24 @@ pub struct JobRec {
 }
 
 impl JobRec {
+    /// Position in the queue: higher priority first, then submission order.
+    pub fn queue_key(&self) -> (std::cmp::Reverse<i32>, u64, String) {
+        (
+            std::cmp::Reverse(self.spec.priority),
+            self.seq,
+            self.id.clone(),
+        )
+    }
+
+    /// Where the next attempt resumes, for events.
+    pub fn resume_point(&self) -> String {
+        self.last_checkpoint
+            .as_ref()
+            .map_or("from the start (no checkpoint yet)".to_string(), |c| {
+                format!("from checkpoint step {} ({})", c.step, c.uri)
+            })
+    }
+
     /// The wire form.
     pub fn to_pb(&self) -> pb::Job {
         pb::Job {

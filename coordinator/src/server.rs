@@ -440,6 +440,13 @@ async fn flusher(
     kick: Arc<Notify>,
     flushed: watch::Sender<u64>,
 ) {
+    let reached = |epoch: u64| {
+        flushed.send_if_modified(|v| {
+            let changed = epoch > *v;
+            *v = (*v).max(epoch);
+            changed
+        });
+    };
     loop {
         kick.notified().await;
         loop {
@@ -447,26 +454,23 @@ async fn flusher(
                 return;
             };
             if batch.is_empty() {
-                flushed.send_if_modified(|v| {
-                    let changed = epoch > *v;
-                    *v = (*v).max(epoch);
-                    changed
-                });
+                reached(epoch);
                 break;
             }
             let writer = Arc::clone(&store);
-            let result =
-                tokio::task::spawn_blocking(move || writer.commit(&batch).map(|()| batch)).await;
+            let result = tokio::task::spawn_blocking(move || {
+                let committed = writer.commit(&batch);
+                (committed, batch)
+            })
+            .await;
             match result {
-                Ok(Ok(_)) => {
-                    flushed.send_if_modified(|v| {
-                        let changed = epoch > *v;
-                        *v = (*v).max(epoch);
-                        changed
-                    });
-                }
-                Ok(Err(e)) => {
+                Ok((Ok(()), _)) => reached(epoch),
+                Ok((Err(e), batch)) => {
+                    // Nothing is lost: the batch goes back and the next round writes it again.
                     tracing::error!(error = %e, "state store commit failed; retrying");
+                    if let Ok(mut c) = core.lock() {
+                        c.restore_batch(batch);
+                    }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(e) => {
