@@ -62,35 +62,28 @@ if [ -e "$nccl/libnccl.so.2" ] && [ ! -e "$nccl/libnccl.so" ]; then
   ln -s libnccl.so.2 "$nccl/libnccl.so"
 fi
 
-# --- S3 server for the tests (moto, its own venv: it must not touch .venv's torch) ----------
+# --- Test tools in their own venvs (they must not touch .venv's torch) ----------------------
+# tool_venv DIR REQUIREMENTS BINARY WHAT: creates DIR, (re)installs REQUIREMENTS when they changed
+# or BINARY is missing.
+tool_venv() {
+  local dir=$1 reqs=$2 binary=$3 what=$4
+  if [ ! -x "$dir/bin/python" ]; then
+    log "creating $dir"
+    mkdir -p "$(dirname "$dir")"
+    "$py" -m venv "$dir"
+  fi
+  local stamp=$dir/.endofm-requirements want
+  want=$(sha256sum "$reqs" | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$dir/bin/$binary" ]; then
+    log "installing $reqs into $dir ($what)"
+    "$dir/bin/pip" install --quiet --disable-pip-version-check -r "$reqs"
+    echo "$want" > "$stamp"
+  fi
+}
 moto=.cache/moto-venv
-if [ ! -x "$moto/bin/python" ]; then
-  log "creating $moto"
-  mkdir -p .cache
-  "$py" -m venv "$moto"
-fi
-stamp=$moto/.endofm-requirements
-want=$(sha256sum scripts/moto-requirements.txt | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$moto/bin/moto_server" ]; then
-  log "installing scripts/moto-requirements.txt into $moto (S3 server for the tests)"
-  "$moto/bin/pip" install --quiet --disable-pip-version-check -r scripts/moto-requirements.txt
-  echo "$want" > "$stamp"
-fi
-
-# --- Kubernetes schema validation for the deploy test (its own venv, like moto's) ----------
+tool_venv "$moto" scripts/moto-requirements.txt moto_server "S3 server for the tests"
 k8s=.cache/k8s-venv
-if [ ! -x "$k8s/bin/python" ]; then
-  log "creating $k8s"
-  mkdir -p .cache
-  "$py" -m venv "$k8s"
-fi
-stamp=$k8s/.endofm-requirements
-want=$(sha256sum scripts/k8s-requirements.txt | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$k8s/bin/kubernetes-validate" ]; then
-  log "installing scripts/k8s-requirements.txt into $k8s (Kubernetes manifest validation)"
-  "$k8s/bin/pip" install --quiet --disable-pip-version-check -r scripts/k8s-requirements.txt
-  echo "$want" > "$stamp"
-fi
+tool_venv "$k8s" scripts/k8s-requirements.txt kubernetes-validate "Kubernetes manifest validation"
 # kubectl (for `kubectl kustomize`) comes with this machine kind. Debian's kubernetes-client
 # (1.20) embeds kustomize 2.0, too old for deploy/k8s, so it is not installed as a fallback.
 # Without kubectl the deploy test fails unless ENDOFM_SKIP_K8S=1.

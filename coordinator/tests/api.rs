@@ -15,6 +15,13 @@ use tokio::sync::oneshot;
 const USER: &str = "user-secret";
 const WORKER: &str = "worker-secret";
 
+/// Submits `spec`, expecting a refusal.
+async fn refused(jobs: &mut client::Jobs, spec: String) -> tonic::Status {
+    jobs.submit_job(pb::SubmitJobRequest { spec, format: 0 })
+        .await
+        .expect_err("the spec was accepted")
+}
+
 /// The configuration of the first test: tokens, metrics, a local root, no TLS.
 fn config(dir: &std::path::Path) -> ServeConfig {
     ServeConfig {
@@ -136,39 +143,25 @@ async fn tokens_health_reflection_validation_and_watch() {
 
     // Validation names the field; nothing is queued.
     let mut jobs = client::jobs(&url, Some(USER), patience).await.unwrap();
-    let err = jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec: SPEC.replace("world_size = 2", "world_size = 0"),
-            format: 0,
-        })
-        .await
-        .unwrap_err();
+    let err = refused(&mut jobs, SPEC.replace("world_size = 2", "world_size = 0")).await;
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(
         err.message().contains("resources.world_size"),
         "{}",
         err.message()
     );
-    let err = jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec: SPEC.replace("/tmp/endofm-api-test/out", "/etc/out"),
-            format: 0,
-        })
-        .await
-        .unwrap_err();
+    let err = refused(
+        &mut jobs,
+        SPEC.replace("/tmp/endofm-api-test/out", "/etc/out"),
+    )
+    .await;
     assert!(
         err.message().contains("output") && err.message().contains("allowed roots"),
         "{}",
         err.message()
     );
     let huge = "#".repeat(server::MAX_REQUEST_BYTES + 1);
-    let err = jobs
-        .submit_job(pb::SubmitJobRequest {
-            spec: huge,
-            format: 0,
-        })
-        .await
-        .unwrap_err();
+    let err = refused(&mut jobs, huge).await;
     assert!(err.message().contains("too large"), "{err}");
     assert!(
         jobs.list_jobs(pb::ListJobsRequest::default())

@@ -99,26 +99,6 @@ impl Workers for Fake {
     }
 }
 
-fn corpus(dir: &Path) -> String {
-    let out = dir.join("corpus");
-    support::worker_ok(&[
-        "synth",
-        "--kind",
-        "pretrain",
-        "--out",
-        out.to_str().unwrap(),
-        "--clips",
-        "4",
-        "--frames",
-        "8",
-        "--size",
-        "40",
-        "--threads",
-        "1",
-    ]);
-    out.to_string_lossy().into_owned()
-}
-
 /// A spec whose steps take a fraction of a second on one CPU thread.
 fn spec(data: &str, out: &Path, epochs: usize, max_steps: Option<usize>) -> String {
     let mut model = endofm_shared::Preset::Tiny.config();
@@ -204,7 +184,9 @@ fn exits_of(s: &State, job: &str) -> Vec<v1::RankExit> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_runs_a_two_rank_job_and_obeys_stop_orders() {
     let dir = tempfile::tempdir().unwrap();
-    let data = corpus(dir.path());
+    let data = support::corpus(dir.path(), 4, 8, 40, 0)
+        .to_string_lossy()
+        .into_owned();
     let fake = Fake::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

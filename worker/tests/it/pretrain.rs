@@ -5,28 +5,7 @@ use std::path::{Path, PathBuf};
 
 use endofm_worker::model::weights;
 
-use crate::support;
-
-/// A small generated corpus (clips of `frames` frames, short side `size`).
-fn corpus(dir: &Path, clips: usize, frames: usize, size: usize, seed: u64) -> PathBuf {
-    let out = dir.join("corpus");
-    support::worker_ok(&[
-        "synth",
-        "--kind",
-        "pretrain",
-        "--out",
-        out.to_str().unwrap(),
-        "--clips",
-        &clips.to_string(),
-        "--frames",
-        &frames.to_string(),
-        "--size",
-        &size.to_string(),
-        "--seed",
-        &seed.to_string(),
-    ]);
-    out
-}
+use crate::support::{self, corpus};
 
 /// Small views so that CPU steps take a fraction of a second.
 fn run_config(dir: &Path, train: &str) -> PathBuf {

@@ -259,3 +259,24 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// A small generated corpus (clips of `frames` frames, short side `size`).
+pub fn corpus(dir: &Path, clips: usize, frames: usize, size: usize, seed: u64) -> PathBuf {
+    let out = dir.join("corpus");
+    worker_ok(&[
+        "synth",
+        "--kind",
+        "pretrain",
+        "--out",
+        out.to_str().unwrap(),
+        "--clips",
+        &clips.to_string(),
+        "--frames",
+        &frames.to_string(),
+        "--size",
+        &size.to_string(),
+        "--seed",
+        &seed.to_string(),
+    ]);
+    out
+}
