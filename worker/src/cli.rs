@@ -371,6 +371,9 @@ pub struct SynthArgs {
     /// Probability that a clip shows polyps.
     #[arg(long, default_value_t = 0.3)]
     pub polyp_probability: f64,
+    /// Factor on the polyps' size, 0.25 to 4 (larger: the prominent polyps of close-up clips).
+    #[arg(long, default_value_t = 1.0)]
+    pub polyp_scale: f64,
 }
 
 /// `bench allreduce --backend` values.
@@ -878,6 +881,7 @@ fn run_synth(args: SynthArgs) -> anyhow::Result<()> {
                 seed: args.seed,
                 threads: args.threads.unwrap_or(0),
                 polyp_probability: args.polyp_probability,
+                polyp_scale: args.polyp_scale,
                 ..synth::CorpusSpec::default()
             };
             let summary = synth::write_pretrain_corpus(&args.out, &spec).with_context(|| {

@@ -30,6 +30,9 @@ pub struct SynthParams {
     pub frames: usize,
     /// Chance that a clip shows polyps (one, sometimes two); 0 to 1.
     pub polyp_probability: f64,
+    /// Factor on the polyps' footprint radius and height (1: the default mix of small and
+    /// mid-sized polyps; larger values give the prominent polyps of close-up clips); 0.25 to 4.
+    pub polyp_scale: f64,
 }
 
 impl SynthParams {
@@ -41,6 +44,7 @@ impl SynthParams {
             height: short_side,
             frames,
             polyp_probability: 0.3,
+            polyp_scale: 1.0,
         }
     }
 
@@ -64,6 +68,12 @@ impl SynthParams {
             return bad(format!(
                 "polyp probability must be in [0, 1], got {}",
                 self.polyp_probability
+            ));
+        }
+        if !(0.25..=4.0).contains(&self.polyp_scale) {
+            return bad(format!(
+                "polyp scale must be in [0.25, 4], got {}",
+                self.polyp_scale
             ));
         }
         Ok(())
@@ -169,6 +179,8 @@ pub struct CorpusSpec {
     pub threads: usize,
     /// Chance that a clip shows polyps.
     pub polyp_probability: f64,
+    /// Factor on the polyps' size (see [`SynthParams::polyp_scale`]).
+    pub polyp_scale: f64,
     /// Encoder settings (fps 30 by default).
     pub encode: EncodeOptions,
 }
@@ -183,6 +195,7 @@ impl Default for CorpusSpec {
             source: "synth".into(),
             threads: 0,
             polyp_probability: 0.3,
+            polyp_scale: 1.0,
             encode: EncodeOptions::default(),
         }
     }
@@ -250,6 +263,7 @@ pub fn write_pretrain_corpus(out_dir: &Path, spec: &CorpusSpec) -> Result<Corpus
     }
     let mut params = SynthParams::pretrain(spec.short_side, spec.frames);
     params.polyp_probability = spec.polyp_probability;
+    params.polyp_scale = spec.polyp_scale;
     params.validate()?;
     let clip_dir = out_dir.join(&spec.source);
     std::fs::create_dir_all(&clip_dir).map_err(|source| Error::Io {
@@ -406,6 +420,7 @@ mod tests {
             height: 64,
             frames,
             polyp_probability,
+            polyp_scale: 1.0,
         }
     }
 
@@ -546,6 +561,10 @@ mod tests {
             },
             small(0, 0.1),
             small(4, 1.5),
+            SynthParams {
+                polyp_scale: 5.0,
+                ..small(4, 0.1)
+            },
         ] {
             assert!(
                 matches!(render_clip(&p, 0), Err(Error::Input { .. })),

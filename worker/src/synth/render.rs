@@ -241,7 +241,7 @@ impl Scene {
                     // Place it a little ahead of where the camera is at some frame of the clip.
                     let at = rng.random_range(t as f32 * 0.15..=t as f32 * 0.85) as usize;
                     let cam = camera[at.min(t - 1)];
-                    let radius = uniform(&mut rng, 0.15, 0.4);
+                    let radius = uniform(&mut rng, 0.15, 0.4) * params.polyp_scale as f32;
                     Polyp {
                         theta: uniform(&mut rng, 0.0, TAU),
                         z: cam.z + uniform(&mut rng, 0.8, 2.2),

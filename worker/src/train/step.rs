@@ -102,6 +102,51 @@ pub fn step_seed(seed: u64, step: usize, rank: usize) -> i64 {
     ((z ^ (z >> 31)) >> 1) as i64
 }
 
+/// Divides the student's views between the two threads of a CPU step: thread A (which also
+/// runs the teacher on global view 1) gets view 1, thread B (teacher on view 0) view 0, and the
+/// other views go, one group of consecutive equal shapes at a time (kept together so they stay
+/// one batched forward), largest first, to the thread with less work so far. Work is counted in
+/// per-frame token rows, `batch · frames · (1 + patches)`, once for a teacher forward and three
+/// times for a student forward and backward. Returns each thread's view indices in ascending
+/// order. A pure function of the shapes, so a seed still fixes every result.
+pub fn split_views(views: &[Tensor], patch_size: usize) -> (Vec<usize>, Vec<usize>) {
+    let rows = |v: &Tensor| -> u64 {
+        let s = v.size();
+        let (b, t) = (s[0].max(0) as u64, s[2].max(0) as u64);
+        let p = patch_size.max(1) as i64;
+        let patches = ((s[3] / p) * (s[4] / p)).max(0) as u64;
+        b * t * (1 + patches)
+    };
+    let mut a = vec![1];
+    let mut b = vec![0];
+    let (mut work_a, mut work_b) = (4 * rows(&views[1]), 4 * rows(&views[0]));
+    let mut groups: Vec<(u64, std::ops::Range<usize>)> = Vec::new();
+    let mut start = GLOBAL_VIEWS;
+    while start < views.len() {
+        let shape = &views[start].size()[1..];
+        let mut end = start + 1;
+        while end < views.len() && &views[end].size()[1..] == shape {
+            end += 1;
+        }
+        let work = (start..end).map(|i| 3 * rows(&views[i])).sum();
+        groups.push((work, start..end));
+        start = end;
+    }
+    groups.sort_by(|x, y| y.0.cmp(&x.0).then(x.1.start.cmp(&y.1.start)));
+    for (work, range) in groups {
+        if work_a < work_b {
+            work_a += work;
+            a.extend(range);
+        } else {
+            work_b += work;
+            b.extend(range);
+        }
+    }
+    a.sort_unstable();
+    b.sort_unstable();
+    (a, b)
+}
+
 /// One rank's pre-training state.
 #[derive(Debug)]
 pub struct SslTrainer {
@@ -331,10 +376,11 @@ impl SslTrainer {
     }
 
     /// Loss, teacher outputs and flat gradients of one step computed on two threads: thread A
-    /// runs the teacher and the student on the second global view, thread B the teacher on the
-    /// first global view and the student replica on every other view (about equal work); they
-    /// swap teacher probabilities, each differentiates its own terms of the objective, and the
-    /// two gradients are added in a fixed order (deterministic for a seed).
+    /// runs the teacher on the second global view and the student on its share of the views,
+    /// thread B the teacher on the first global view and the student replica on the rest (the
+    /// shares come from [`split_views`], a pure function of the views' shapes); they swap
+    /// teacher probabilities, each differentiates its own terms of the objective, and the two
+    /// gradients are added in a fixed order (deterministic for a seed).
     fn two_thread_grads(
         &mut self,
         views: &[Tensor],
@@ -354,14 +400,12 @@ impl SslTrainer {
         let center = self.objective.center().shallow_clone();
         let student_temp = self.objective.config().student_temp;
         let (precision, device) = (self.precision, self.student.device());
-        let views_a: Vec<Tensor> = views.iter().map(Tensor::shallow_clone).collect();
-        let views_b: Vec<Tensor> = std::iter::once(&views[0])
-            .chain(&views[GLOBAL_VIEWS..])
-            .map(Tensor::shallow_clone)
-            .collect();
-        let ids_b: Vec<usize> = std::iter::once(0)
-            .chain(GLOBAL_VIEWS..views.len())
-            .collect();
+        let (ids_a, ids_b) = split_views(views, self.student.config().patch_size);
+        let pick = |ids: &[usize]| -> Vec<Tensor> {
+            ids.iter().map(|&i| views[i].shallow_clone()).collect()
+        };
+        let (views_a, views_b) = (pick(&ids_a), pick(&ids_b));
+        let (global_a, global_b) = (views[1].shallow_clone(), views[0].shallow_clone());
         let (student, teacher) = (&mut self.student, &mut self.teacher);
         let (Some(replica), Some(teacher_b)) =
             (self.replica.as_mut(), self.teacher_replica.as_mut())
@@ -395,14 +439,15 @@ impl SslTrainer {
                 tch::set_num_threads(1);
                 with_drop_path_seed(seed ^ 0xA, || {
                     with_precision(precision, device, || {
-                        let t1 =
-                            tch::no_grad(|| teacher.forward_views(&views_a[1..GLOBAL_VIEWS], true));
+                        let t1 = tch::no_grad(|| {
+                            teacher.forward_views(std::slice::from_ref(&global_a), true)
+                        });
                         let p1 = teacher_probs(&t1, &center, teacher_temp, 1);
                         let _ = tx_a.send(p1.shallow_clone());
+                        let s_out = student.forward_views(&views_a, true);
                         let p0 = rx_a.recv().map_err(|_| stopped())?;
                         let probs = Tensor::cat(&[p0, p1], 0);
-                        let s_out = student.forward_views(&views_a[1..GLOBAL_VIEWS], true);
-                        let loss = cross_terms(&probs, &s_out, &[1], student_temp) / terms;
+                        let loss = cross_terms(&probs, &s_out, &ids_a, student_temp) / terms;
                         let value = loss.to_kind(Kind::Double).double_value(&[]);
                         Ok((value, t1, grads_of(student, &loss, &names_a)))
                     })?
@@ -412,7 +457,9 @@ impl SslTrainer {
                 tch::set_num_threads(1);
                 with_drop_path_seed(seed ^ 0xB, || {
                     with_precision(precision, device, || {
-                        let t0 = tch::no_grad(|| teacher_b.forward_views(&views_b[..1], true));
+                        let t0 = tch::no_grad(|| {
+                            teacher_b.forward_views(std::slice::from_ref(&global_b), true)
+                        });
                         let p0 = teacher_probs(&t0, &center_b, teacher_temp, 1);
                         let _ = tx_b.send(p0.shallow_clone());
                         let s_out = replica.forward_views(&views_b, true);
@@ -595,6 +642,33 @@ mod tests {
         assert_eq!(sa[0].epoch, 0);
         assert_eq!(sa[3].epoch, 1);
         assert!(sa[0].lr < sa[2].lr, "warm-up");
+    }
+
+    #[test]
+    fn views_are_split_by_work_and_groups_stay_together() {
+        let shapes = |px: (i64, i64), b: i64| -> Vec<Tensor> {
+            [8, 16]
+                .iter()
+                .map(|&t| Tensor::zeros([b, 3, t, px.0, px.0], (Kind::Float, Device::Cpu)))
+                .chain(
+                    [2, 2, 4, 4, 8, 8, 16, 16]
+                        .iter()
+                        .map(|&t| Tensor::zeros([b, 3, t, px.1, px.1], (Kind::Float, Device::Cpu))),
+                )
+                .collect()
+        };
+        // The tiny preset's views (112/48 px, batch 2): work 6640 against 6560 rows.
+        let (a, b) = split_views(&shapes((112, 48), 2), 16);
+        assert_eq!(a, vec![1, 2, 3]);
+        assert_eq!(b, vec![0, 4, 5, 6, 7, 8, 9]);
+        // Small views (48/32 px, batch 8): the 16- and 4-frame locals on B, 8 and 2 on A.
+        let (a, b) = split_views(&shapes((48, 32), 8), 16);
+        assert_eq!(a, vec![1, 2, 3, 6, 7]);
+        assert_eq!(b, vec![0, 4, 5, 8, 9]);
+        // Every view once.
+        let mut all: Vec<usize> = a.iter().chain(&b).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
     }
 
     #[test]
