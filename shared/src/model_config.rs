@@ -325,7 +325,9 @@ impl ModelConfig {
     /// [`ModelConfig`], unknown fields refused) or the reference test vectors' `config.json`
     /// (flat keys, `global_px` for the image size, head sizes at the top level). Keys of the
     /// reference format that describe the test set-up are ignored; any other unknown key is an
-    /// error naming it. The result is validated.
+    /// error naming it. A document with a `model` object (a run configuration, or the resolved
+    /// `config.json` a pre-training run writes next to its checkpoints) stands for that object.
+    /// The result is validated.
     pub fn from_json_str(text: &str, origin: &str) -> Result<Self> {
         let parse = |source| Error::Parse {
             origin: origin.to_string(),
@@ -335,6 +337,9 @@ impl ModelConfig {
         let serde_json::Value::Object(mut map) = value else {
             return Err(Error::invalid("(document)", "expected a JSON object"));
         };
+        if let Some(serde_json::Value::Object(model)) = map.remove("model") {
+            map = model;
+        }
         let config: ModelConfig = if map.contains_key("head") {
             serde_json::from_value(serde_json::Value::Object(map)).map_err(parse)?
         } else {
@@ -439,6 +444,14 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("drop_path_rate")
+        );
+        let run = format!(
+            "{{\"data\": \"x\", \"model\": {}}}",
+            serde_json::to_string(&Preset::Tiny.config()).unwrap()
+        );
+        assert_eq!(
+            ModelConfig::from_json_str(&run, "t").unwrap(),
+            Preset::Tiny.config()
         );
         let err = ModelConfig::from_json_str("{\"embed_dim\": 10, \"bogus\": 1}", "t")
             .unwrap_err()
