@@ -112,6 +112,10 @@ pub fn step_seed(seed: u64, step: usize, rank: usize) -> i64 {
 pub fn split_views(views: &[Tensor], patch_size: usize) -> (Vec<usize>, Vec<usize>) {
     let rows = |v: &Tensor| -> u64 {
         let s = v.size();
+        if s.len() != 5 {
+            // Not a video batch: the forward pass reports it; count it as no work here.
+            return 0;
+        }
         let (b, t) = (s[0].max(0) as u64, s[2].max(0) as u64);
         let p = patch_size.max(1) as i64;
         let patches = ((s[3] / p) * (s[4] / p)).max(0) as u64;
@@ -669,6 +673,11 @@ mod tests {
         let mut all: Vec<usize> = a.iter().chain(&b).copied().collect();
         all.sort_unstable();
         assert_eq!(all, (0..10).collect::<Vec<_>>());
+        // A malformed view is left for the forward pass to report, not a panic here.
+        let mut odd = shapes((48, 32), 1);
+        odd[5] = Tensor::zeros([3, 4], (Kind::Float, Device::Cpu));
+        let (a, b) = split_views(&odd, 16);
+        assert_eq!(a.len() + b.len(), 10);
     }
 
     #[test]
