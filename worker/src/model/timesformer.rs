@@ -134,6 +134,24 @@ impl Attention {
         };
         out.transpose(1, 2).reshape([b, n, c]).apply(&self.proj)
     }
+
+    /// The output for the first token only: `x` (batch, tokens, dim) → (batch, dim). The same
+    /// qkv projection of every token (keys and values are all needed), then one query row per
+    /// sequence instead of all of them.
+    pub fn forward_first_query(&self, x: &Tensor) -> Tensor {
+        let (b, n, c) = x.size3().expect("attention input is (B, N, C)");
+        let h = self.num_heads;
+        let qkv = x
+            .apply(&self.qkv)
+            .reshape([b, n, 3, h, c / h])
+            .permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0).narrow(2, 0, 1), qkv.get(1), qkv.get(2));
+        let scale = ((c / h) as f64).powf(-0.5);
+        let out = (q.matmul(&k.transpose(-2, -1)) * scale)
+            .softmax(-1, None::<Kind>)
+            .matmul(&v); // (B, H, 1, C/H)
+        out.reshape([b, c]).apply(&self.proj)
+    }
 }
 
 /// The transformer MLP: fc1, exact GELU, fc2.
@@ -237,6 +255,46 @@ impl Block {
             .transpose(1, 2)
             .reshape([b, hw * t, d]);
         let x = Tensor::cat(&[cls + cls_res, xt + res_patches], 1);
+
+        let res = drop_path(
+            &self.mlp.forward(&x.apply(&self.norm2)),
+            self.drop_path,
+            train,
+        );
+        x + res
+    }
+
+    /// The CLS token's output only, (B, D), for the last block when nothing else is read: the
+    /// temporal attention and the spatial keys/values still cover every token, but the spatial
+    /// queries, projection and MLP run on the CLS rows alone. Same arithmetic per row as
+    /// [`Block::forward_t`] and the same drop-path draws in the same order.
+    pub fn forward_cls(&self, x: &Tensor, t: i64, train: bool) -> Tensor {
+        let (b, n, d) = x.size3().expect("block input is (B, N, D)");
+        let hw = (n - 1) / t;
+        let cls = x.narrow(1, 0, 1);
+        let patches = x.narrow(1, 1, n - 1);
+
+        let xt = patches.reshape([b * hw, t, d]);
+        let res = drop_path(
+            &self.temporal_attn.forward(&xt.apply(&self.temporal_norm1)),
+            self.drop_path,
+            train,
+        );
+        let res = res.reshape([b, hw * t, d]).apply(&self.temporal_fc);
+        let xt = patches + res;
+
+        let cls_rep = cls.expand([b, t, d], false).reshape([b * t, 1, d]);
+        let xs = xt
+            .reshape([b, hw, t, d])
+            .transpose(1, 2)
+            .reshape([b * t, hw, d]);
+        let xs = Tensor::cat(&[cls_rep, xs], 1);
+        let res = drop_path(
+            &self.attn.forward_first_query(&xs.apply(&self.norm1)),
+            self.drop_path,
+            train,
+        ); // (B·T, D)
+        let x = cls.squeeze_dim(1) + res.reshape([b, t, d]).mean_dim(1, false, None::<Kind>);
 
         let res = drop_path(
             &self.mlp.forward(&x.apply(&self.norm2)),
@@ -401,9 +459,18 @@ impl TimeSformer {
         tokens.apply(&self.norm)
     }
 
-    /// The CLS feature: (B, C, T, H, W) → (B, D).
+    /// The CLS feature: (B, C, T, H, W) → (B, D), equal to `forward_tokens(x).select(1, 0)`
+    /// (the reference's computation) without the last block's work that only patch tokens
+    /// would read.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        self.forward_tokens(x, train).select(1, 0)
+        let (mut tokens, t, w) = self.embed(x);
+        let Some((last, rest)) = self.blocks.split_last() else {
+            return tokens.apply(&self.norm).select(1, 0);
+        };
+        for block in rest {
+            tokens = block.forward_t(&tokens, t, w, train);
+        }
+        last.forward_cls(&tokens, t, train).apply(&self.norm)
     }
 }
 
@@ -416,5 +483,89 @@ impl nn::ModuleT for TimeSformer {
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Tensor {
         Mlp::forward(self, xs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// A two-block backbone with every parameter drawn at random (the published
+    /// initialisation zeroes `temporal_fc`, which would hide the temporal path).
+    fn randomised(drop_path_rate: f64) -> (nn::VarStore, TimeSformer) {
+        let mut cfg = crate::test_support::small_model(2);
+        cfg.drop_path_rate = drop_path_rate;
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = TimeSformer::new(vs.root() / "backbone", &cfg);
+        tch::no_grad(|| {
+            for (_, mut v) in vs.variables() {
+                let noise = Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.3;
+                v.copy_(&noise);
+            }
+        });
+        (vs, net)
+    }
+
+    fn worst_relative(a: &Tensor, b: &Tensor) -> f64 {
+        let scale = b.abs().max().double_value(&[]).max(1e-12);
+        (a - b).abs().max().double_value(&[]) / scale
+    }
+
+    #[test]
+    fn cls_only_last_block_equals_the_full_forward() {
+        let _rng = crate::test_support::rng_lock();
+        tch::manual_seed(11);
+        let (vs, net) = randomised(0.5);
+        for (t, px) in [(4, 32), (2, 16), (8, 48)] {
+            let x = Tensor::randn([3, 3, t, px, px], (Kind::Float, Device::Cpu));
+            // Eval mode.
+            let fast = net.forward_t(&x, false);
+            let full = net.forward_tokens(&x, false).select(1, 0);
+            let err = worst_relative(&fast, &full);
+            assert!(
+                err < 1e-5,
+                "eval, {t} frames of {px} px: worst relative error {err:e}"
+            );
+
+            // Train mode: the same drop-path draws, and the same gradients.
+            let run = |cls_only: bool| {
+                let out = with_drop_path_seed(5, || {
+                    if cls_only {
+                        net.forward_t(&x, true)
+                    } else {
+                        net.forward_tokens(&x, true).select(1, 0)
+                    }
+                });
+                let weights =
+                    Tensor::linspace(-1.0, 1.0, out.numel() as i64, (Kind::Float, Device::Cpu))
+                        .reshape(out.size());
+                let vars = vs.variables();
+                let mut names: Vec<&String> = vars.keys().collect();
+                names.sort();
+                let inputs: Vec<Tensor> = names.iter().map(|n| vars[*n].shallow_clone()).collect();
+                let grads = Tensor::run_backward(
+                    &[(&out * &weights).sum(Kind::Float)],
+                    &inputs,
+                    false,
+                    false,
+                );
+                (out.detach(), grads)
+            };
+            let (fast, fast_grads) = run(true);
+            let (full, full_grads) = run(false);
+            let err = worst_relative(&fast, &full);
+            assert!(
+                err < 1e-5,
+                "train, {t} frames: worst relative error {err:e}"
+            );
+            for (i, (g, h)) in fast_grads.iter().zip(&full_grads).enumerate() {
+                let err = worst_relative(g, h);
+                assert!(
+                    err < 1e-4,
+                    "train, {t} frames: gradient {i} worst relative error {err:e}"
+                );
+            }
+        }
     }
 }
