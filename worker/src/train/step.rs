@@ -22,6 +22,12 @@ use crate::{Error, Result};
 /// Number of leading global views (seen by the teacher).
 pub const GLOBAL_VIEWS: usize = 2;
 
+/// CPU steps run the views on two threads (one libtorch thread each) for networks narrower
+/// than this; wider ones use libtorch's intra-op threads, whose large matrix products split
+/// well. Measured on 2 cores: the two-thread step is 5–12 % faster for `tiny` (width 192),
+/// the intra-op step ~7 % faster and 25 % smaller in memory for `vit_b` (width 768).
+pub const TWO_THREAD_MAX_WIDTH: usize = 384;
+
 /// What one step did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StepStats {
@@ -206,6 +212,7 @@ impl SslTrainer {
         let teacher_flat = FlatParams::new(&teacher)?;
         let replica = if device == Device::Cpu
             && tch::get_num_threads() >= 2
+            && model_cfg.embed_dim < TWO_THREAD_MAX_WIDTH
             && std::env::var_os("ENDOFM_ONE_THREAD_STEP").is_none()
         {
             Some(Self::replica_of(&student)?)
