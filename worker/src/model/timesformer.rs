@@ -103,15 +103,29 @@ impl Attention {
         }
     }
 
-    /// `x`: (batch, tokens, dim) → (batch, tokens, dim).
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    /// The fused qkv projection of `x` (B, N, C), split per head: three (B, heads, N, C/heads).
+    fn heads(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
         let (b, n, c) = x.size3().expect("attention input is (B, N, C)");
         let h = self.num_heads;
         let qkv = x
             .apply(&self.qkv)
             .reshape([b, n, 3, h, c / h])
             .permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        (qkv.get(0), qkv.get(1), qkv.get(2))
+    }
+
+    /// softmax(q·kᵀ · head_dim^-0.5) · v, written out (the reference's arithmetic).
+    fn explicit(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let scale = (q.size()[3] as f64).powf(-0.5);
+        (q.matmul(&k.transpose(-2, -1)) * scale)
+            .softmax(-1, None::<Kind>)
+            .matmul(v)
+    }
+
+    /// `x`: (batch, tokens, dim) → (batch, tokens, dim).
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, n, c) = x.size3().expect("attention input is (B, N, C)");
+        let (q, k, v) = self.heads(x);
         // On CUDA the fused kernel is faster and avoids materialising the attention maps; on
         // the CPU the explicit form is faster for training (the fused CPU backward recomputes
         // the maps). Same math: scale head_dim^-0.5, softmax over keys.
@@ -127,10 +141,7 @@ impl Attention {
                 false,
             )
         } else {
-            let scale = ((c / h) as f64).powf(-0.5);
-            (q.matmul(&k.transpose(-2, -1)) * scale)
-                .softmax(-1, None::<Kind>)
-                .matmul(&v)
+            Self::explicit(&q, &k, &v)
         };
         out.transpose(1, 2).reshape([b, n, c]).apply(&self.proj)
     }
@@ -139,18 +150,11 @@ impl Attention {
     /// qkv projection of every token (keys and values are all needed), then one query row per
     /// sequence instead of all of them.
     pub fn forward_first_query(&self, x: &Tensor) -> Tensor {
-        let (b, n, c) = x.size3().expect("attention input is (B, N, C)");
-        let h = self.num_heads;
-        let qkv = x
-            .apply(&self.qkv)
-            .reshape([b, n, 3, h, c / h])
-            .permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (qkv.get(0).narrow(2, 0, 1), qkv.get(1), qkv.get(2));
-        let scale = ((c / h) as f64).powf(-0.5);
-        let out = (q.matmul(&k.transpose(-2, -1)) * scale)
-            .softmax(-1, None::<Kind>)
-            .matmul(&v); // (B, H, 1, C/H)
-        out.reshape([b, c]).apply(&self.proj)
+        let (b, _, c) = x.size3().expect("attention input is (B, N, C)");
+        let (q, k, v) = self.heads(x);
+        Self::explicit(&q.narrow(2, 0, 1), &k, &v) // (B, H, 1, C/H)
+            .reshape([b, c])
+            .apply(&self.proj)
     }
 }
 
@@ -215,15 +219,17 @@ impl Block {
         }
     }
 
-    /// `x`: (B, 1 + H·W·T, D) with patch tokens ordered (h, w, t); `t` frames, `w` grid columns.
-    pub fn forward_t(&self, x: &Tensor, t: i64, w: i64, train: bool) -> Tensor {
+    /// What both outputs of a block share. `x`: (B, 1 + H·W·T, D) with patch tokens ordered
+    /// (h, w, t). Temporal attention (each (b, h, w) location over its `t` frames), then the
+    /// spatial attention's input (each (b, t) frame's H·W tokens plus the CLS token). Returns
+    /// the CLS token (B, 1, D), the patch tokens after the temporal residual (B, H·W·T, D) and
+    /// the normalised spatial input (B·T, 1 + H·W, D).
+    fn temporal_then_spatial_input(&self, x: &Tensor, t: i64, train: bool) -> [Tensor; 3] {
         let (b, n, d) = x.size3().expect("block input is (B, N, D)");
         let hw = (n - 1) / t;
         let cls = x.narrow(1, 0, 1);
         let patches = x.narrow(1, 1, n - 1);
-        debug_assert_eq!(hw % w, 0);
 
-        // Temporal attention: each (b, h, w) location attends over its t frames.
         let xt = patches.reshape([b * hw, t, d]);
         let res = drop_path(
             &self.temporal_attn.forward(&xt.apply(&self.temporal_norm1)),
@@ -233,18 +239,32 @@ impl Block {
         let res = res.reshape([b, hw * t, d]).apply(&self.temporal_fc);
         let xt = patches + res; // (B, HW·T, D)
 
-        // Spatial attention: each (b, t) frame attends over its H·W tokens plus the CLS token.
         let cls_rep = cls.expand([b, t, d], false).reshape([b * t, 1, d]);
         let xs = xt
             .reshape([b, hw, t, d])
             .transpose(1, 2)
             .reshape([b * t, hw, d]);
-        let xs = Tensor::cat(&[cls_rep, xs], 1);
+        let xs = Tensor::cat(&[cls_rep, xs], 1).apply(&self.norm1);
+        [cls, xt, xs]
+    }
+
+    /// `x + drop_path(mlp(norm2(x)))`.
+    fn mlp_residual(&self, x: Tensor, train: bool) -> Tensor {
         let res = drop_path(
-            &self.attn.forward(&xs.apply(&self.norm1)),
+            &self.mlp.forward(&x.apply(&self.norm2)),
             self.drop_path,
             train,
-        ); // (B·T, 1 + HW, D)
+        );
+        x + res
+    }
+
+    /// `x`: (B, 1 + H·W·T, D) with patch tokens ordered (h, w, t); `t` frames, `w` grid columns.
+    pub fn forward_t(&self, x: &Tensor, t: i64, w: i64, train: bool) -> Tensor {
+        let (b, n, d) = x.size3().expect("block input is (B, N, D)");
+        let hw = (n - 1) / t;
+        debug_assert_eq!(hw % w, 0);
+        let [cls, xt, xs] = self.temporal_then_spatial_input(x, t, train);
+        let res = drop_path(&self.attn.forward(&xs), self.drop_path, train); // (B·T, 1 + HW, D)
         let cls_res = res
             .select(1, 0)
             .reshape([b, t, d])
@@ -254,14 +274,7 @@ impl Block {
             .reshape([b, t, hw, d])
             .transpose(1, 2)
             .reshape([b, hw * t, d]);
-        let x = Tensor::cat(&[cls + cls_res, xt + res_patches], 1);
-
-        let res = drop_path(
-            &self.mlp.forward(&x.apply(&self.norm2)),
-            self.drop_path,
-            train,
-        );
-        x + res
+        self.mlp_residual(Tensor::cat(&[cls + cls_res, xt + res_patches], 1), train)
     }
 
     /// The CLS token's output only, (B, D), for the last block when nothing else is read: the
@@ -269,39 +282,11 @@ impl Block {
     /// queries, projection and MLP run on the CLS rows alone. Same arithmetic per row as
     /// [`Block::forward_t`] and the same drop-path draws in the same order.
     pub fn forward_cls(&self, x: &Tensor, t: i64, train: bool) -> Tensor {
-        let (b, n, d) = x.size3().expect("block input is (B, N, D)");
-        let hw = (n - 1) / t;
-        let cls = x.narrow(1, 0, 1);
-        let patches = x.narrow(1, 1, n - 1);
-
-        let xt = patches.reshape([b * hw, t, d]);
-        let res = drop_path(
-            &self.temporal_attn.forward(&xt.apply(&self.temporal_norm1)),
-            self.drop_path,
-            train,
-        );
-        let res = res.reshape([b, hw * t, d]).apply(&self.temporal_fc);
-        let xt = patches + res;
-
-        let cls_rep = cls.expand([b, t, d], false).reshape([b * t, 1, d]);
-        let xs = xt
-            .reshape([b, hw, t, d])
-            .transpose(1, 2)
-            .reshape([b * t, hw, d]);
-        let xs = Tensor::cat(&[cls_rep, xs], 1);
-        let res = drop_path(
-            &self.attn.forward_first_query(&xs.apply(&self.norm1)),
-            self.drop_path,
-            train,
-        ); // (B·T, D)
+        let (b, _, d) = x.size3().expect("block input is (B, N, D)");
+        let [cls, _, xs] = self.temporal_then_spatial_input(x, t, train);
+        let res = drop_path(&self.attn.forward_first_query(&xs), self.drop_path, train); // (B·T, D)
         let x = cls.squeeze_dim(1) + res.reshape([b, t, d]).mean_dim(1, false, None::<Kind>);
-
-        let res = drop_path(
-            &self.mlp.forward(&x.apply(&self.norm2)),
-            self.drop_path,
-            train,
-        );
-        x + res
+        self.mlp_residual(x, train)
     }
 }
 
