@@ -157,6 +157,77 @@ pub fn split_views(views: &[Tensor], patch_size: usize) -> (Vec<usize>, Vec<usiz
     (a, b)
 }
 
+/// What both threads of a two-thread step share.
+#[derive(Debug, Clone, Copy)]
+struct HalfShared {
+    teacher_temp: f64,
+    student_temp: f64,
+    /// Number of terms of the whole objective (the loss is their mean).
+    terms: f64,
+    /// Loss scale (fp16).
+    scale: f64,
+    precision: Precision,
+    device: Device,
+}
+
+/// One thread's part of a two-thread step: the teacher on global view `own`, the student on
+/// `views` (indices `ids`), the other thread's teacher probabilities through `rx`.
+struct HalfStep<'a> {
+    teacher: &'a mut EndoFm,
+    student: &'a mut EndoFm,
+    global: Tensor,
+    own: usize,
+    views: Vec<Tensor>,
+    ids: Vec<usize>,
+    center: Tensor,
+    names: Vec<String>,
+    tx: std::sync::mpsc::Sender<Tensor>,
+    rx: std::sync::mpsc::Receiver<Tensor>,
+    seed: u64,
+}
+
+impl HalfStep<'_> {
+    /// This thread's loss terms, its teacher output and the flat gradient of its terms, on one
+    /// libtorch thread with its own drop-path generator.
+    fn run(self, p: HalfShared) -> Result<(f64, Tensor, Tensor)> {
+        use crate::model::timesformer::with_drop_path_seed;
+        use crate::train::loss::{cross_terms, teacher_probs};
+
+        tch::set_num_threads(1);
+        with_drop_path_seed(self.seed, || {
+            with_precision(p.precision, p.device, || {
+                let t_out = tch::no_grad(|| {
+                    self.teacher
+                        .forward_views(std::slice::from_ref(&self.global), true)
+                });
+                let mine = teacher_probs(&t_out, &self.center, p.teacher_temp, 1);
+                let _ = self.tx.send(mine.shallow_clone());
+                let s_out = self.student.forward_views(&self.views, true);
+                let other = self.rx.recv().map_err(|_| Error::Input {
+                    name: "trainer".into(),
+                    reason: "the other training thread stopped".into(),
+                })?;
+                let probs = if self.own == 0 {
+                    Tensor::cat(&[mine, other], 0)
+                } else {
+                    Tensor::cat(&[other, mine], 0)
+                };
+                let loss = cross_terms(&probs, &s_out, &self.ids, p.student_temp) / p.terms;
+                let value = loss.to_kind(Kind::Double).double_value(&[]);
+                let vars = self.student.var_store().variables();
+                let inputs: Vec<Tensor> =
+                    self.names.iter().map(|n| vars[n].shallow_clone()).collect();
+                let grads = Tensor::run_backward(&[loss * p.scale], &inputs, false, false);
+                let flat = Tensor::cat(
+                    &grads.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(),
+                    0,
+                );
+                Ok((value, t_out, flat))
+            })?
+        })
+    }
+}
+
 /// One rank's pre-training state.
 #[derive(Debug)]
 pub struct SslTrainer {
@@ -399,25 +470,20 @@ impl SslTrainer {
         scale: f64,
         seed: u64,
     ) -> Result<(f64, Tensor, Tensor)> {
-        use crate::model::timesformer::with_drop_path_seed;
-        use crate::train::loss::{cross_terms, teacher_probs};
-
-        let terms = (GLOBAL_VIEWS * views.len() - GLOBAL_VIEWS) as f64;
         let names: Vec<String> = self
             .student_flat
             .trainable()
             .map(|e| e.name.clone())
             .collect();
-        let center = self.objective.center().shallow_clone();
-        let student_temp = self.objective.config().student_temp;
-        let (precision, device) = (self.precision, self.student.device());
-        let (ids_a, ids_b) = split_views(views, self.student.config().patch_size);
-        let pick = |ids: &[usize]| -> Vec<Tensor> {
-            ids.iter().map(|&i| views[i].shallow_clone()).collect()
+        let shared = HalfShared {
+            teacher_temp,
+            student_temp: self.objective.config().student_temp,
+            terms: (GLOBAL_VIEWS * views.len() - GLOBAL_VIEWS) as f64,
+            scale,
+            precision: self.precision,
+            device: self.student.device(),
         };
-        let (views_a, views_b) = (pick(&ids_a), pick(&ids_b));
-        let (global_a, global_b) = (views[1].shallow_clone(), views[0].shallow_clone());
-        let (student, teacher) = (&mut self.student, &mut self.teacher);
+        let (ids_a, ids_b) = split_views(views, self.student.config().patch_size);
         let (Some(replica), Some(teacher_b)) =
             (self.replica.as_mut(), self.teacher_replica.as_mut())
         else {
@@ -430,68 +496,42 @@ impl SslTrainer {
         // probabilities: both send before they receive, so neither can wait on the other.
         let (tx_a, rx_b) = std::sync::mpsc::channel::<Tensor>();
         let (tx_b, rx_a) = std::sync::mpsc::channel::<Tensor>();
-        let stopped = || Error::Input {
-            name: "trainer".into(),
-            reason: "the other training thread stopped".into(),
+        let half = |teacher, student, own: usize, ids: Vec<usize>, tx, rx, tag: u64| HalfStep {
+            teacher,
+            student,
+            global: views[own].shallow_clone(),
+            own,
+            views: ids.iter().map(|&i| views[i].shallow_clone()).collect(),
+            ids,
+            center: self.objective.center().shallow_clone(),
+            names: names.clone(),
+            tx,
+            rx,
+            seed: seed ^ tag,
         };
-        let grads_of = |net: &EndoFm, loss: &Tensor, names: &[String]| -> Tensor {
-            let vars = net.var_store().variables();
-            let inputs: Vec<Tensor> = names.iter().map(|n| vars[n].shallow_clone()).collect();
-            let grads = Tensor::run_backward(&[loss * scale], &inputs, false, false);
-            Tensor::cat(
-                &grads.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(),
-                0,
-            )
-        };
-        let center_b = center.shallow_clone();
+        let a = half(
+            &mut self.teacher,
+            &mut self.student,
+            1,
+            ids_a,
+            tx_a,
+            rx_a,
+            0xA,
+        );
+        let b = half(teacher_b, replica, 0, ids_b, tx_b, rx_b, 0xB);
         let (a, b) = std::thread::scope(|s| {
-            let names_a = names.clone();
-            let a = s.spawn(move || -> Result<(f64, Tensor, Tensor)> {
-                tch::set_num_threads(1);
-                with_drop_path_seed(seed ^ 0xA, || {
-                    with_precision(precision, device, || {
-                        let t1 = tch::no_grad(|| {
-                            teacher.forward_views(std::slice::from_ref(&global_a), true)
-                        });
-                        let p1 = teacher_probs(&t1, &center, teacher_temp, 1);
-                        let _ = tx_a.send(p1.shallow_clone());
-                        let s_out = student.forward_views(&views_a, true);
-                        let p0 = rx_a.recv().map_err(|_| stopped())?;
-                        let probs = Tensor::cat(&[p0, p1], 0);
-                        let loss = cross_terms(&probs, &s_out, &ids_a, student_temp) / terms;
-                        let value = loss.to_kind(Kind::Double).double_value(&[]);
-                        Ok((value, t1, grads_of(student, &loss, &names_a)))
-                    })?
-                })
-            });
-            let b = s.spawn(move || -> Result<(f64, Tensor, Tensor)> {
-                tch::set_num_threads(1);
-                with_drop_path_seed(seed ^ 0xB, || {
-                    with_precision(precision, device, || {
-                        let t0 = tch::no_grad(|| {
-                            teacher_b.forward_views(std::slice::from_ref(&global_b), true)
-                        });
-                        let p0 = teacher_probs(&t0, &center_b, teacher_temp, 1);
-                        let _ = tx_b.send(p0.shallow_clone());
-                        let s_out = replica.forward_views(&views_b, true);
-                        let p1 = rx_b.recv().map_err(|_| stopped())?;
-                        let probs = Tensor::cat(&[p0, p1], 0);
-                        let loss = cross_terms(&probs, &s_out, &ids_b, student_temp) / terms;
-                        let value = loss.to_kind(Kind::Double).double_value(&[]);
-                        Ok((value, t0, grads_of(replica, &loss, &names)))
-                    })?
-                })
-            });
+            let a = s.spawn(move || a.run(shared));
+            let b = s.spawn(move || b.run(shared));
             (a.join(), b.join())
         });
-        let (la, t1, ga) = a.map_err(|_| Error::Input {
-            name: "trainer".into(),
-            reason: "a training thread panicked".into(),
-        })??;
-        let (lb, t0, gb) = b.map_err(|_| Error::Input {
-            name: "trainer".into(),
-            reason: "a training thread panicked".into(),
-        })??;
+        let joined = |r: std::thread::Result<Result<(f64, Tensor, Tensor)>>| {
+            r.map_err(|_| Error::Input {
+                name: "trainer".into(),
+                reason: "a training thread panicked".into(),
+            })?
+        };
+        let (la, t1, ga) = joined(a)?;
+        let (lb, t0, gb) = joined(b)?;
         let t_out = Tensor::cat(&[t0, t1], 0);
         let grads = self.grads.shallow_clone();
         tch::no_grad(|| {
