@@ -636,38 +636,46 @@ mod tests {
         (listeners, addrs)
     }
 
-    /// Runs one ring on threads; `inputs[r]` is rank r's buffer; returns every rank's result.
-    fn ring_sum(inputs: &[Vec<f32>], segment_bytes: usize) -> Vec<Vec<f32>> {
-        let world = inputs.len();
+    /// Runs `rank(r, listener, addrs)` for every rank of a world on its own thread (each with
+    /// a bound loopback listener and every rank's address); returns the results in rank order.
+    fn on_ranks<T: Send>(
+        world: usize,
+        rank: impl Fn(usize, TcpListener, &[SocketAddr]) -> T + Sync,
+    ) -> Vec<T> {
         let (listeners, addrs) = listeners(world);
         std::thread::scope(|s| {
             let handles: Vec<_> = listeners
                 .into_iter()
                 .enumerate()
-                .map(|(rank, listener)| {
-                    let addrs = &addrs;
-                    s.spawn(move || {
-                        let cfg = RingConfig {
-                            segment_bytes,
-                            ..RingConfig::new(rank, world, 7, Duration::from_secs(10))
-                        };
-                        let mut ring =
-                            RingCollective::connect(cfg, addrs, listener).expect("connect");
-                        let mut out = Vec::new();
-                        // Twice, so that the call counter and buffer reuse are exercised.
-                        for _ in 0..2 {
-                            let mut t = Tensor::from_slice(&inputs[rank]);
-                            ring.all_reduce_sum(&mut t).expect("all-reduce");
-                            out = Vec::<f32>::try_from(&t).expect("to vec");
-                        }
-                        out
-                    })
+                .map(|(r, listener)| {
+                    let (addrs, rank) = (&addrs, &rank);
+                    s.spawn(move || rank(r, listener, addrs))
                 })
                 .collect();
             handles
                 .into_iter()
                 .map(|h| h.join().expect("rank thread"))
                 .collect()
+        })
+    }
+
+    /// Runs one ring on threads; `inputs[r]` is rank r's buffer; returns every rank's result.
+    fn ring_sum(inputs: &[Vec<f32>], segment_bytes: usize) -> Vec<Vec<f32>> {
+        let world = inputs.len();
+        on_ranks(world, |rank, listener, addrs| {
+            let cfg = RingConfig {
+                segment_bytes,
+                ..RingConfig::new(rank, world, 7, Duration::from_secs(10))
+            };
+            let mut ring = RingCollective::connect(cfg, addrs, listener).expect("connect");
+            let mut out = Vec::new();
+            // Twice, so that the call counter and buffer reuse are exercised.
+            for _ in 0..2 {
+                let mut t = Tensor::from_slice(&inputs[rank]);
+                ring.all_reduce_sum(&mut t).expect("all-reduce");
+                out = Vec::<f32>::try_from(&t).expect("to vec");
+            }
+            out
         })
     }
 
@@ -723,35 +731,20 @@ mod tests {
     /// A strided buffer (a transposed view) is summed through a contiguous copy and written back.
     #[test]
     fn strided_buffers_are_summed_in_place() {
-        let (listeners, addrs) = listeners(2);
-        let results: Vec<Vec<f32>> = std::thread::scope(|s| {
-            let handles: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(rank, listener)| {
-                    let addrs = &addrs;
-                    s.spawn(move || {
-                        let cfg = RingConfig {
-                            segment_bytes: 16,
-                            ..RingConfig::new(rank, 2, 5, Duration::from_secs(10))
-                        };
-                        let mut ring =
-                            RingCollective::connect(cfg, addrs, listener).expect("connect");
-                        let base = Tensor::arange(12, (Kind::Float, Device::Cpu))
-                            .f_add_scalar(rank as f64 * 100.0)
-                            .expect("add")
-                            .reshape([3, 4]);
-                        let mut t = base.tr();
-                        assert!(!t.is_contiguous());
-                        ring.all_reduce_sum(&mut t).expect("all-reduce");
-                        Vec::<f32>::try_from(&t.contiguous().reshape([-1])).expect("to vec")
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("rank"))
-                .collect()
+        let results = on_ranks(2, |rank, listener, addrs| {
+            let cfg = RingConfig {
+                segment_bytes: 16,
+                ..RingConfig::new(rank, 2, 5, Duration::from_secs(10))
+            };
+            let mut ring = RingCollective::connect(cfg, addrs, listener).expect("connect");
+            let base = Tensor::arange(12, (Kind::Float, Device::Cpu))
+                .f_add_scalar(rank as f64 * 100.0)
+                .expect("add")
+                .reshape([3, 4]);
+            let mut t = base.tr();
+            assert!(!t.is_contiguous());
+            ring.all_reduce_sum(&mut t).expect("all-reduce");
+            Vec::<f32>::try_from(&t.contiguous().reshape([-1])).expect("to vec")
         });
         let expected: Vec<f32> = (0..4)
             .flat_map(|c| (0..3).map(move |r| (2 * (r * 4 + c) + 100) as f32))
@@ -784,26 +777,11 @@ mod tests {
 
     #[test]
     fn another_attempt_is_refused() {
-        let (listeners, addrs) = listeners(2);
         let started = Instant::now();
-        let results: Vec<Result<RingCollective>> = std::thread::scope(|s| {
-            let handles: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(rank, listener)| {
-                    let addrs = &addrs;
-                    s.spawn(move || {
-                        // Rank 1 belongs to the next attempt.
-                        let cfg =
-                            RingConfig::new(rank, 2, 40 + rank as u64, Duration::from_secs(5));
-                        RingCollective::connect(cfg, addrs, listener)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("rank"))
-                .collect()
+        let results = on_ranks(2, |rank, listener, addrs| {
+            // Rank 1 belongs to the next attempt.
+            let cfg = RingConfig::new(rank, 2, 40 + rank as u64, Duration::from_secs(5));
+            RingCollective::connect(cfg, addrs, listener)
         });
         for result in results {
             let err = result.expect_err("a ring across attempts must not form");
@@ -817,42 +795,31 @@ mod tests {
 
     /// Rank 1 of a ring of two stops taking part; rank 0 must fail within about the deadline.
     fn peer_failure(drop_peer: bool) {
-        let (listeners, addrs) = listeners(2);
         let deadline = Duration::from_millis(300);
-        std::thread::scope(|s| {
-            let mut handles = Vec::new();
-            for (rank, listener) in listeners.into_iter().enumerate() {
-                let addrs = &addrs;
-                handles.push(s.spawn(move || {
-                    let cfg = RingConfig::new(rank, 2, 3, deadline);
-                    let mut ring = RingCollective::connect(cfg, addrs, listener).expect("connect");
-                    let mut t = Tensor::ones([1000], (Kind::Float, Device::Cpu));
-                    ring.all_reduce_sum(&mut t).expect("first all-reduce");
-                    if rank == 1 {
-                        if drop_peer {
-                            drop(ring);
-                        } else {
-                            std::thread::sleep(deadline * 5);
-                        }
-                        return None;
-                    }
-                    let started = Instant::now();
-                    let result = ring.all_reduce_sum(&mut t);
-                    Some((result, started.elapsed()))
-                }));
+        let mut results = on_ranks(2, |rank, listener, addrs| {
+            let cfg = RingConfig::new(rank, 2, 3, deadline);
+            let mut ring = RingCollective::connect(cfg, addrs, listener).expect("connect");
+            let mut t = Tensor::ones([1000], (Kind::Float, Device::Cpu));
+            ring.all_reduce_sum(&mut t).expect("first all-reduce");
+            if rank == 1 {
+                if drop_peer {
+                    drop(ring);
+                } else {
+                    std::thread::sleep(deadline * 5);
+                }
+                return None;
             }
-            let (result, took) = handles
-                .remove(0)
-                .join()
-                .expect("rank 0")
-                .expect("rank 0 reports");
-            let err = result.expect_err("the all-reduce must fail");
-            assert!(
-                matches!(err, Error::Collective { peer: 1, .. }),
-                "unexpected error: {err}"
-            );
-            assert!(took < deadline * 3, "took {took:?}: {err}");
+            let started = Instant::now();
+            let result = ring.all_reduce_sum(&mut t);
+            Some((result, started.elapsed()))
         });
+        let (result, took) = results.remove(0).expect("rank 0 reports");
+        let err = result.expect_err("the all-reduce must fail");
+        assert!(
+            matches!(err, Error::Collective { peer: 1, .. }),
+            "unexpected error: {err}"
+        );
+        assert!(took < deadline * 3, "took {took:?}: {err}");
     }
 
     #[test]
