@@ -22,6 +22,17 @@ async fn refused(jobs: &mut client::Jobs, spec: String) -> tonic::Status {
         .expect_err("the spec was accepted")
 }
 
+/// Whether a client for `url` (trusting `ca`, else the system roots) connects and lists jobs.
+async fn lists_jobs(url: &str, ca: Option<&std::path::Path>) -> bool {
+    match client::channel_with_ca(url, ca, Duration::ZERO).await {
+        Ok(ch) => pb::jobs_client::JobsClient::new(ch)
+            .list_jobs(pb::ListJobsRequest::default())
+            .await
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
 /// The configuration of the first test: tokens, metrics, a local root, no TLS.
 fn config(dir: &std::path::Path) -> ServeConfig {
     ServeConfig {
@@ -332,30 +343,10 @@ async fn tls_when_certificates_are_configured() {
             .is_empty()
     );
     // Plain-text gRPC against the TLS port fails; so does TLS without trusting the CA.
-    let plain =
-        client::channel_with_ca(&format!("http://127.0.0.1:{port}"), None, Duration::ZERO).await;
-    let plain_ok = match plain {
-        Ok(ch) => pb::jobs_client::JobsClient::new(ch)
-            .list_jobs(pb::ListJobsRequest::default())
-            .await
-            .is_ok(),
-        Err(_) => false,
-    };
+    let plain_ok = lists_jobs(&format!("http://127.0.0.1:{port}"), None).await;
     assert!(!plain_ok, "plain text accepted on the TLS port");
     let wrong_ca = d.join("server.pem");
-    let untrusted = client::channel_with_ca(
-        &format!("https://localhost:{port}"),
-        Some(&wrong_ca),
-        Duration::ZERO,
-    )
-    .await;
-    let untrusted_ok = match untrusted {
-        Ok(ch) => pb::jobs_client::JobsClient::new(ch)
-            .list_jobs(pb::ListJobsRequest::default())
-            .await
-            .is_ok(),
-        Err(_) => false,
-    };
+    let untrusted_ok = lists_jobs(&format!("https://localhost:{port}"), Some(&wrong_ca)).await;
     assert!(
         !untrusted_ok,
         "a certificate from an untrusted CA was accepted"
