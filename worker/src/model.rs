@@ -17,6 +17,23 @@ pub use head::DinoHead;
 pub use timesformer::TimeSformer;
 pub use weights::{LoadMode, LoadReport};
 
+/// The runs of consecutive views with the same (T, H, W), as index ranges in order: the
+/// batches [`EndoFm::forward_views`] runs the backbone on.
+pub fn equal_shape_runs(views: &[Tensor]) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < views.len() {
+        let shape = views[start].size();
+        let mut end = start + 1;
+        while end < views.len() && views[end].size().get(2..) == shape.get(2..) {
+            end += 1;
+        }
+        runs.push(start..end);
+        start = end;
+    }
+    runs
+}
+
 /// Backbone + projection head: the student (and, as a copy, the teacher) of pre-training.
 #[derive(Debug)]
 pub struct EndoFm {
@@ -109,22 +126,17 @@ impl EndoFm {
     /// does), then the head once on all CLS features. Output rows are view-major: view 0's
     /// batch, then view 1's, ...
     pub fn forward_views(&self, views: &[Tensor], train: bool) -> Tensor {
-        let mut features = Vec::new();
-        let mut start = 0;
-        while start < views.len() {
-            let shape = &views[start].size()[2..];
-            let mut end = start + 1;
-            while end < views.len() && &views[end].size()[2..] == shape {
-                end += 1;
-            }
-            let batch = if end - start == 1 {
-                views[start].shallow_clone()
-            } else {
-                Tensor::cat(&views[start..end], 0)
-            };
-            features.push(self.backbone.forward_t(&batch, train));
-            start = end;
-        }
+        let features: Vec<Tensor> = equal_shape_runs(views)
+            .into_iter()
+            .map(|run| {
+                let batch = if run.len() == 1 {
+                    views[run.start].shallow_clone()
+                } else {
+                    Tensor::cat(&views[run], 0)
+                };
+                self.backbone.forward_t(&batch, train)
+            })
+            .collect();
         self.head.forward(&Tensor::cat(&features, 0))
     }
 

@@ -110,8 +110,8 @@ pub fn step_seed(seed: u64, step: usize, rank: usize) -> i64 {
 
 /// Divides the student's views between the two threads of a CPU step: thread A (which also
 /// runs the teacher on global view 1) gets view 1, thread B (teacher on view 0) view 0, and the
-/// other views go, one group of consecutive equal shapes at a time (kept together so they stay
-/// one batched forward), largest first, to the thread with less work so far. Work is counted in
+/// other views go, one run of consecutive equal shapes ([`crate::model::equal_shape_runs`]) at
+/// a time (kept together so they stay one batched forward), largest first, to the thread with less work so far. Work is counted in
 /// per-frame token rows, `batch · frames · (1 + patches)`, once for a teacher forward and three
 /// times for a student forward and backward. Returns each thread's view indices in ascending
 /// order. A pure function of the shapes, so a seed still fixes every result.
@@ -130,18 +130,14 @@ pub fn split_views(views: &[Tensor], patch_size: usize) -> (Vec<usize>, Vec<usiz
     let mut a = vec![1];
     let mut b = vec![0];
     let (mut work_a, mut work_b) = (4 * rows(&views[1]), 4 * rows(&views[0]));
-    let mut groups: Vec<(u64, std::ops::Range<usize>)> = Vec::new();
-    let mut start = GLOBAL_VIEWS;
-    while start < views.len() {
-        let shape = &views[start].size()[1..];
-        let mut end = start + 1;
-        while end < views.len() && &views[end].size()[1..] == shape {
-            end += 1;
-        }
-        let work = (start..end).map(|i| 3 * rows(&views[i])).sum();
-        groups.push((work, start..end));
-        start = end;
-    }
+    let mut groups: Vec<(u64, std::ops::Range<usize>)> =
+        crate::model::equal_shape_runs(&views[GLOBAL_VIEWS..])
+            .into_iter()
+            .map(|run| {
+                let run = run.start + GLOBAL_VIEWS..run.end + GLOBAL_VIEWS;
+                (run.clone().map(|i| 3 * rows(&views[i])).sum(), run)
+            })
+            .collect();
     groups.sort_by(|x, y| y.0.cmp(&x.0).then(x.1.start.cmp(&y.1.start)));
     for (work, range) in groups {
         if work_a < work_b {
