@@ -2,6 +2,7 @@
 //! its named presets, the error type, and telemetry set-up. Never depends on libtorch.
 
 pub mod error;
+pub mod finetune_config;
 pub mod job_spec;
 pub mod model_config;
 pub mod prom_text;
@@ -10,6 +11,7 @@ pub mod telemetry;
 pub mod train_config;
 
 pub use error::{Error, Result};
+pub use finetune_config::{FinetuneConfig, InitFrom, TaskKind};
 pub use job_spec::{DeviceKind, JobKind, JobSpec, ViewSizes};
 pub use model_config::{HeadConfig, ModelConfig, ParamCounts, Preset};
 pub use storage::StorageUri;

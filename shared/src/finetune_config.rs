@@ -1,0 +1,284 @@
+//! Hyper-parameters of fine-tuning on a downstream task, defaults equal to the published code's
+//! (`eval_finetune.py` and the authors' `scripts/eval_finetune_polypdiag.sh` for classification),
+//! typed and validated so that a job spec can be refused at submission with the field named.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result, TrainPrecision};
+
+/// A downstream task of the paper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    /// Video-level classification (PolypDiag: normal vs abnormal).
+    Classify,
+    /// Polyp segmentation (CVC-12k, TransUNet hybrid).
+    Segment,
+    /// Polyp detection (KUMC, STFT-FCOS).
+    Detect,
+}
+
+impl TaskKind {
+    /// The name used in specs, flags and the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::Classify => "classify",
+            TaskKind::Segment => "segment",
+            TaskKind::Detect => "detect",
+        }
+    }
+
+    /// Parses `classify`, `segment` or `detect`.
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "classify" => Ok(TaskKind::Classify),
+            "segment" => Ok(TaskKind::Segment),
+            "detect" => Ok(TaskKind::Detect),
+            other => Err(Error::invalid(
+                "task",
+                format!("unknown task `{other}` (known: classify, segment, detect)"),
+            )),
+        }
+    }
+
+    /// Whether this build can fine-tune and evaluate the task.
+    pub fn implemented(self) -> bool {
+        matches!(self, TaskKind::Classify)
+    }
+}
+
+impl std::fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which network of a pre-training checkpoint the backbone is taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitFrom {
+    /// The EMA teacher (what the published fine-tuning scripts load, `--checkpoint_key teacher`).
+    #[default]
+    Teacher,
+    /// The student.
+    Student,
+}
+
+impl InitFrom {
+    /// `teacher` or `student`.
+    pub fn name(self) -> &'static str {
+        match self {
+            InitFrom::Teacher => "teacher",
+            InitFrom::Student => "student",
+        }
+    }
+}
+
+/// Fine-tuning hyper-parameters (classification defaults: the published PolypDiag script).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneConfig {
+    /// Epochs over the training split.
+    pub epochs: usize,
+    /// Videos per rank per step.
+    pub batch_per_rank: usize,
+    /// SGD learning rate (not scaled with the batch; the published script passes it as is).
+    pub lr: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Weight decay (the published classifier uses none).
+    pub weight_decay: f64,
+    /// Final learning rate of the per-epoch cosine.
+    pub min_lr: f64,
+    /// Stochastic-depth rate of the backbone while fine-tuning.
+    pub drop_path_rate: f64,
+    /// Frames sampled per video.
+    pub frames: usize,
+    /// Frames of the window the samples are spread over (8 over 256: every 32nd frame).
+    pub window: usize,
+    /// Crop size in pixels (the network's input size).
+    pub crop: usize,
+    /// Training: the short side is resized to a random value in `[train_short_min, train_short_max]`.
+    pub train_short_min: usize,
+    /// Upper end of the training short side.
+    pub train_short_max: usize,
+    /// Evaluation: the short side is resized to this, then centre-cropped.
+    pub test_short: usize,
+    /// Normalisation mean (every channel).
+    pub mean: f64,
+    /// Normalisation standard deviation (every channel).
+    pub std: f64,
+    /// Which network of a pre-training checkpoint initialises the backbone.
+    pub init_from: InitFrom,
+    /// Seed of the classifier's initialisation, data order, augmentation and drop-path.
+    pub seed: u64,
+    /// Numeric precision.
+    pub precision: TrainPrecision,
+    /// Evaluate on the validation split every this many epochs (and after the last).
+    pub val_every: usize,
+    /// Write a checkpoint every this many steps (and at every epoch end); 0 = epoch ends only.
+    pub checkpoint_every: usize,
+    /// Step checkpoints kept (the best and the last epoch's are always kept).
+    pub keep_checkpoints: usize,
+    /// Write a metrics line every this many steps.
+    pub log_every: usize,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 20,
+            batch_per_rank: 4,
+            lr: 1.5625e-5,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            min_lr: 0.0,
+            drop_path_rate: 0.1,
+            frames: 8,
+            window: 256,
+            crop: 224,
+            train_short_min: 256,
+            train_short_max: 320,
+            test_short: 256,
+            mean: 0.45,
+            std: 0.225,
+            init_from: InitFrom::Teacher,
+            seed: 0,
+            precision: TrainPrecision::Auto,
+            val_every: 1,
+            checkpoint_every: 0,
+            keep_checkpoints: 2,
+            log_every: 1,
+        }
+    }
+}
+
+fn check(ok: bool, field: &str, reason: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(field, reason()))
+    }
+}
+
+impl FinetuneConfig {
+    /// Checks every field and the relations between them; the error names the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        for (field, v) in [
+            ("epochs", self.epochs),
+            ("batch_per_rank", self.batch_per_rank),
+            ("frames", self.frames),
+            ("window", self.window),
+            ("crop", self.crop),
+            ("val_every", self.val_every),
+            ("keep_checkpoints", self.keep_checkpoints),
+            ("log_every", self.log_every),
+        ] {
+            check(v >= 1, field, || "must be at least 1".into())?;
+        }
+        check(self.window >= self.frames, "window", || {
+            format!(
+                "{} frames cannot be spread over a window of {}",
+                self.frames, self.window
+            )
+        })?;
+        check(self.lr.is_finite() && self.lr > 0.0, "lr", || {
+            format!("{} must be a positive number", self.lr)
+        })?;
+        for (field, v) in [
+            ("weight_decay", self.weight_decay),
+            ("min_lr", self.min_lr),
+        ] {
+            check(v.is_finite() && v >= 0.0, field, || {
+                format!("{v} must be zero or positive")
+            })?;
+        }
+        check(self.min_lr <= self.lr, "min_lr", || {
+            format!("{} is above lr {}", self.min_lr, self.lr)
+        })?;
+        check((0.0..1.0).contains(&self.momentum), "momentum", || {
+            format!("{} is outside [0, 1)", self.momentum)
+        })?;
+        check((0.0..1.0).contains(&self.drop_path_rate), "drop_path_rate", || {
+            format!("{} is outside [0, 1)", self.drop_path_rate)
+        })?;
+        check(self.std.is_finite() && self.std > 0.0, "std", || {
+            format!("{} must be a positive number", self.std)
+        })?;
+        check(self.mean.is_finite(), "mean", || "must be a number".into())?;
+        check(self.train_short_min >= self.crop, "train_short_min", || {
+            format!(
+                "{} is smaller than the crop {}",
+                self.train_short_min, self.crop
+            )
+        })?;
+        check(
+            self.train_short_max >= self.train_short_min,
+            "train_short_max",
+            || {
+                format!(
+                    "{} is smaller than train_short_min {}",
+                    self.train_short_max, self.train_short_min
+                )
+            },
+        )?;
+        check(self.test_short >= self.crop, "test_short", || {
+            format!("{} is smaller than the crop {}", self.test_short, self.crop)
+        })?;
+        Ok(())
+    }
+
+    /// Reads a JSON document over the defaults; unknown fields are refused. The result is
+    /// validated.
+    pub fn from_json_str(text: &str, origin: &str) -> Result<Self> {
+        let cfg: Self = serde_json::from_str(text).map_err(|source| Error::Parse {
+            origin: origin.to_string(),
+            source,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Sizes scaled for a network of input size `img`: crop = `img`, the short sides kept in
+    /// the published proportions (256/224, 320/224).
+    pub fn sized_for(mut self, img: usize) -> Self {
+        self.crop = img;
+        self.train_short_min = img * 256 / 224;
+        self.train_short_max = img * 320 / 224;
+        self.test_short = img * 256 / 224;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_published_script_and_valid() {
+        let c = FinetuneConfig::default();
+        c.validate().unwrap();
+        assert_eq!((c.epochs, c.batch_per_rank, c.frames, c.window), (20, 4, 8, 256));
+        assert_eq!(c.lr, 1.5625e-5);
+        let s = c.sized_for(112);
+        s.validate().unwrap();
+        assert_eq!((s.crop, s.train_short_min, s.train_short_max, s.test_short), (112, 128, 160, 128));
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        for (doc, field) in [
+            (r#"{"lr": 0}"#, "`lr`"),
+            (r#"{"frames": 9, "window": 4}"#, "`window`"),
+            (r#"{"momentum": 1.0}"#, "`momentum`"),
+            (r#"{"crop": 300}"#, "`train_short_min`"),
+            (r#"{"train_short_max": 100}"#, "`train_short_max`"),
+            (r#"{"epochz": 1}"#, "epochz"),
+        ] {
+            let err = FinetuneConfig::from_json_str(doc, "t").unwrap_err().to_string();
+            assert!(err.contains(field), "{doc}: {err}");
+        }
+        assert_eq!(TaskKind::parse("segment").unwrap(), TaskKind::Segment);
+        assert!(TaskKind::parse("detection").unwrap_err().to_string().contains("`task`"));
+    }
+}
