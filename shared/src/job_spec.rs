@@ -1,10 +1,16 @@
 //! A job as users submit it (TOML or JSON), typed and validated without touching the network,
 //! so that the coordinator refuses a bad spec at submission with the field named. The worker
 //! reads the same type back from the validated JSON the coordinator hands out.
+//!
+//! Jobs may depend on others: `after` lists job ids to wait for, and `init = "job:<id>"` starts
+//! from another job's last checkpoint (and implies waiting for it). Whether those jobs exist is
+//! the coordinator's check; this module checks only that the ids are well formed.
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, ModelConfig, Preset, PretrainConfig, Result, StorageUri};
+use crate::{
+    Error, FinetuneConfig, ModelConfig, Preset, PretrainConfig, Result, StorageUri, TaskKind,
+};
 
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -12,6 +18,10 @@ use crate::{Error, ModelConfig, Preset, PretrainConfig, Result, StorageUri};
 pub enum JobKind {
     /// Self-supervised pre-training (DINO/SVT teacher-student).
     Pretrain,
+    /// Supervised fine-tuning on a downstream task (`task`), from `init`'s weights.
+    Finetune,
+    /// Scoring `init`'s weights on a split of a downstream dataset (`task`, `split`).
+    Evaluate,
 }
 
 impl JobKind {
@@ -19,8 +29,38 @@ impl JobKind {
     pub fn name(self) -> &'static str {
         match self {
             JobKind::Pretrain => "pretrain",
+            JobKind::Finetune => "finetune",
+            JobKind::Evaluate => "evaluate",
         }
     }
+
+    /// Whether the kind works on a downstream task (needs `task`, takes `finetune`).
+    pub fn is_downstream(self) -> bool {
+        matches!(self, JobKind::Finetune | JobKind::Evaluate)
+    }
+}
+
+/// The prefix of an `init` that names another job: `job:<job-id>`.
+pub const INIT_JOB_PREFIX: &str = "job:";
+
+/// The most job ids `after` may list.
+pub const MAX_AFTER: usize = 64;
+
+/// The dataset splits an evaluation may score.
+pub const EVAL_SPLITS: [&str; 3] = ["train", "val", "test"];
+
+/// The split an evaluation scores when `split` is left out.
+pub const DEFAULT_EVAL_SPLIT: &str = "test";
+
+/// Whether `id` is a job id as the coordinator hands them out: `job-<N>`, N a positive decimal
+/// number without leading zeros.
+pub fn is_job_id(id: &str) -> bool {
+    id.strip_prefix("job-").is_some_and(|n| {
+        !n.is_empty()
+            && n.len() <= 19
+            && n.bytes().all(|b| b.is_ascii_digit())
+            && !n.starts_with('0')
+    })
 }
 
 /// The kind of device every rank of a job runs on.
@@ -184,9 +224,21 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub views: Option<ViewSizes>,
     /// Initial weights for a fresh run (a checkpoint folder, `.safetensors` or `.pth`, on the
-    /// workers' file system); a previous job's output folder works too.
+    /// workers' file system); a previous job's output folder works too. `job:<job-id>` takes
+    /// that job's last checkpoint once it has succeeded (and waits for it). Required for
+    /// `evaluate` (the weights to score).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<String>,
+    /// Job ids this job waits for: it is placed only once all of them succeeded, and fails
+    /// without running if one of them fails or is cancelled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// The downstream task (`finetune` and `evaluate` only; this version does `classify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskKind>,
+    /// The split an `evaluate` job scores: `train`, `val` or `test` (default `test`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<String>,
     /// Ranks and devices.
     #[serde(default)]
     pub resources: Resources,
@@ -202,10 +254,15 @@ pub struct JobSpec {
     /// Deadline of one collective (seconds).
     #[serde(default = "default_collective_timeout_s")]
     pub collective_timeout_s: f64,
-    /// Hyper-parameters (defaults = the reference's); `checkpoint_every` is the checkpoint
-    /// interval in steps.
+    /// Pre-training hyper-parameters (defaults = the reference's); `checkpoint_every` is the
+    /// checkpoint interval in steps. `pretrain` only.
     #[serde(default)]
     pub train: PretrainConfig,
+    /// Fine-tuning hyper-parameters (defaults = the published PolypDiag script's); `evaluate`
+    /// reads its test-time fields (frames, window, crop, test_short, mean, std, batch).
+    /// `finetune` and `evaluate` only.
+    #[serde(default)]
+    pub finetune: FinetuneConfig,
 }
 
 /// The largest world size a spec may ask for.
@@ -243,8 +300,35 @@ impl JobSpec {
         if self.name.trim().is_empty() {
             self.name = self.kind.name().to_string();
         }
+        if self.kind == JobKind::Evaluate && self.split.is_none() {
+            self.split = Some(DEFAULT_EVAL_SPLIT.to_string());
+        }
         self.validate()?;
         Ok(self)
+    }
+
+    /// The job whose last checkpoint `init` names (`init = "job:<id>"`), if any.
+    pub fn init_job(&self) -> Option<&str> {
+        self.init
+            .as_deref()
+            .and_then(|i| i.trim().strip_prefix(INIT_JOB_PREFIX))
+    }
+
+    /// Every job this one waits for: `after`, plus the job `init` names, without repeats, in
+    /// the order written.
+    pub fn dependencies(&self) -> Vec<String> {
+        let mut deps: Vec<String> = Vec::with_capacity(self.after.len() + 1);
+        for id in self.after.iter().map(String::as_str).chain(self.init_job()) {
+            if !deps.iter().any(|d| d == id) {
+                deps.push(id.to_string());
+            }
+        }
+        deps
+    }
+
+    /// The split an `evaluate` job scores (`test` when not given).
+    pub fn eval_split(&self) -> &str {
+        self.split.as_deref().unwrap_or(DEFAULT_EVAL_SPLIT)
     }
 
     /// Checks every field; the error names the first bad one (dotted path).
@@ -312,6 +396,18 @@ impl JobSpec {
                 "is empty (leave it out for random init)",
             ));
         }
+        if let Some(id) = self.init_job()
+            && !is_job_id(id)
+        {
+            return Err(Error::invalid(
+                "init",
+                format!(
+                    "`{INIT_JOB_PREFIX}{id}` does not name a job id (expected `{INIT_JOB_PREFIX}job-<N>`)"
+                ),
+            ));
+        }
+        self.validate_dependencies()?;
+        self.validate_kind()?;
         if self.resources.world_size == 0 || self.resources.world_size > MAX_WORLD_SIZE {
             return Err(Error::invalid(
                 "resources.world_size",
@@ -346,7 +442,125 @@ impl JobSpec {
                 format!("{} is outside [0.5, 86400]", self.collective_timeout_s),
             ));
         }
-        self.train.validate().map_err(|e| prefixed("train", e))?;
+        if self.kind == JobKind::Pretrain {
+            self.train.validate().map_err(|e| prefixed("train", e))?;
+        } else {
+            self.finetune
+                .validate()
+                .map_err(|e| prefixed("finetune", e))?;
+        }
+        Ok(())
+    }
+
+    /// `after`: a bounded list of distinct, well-formed job ids.
+    fn validate_dependencies(&self) -> Result<()> {
+        if self.after.len() > MAX_AFTER {
+            return Err(Error::invalid(
+                "after",
+                format!(
+                    "lists {} jobs; at most {MAX_AFTER} are allowed",
+                    self.after.len()
+                ),
+            ));
+        }
+        for (i, id) in self.after.iter().enumerate() {
+            if !is_job_id(id) {
+                return Err(Error::invalid(
+                    format!("after[{i}]"),
+                    format!("`{id}` is not a job id (expected `job-<N>`)"),
+                ));
+            }
+            if self.after[..i].contains(id) {
+                return Err(Error::invalid(
+                    format!("after[{i}]"),
+                    format!("`{id}` is listed twice"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The fields that depend on the kind: `task`, `split`, `init` for evaluation, and the
+    /// other kind's hyper-parameters, which must be left out.
+    fn validate_kind(&self) -> Result<()> {
+        match self.kind {
+            JobKind::Pretrain => {
+                if let Some(task) = self.task {
+                    return Err(Error::invalid(
+                        "task",
+                        format!(
+                            "`{task}` is for finetune and evaluate jobs; pretrain takes no task"
+                        ),
+                    ));
+                }
+                if self.split.is_some() {
+                    return Err(Error::invalid(
+                        "split",
+                        "is for evaluate jobs; pretrain takes no split",
+                    ));
+                }
+                if self.finetune != FinetuneConfig::default() {
+                    return Err(Error::invalid(
+                        "finetune",
+                        "is for finetune and evaluate jobs; a pretrain job takes its hyper-parameters from [train]",
+                    ));
+                }
+            }
+            JobKind::Finetune | JobKind::Evaluate => {
+                let kind = self.kind.name();
+                let Some(task) = self.task else {
+                    return Err(Error::invalid(
+                        "task",
+                        format!("is required for {kind} jobs (classify, segment or detect)"),
+                    ));
+                };
+                if !task.implemented() {
+                    return Err(Error::invalid(
+                        "task",
+                        format!(
+                            "`{task}` is not implemented yet: this version fine-tunes and evaluates only `classify`"
+                        ),
+                    ));
+                }
+                if self.train != PretrainConfig::default() {
+                    return Err(Error::invalid(
+                        "train",
+                        format!(
+                            "is for pretrain jobs; a {kind} job takes its hyper-parameters from [finetune]"
+                        ),
+                    ));
+                }
+                if self.views.is_some() {
+                    return Err(Error::invalid(
+                        "views",
+                        format!(
+                            "is for pretrain jobs; a {kind} job sizes its input with finetune.crop"
+                        ),
+                    ));
+                }
+                if self.kind == JobKind::Finetune && self.split.is_some() {
+                    return Err(Error::invalid(
+                        "split",
+                        "is for evaluate jobs; finetune trains on `train` and validates on `val`",
+                    ));
+                }
+                if self.kind == JobKind::Evaluate {
+                    if self.init.is_none() {
+                        return Err(Error::invalid(
+                            "init",
+                            "is required for evaluate jobs: the weights to score (a checkpoint, or `job:<id>` of a finetune job)",
+                        ));
+                    }
+                    let split = self.eval_split();
+                    if !EVAL_SPLITS.contains(&split) {
+                        return Err(Error::invalid(
+                            "split",
+                            format!("`{split}` is not a split (train, val or test)"),
+                        ));
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -360,7 +574,9 @@ impl JobSpec {
             ("data.uri", self.data.uri.clone()),
             ("output", self.output.clone()),
         ];
-        if let Some(init) = &self.init {
+        if let Some(init) = &self.init
+            && self.init_job().is_none()
+        {
             places.push(("init", init.clone()));
         }
         for (field, uri) in places {
@@ -507,5 +723,160 @@ device = "cpu"
         let message =
             field_of(JobSpec::from_toml(&MINIMAL.replace("cpu", "tpu")).expect_err("device"));
         assert!(message.contains("tpu"), "{message}");
+    }
+
+    const FINETUNE: &str = r#"
+kind = "finetune"
+task = "classify"
+init = "job:job-1"
+after = ["job-2"]
+output = "s3://runs/ft"
+[data]
+uri = "s3://corpus/polypdiag"
+[model]
+preset = "tiny"
+[resources]
+device = "cpu"
+[finetune]
+epochs = 2
+"#;
+
+    const EVALUATE: &str = r#"
+kind = "evaluate"
+task = "classify"
+init = "job:job-3"
+output = "s3://runs/eval"
+[data]
+uri = "s3://corpus/polypdiag"
+[model]
+preset = "tiny"
+[resources]
+device = "cpu"
+"#;
+
+    #[test]
+    fn finetune_and_evaluate_specs_parse_with_their_dependencies() {
+        let ft = JobSpec::from_toml(FINETUNE).expect("finetune");
+        assert_eq!((ft.kind, ft.name.as_str()), (JobKind::Finetune, "finetune"));
+        assert_eq!(ft.task, Some(TaskKind::Classify));
+        assert_eq!(ft.finetune.epochs, 2);
+        assert_eq!(ft.init_job(), Some("job-1"));
+        assert_eq!(ft.dependencies(), ["job-2", "job-1"]);
+        assert_eq!(ft.split, None);
+        let again = JobSpec::from_json(&ft.to_json()).expect("round trip");
+        assert_eq!(again, ft);
+
+        let ev = JobSpec::from_toml(EVALUATE).expect("evaluate");
+        assert_eq!(
+            ev.split.as_deref(),
+            Some("test"),
+            "the default split is filled in"
+        );
+        assert_eq!(ev.eval_split(), "test");
+        assert_eq!(ev.dependencies(), ["job-3"]);
+        let val = JobSpec::from_toml(&format!("split = \"val\"\n{EVALUATE}")).expect("val");
+        assert_eq!(val.eval_split(), "val");
+        // `after` naming the init job too is one dependency.
+        let both = JobSpec::from_toml(&format!("after = [\"job-3\"]\n{EVALUATE}")).expect("both");
+        assert_eq!(both.dependencies(), ["job-3"]);
+
+        let pre = JobSpec::from_toml(MINIMAL).expect("pretrain");
+        assert!(pre.dependencies().is_empty() && pre.init_job().is_none());
+        let chained = JobSpec::from_toml(&format!("init = \"job:job-7\"\n{MINIMAL}"))
+            .expect("pretrain from a job");
+        assert_eq!(chained.dependencies(), ["job-7"]);
+    }
+
+    #[test]
+    fn job_ids_are_checked_for_form() {
+        for good in ["job-1", "job-42", "job-1234567890"] {
+            assert!(is_job_id(good), "{good}");
+        }
+        for bad in [
+            "",
+            "job-",
+            "job-0",
+            "job-01",
+            "job-x",
+            "job-1 ",
+            "Job-1",
+            "job--1",
+            "job-12345678901234567890",
+        ] {
+            assert!(!is_job_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn downstream_refusals_name_the_field() {
+        let many: Vec<String> = (1..=MAX_AFTER + 1)
+            .map(|i| format!("\"job-{i}\""))
+            .collect();
+        let cases = [
+            // Pre-training takes no task, split or [finetune].
+            (format!("task = \"classify\"\n{MINIMAL}"), "task"),
+            (format!("split = \"test\"\n{MINIMAL}"), "split"),
+            (format!("{MINIMAL}\n[finetune]\nepochs = 3\n"), "finetune"),
+            // Fine-tuning needs an implemented task and no pretrain-only fields.
+            (FINETUNE.replace("task = \"classify\"\n", ""), "task"),
+            (FINETUNE.replace("\"classify\"", "\"segment\""), "task"),
+            (FINETUNE.replace("\"classify\"", "\"detect\""), "task"),
+            (format!("{FINETUNE}\n[train]\nepochs = 3\n"), "train"),
+            (format!("{FINETUNE}\n[views]\nglobal_size = 32\n"), "views"),
+            (format!("split = \"test\"\n{FINETUNE}"), "split"),
+            (format!("{FINETUNE}lr = 0.0\n"), "finetune.lr"),
+            // Evaluation needs weights and a real split.
+            (EVALUATE.replace("init = \"job:job-3\"\n", ""), "init"),
+            (format!("split = \"holdout\"\n{EVALUATE}"), "split"),
+            // Dependencies are well-formed, distinct and bounded.
+            (FINETUNE.replace("job:job-1", "job:1"), "init"),
+            (FINETUNE.replace("job:job-1", "job:"), "init"),
+            (
+                FINETUNE.replace("[\"job-2\"]", "[\"job-2\", \"nope\"]"),
+                "after[1]",
+            ),
+            (
+                FINETUNE.replace("[\"job-2\"]", "[\"job-2\", \"job-2\"]"),
+                "after[1]",
+            ),
+            (
+                FINETUNE.replace("[\"job-2\"]", &format!("[{}]", many.join(", "))),
+                "after",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = JobSpec::from_toml(&text).expect_err(field);
+            let message = err.to_string();
+            assert_eq!(field_of(err), field, "{text}");
+            assert!(!message.is_empty());
+        }
+        let err = JobSpec::from_toml(&FINETUNE.replace("\"classify\"", "\"segment\""))
+            .expect_err("segment");
+        assert!(err.to_string().contains("only `classify`"), "{err}");
+        let message = field_of(
+            JobSpec::from_toml(&FINETUNE.replace("finetune\"", "finetune-all\""))
+                .expect_err("kind"),
+        );
+        assert!(message.contains("finetune-all"), "{message}");
+    }
+
+    #[test]
+    fn an_init_naming_a_job_is_not_a_local_path() {
+        let roots = vec![std::path::PathBuf::from("/data")];
+        let spec = JobSpec::from_toml(
+            &EVALUATE
+                .replace("s3://runs/eval", "/data/eval")
+                .replace("s3://corpus/polypdiag", "/data/polypdiag"),
+        )
+        .expect("spec");
+        assert!(spec.check_local_roots(&roots).is_ok());
+        let local = JobSpec {
+            init: Some("/elsewhere/ckpt".into()),
+            ..spec
+        };
+        match local.check_local_roots(&roots) {
+            Err(Error::InvalidConfig { field, .. }) => assert_eq!(field, "init"),
+            other => panic!("{other:?}"),
+        }
     }
 }
