@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("endofm_v1_descriptor.bin"))
+        // Metrics print in name order.
+        .btree_map(".endofm.v1.JobResult.metrics")
         .compile_protos(&["endofm/v1/service.proto"], &["."])?;
     println!("cargo:rerun-if-changed=endofm/v1/service.proto");
     Ok(())

@@ -13,6 +13,10 @@
 //!   than all live workers have (then it waits without starving the others).
 //! - The generation of a job grows by one per placement; only the current generation may use
 //!   the rendezvous, report progress or finish the job.
+//! - Dependencies (`after`, `init = "job:<id>"`) name jobs that existed at submission, so they
+//!   never form a cycle. A job with a dependency that has not succeeded stays queued without
+//!   blocking anyone; once a dependency ends otherwise, the job fails without running, and so
+//!   do the jobs waiting for it, in the same state change.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -20,11 +24,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use endofm_proto::v1 as pb;
-use endofm_shared::{DeviceKind, JobSpec};
+use endofm_shared::{DeviceKind, JobKind, JobSpec};
 use tokio::sync::{Notify, broadcast};
 
 use crate::metrics::Metrics;
-use crate::records::{CheckpointRec, EventRec, JobRec, PlacementRec, ProgressRec, State, now_ms};
+use crate::records::{
+    CheckpointRec, EventRec, JobRec, PlacementRec, ProgressRec, ResultRec, State, now_ms,
+};
 use crate::store::{Batch, Loaded};
 
 /// (job id, generation, rank).
@@ -215,6 +221,7 @@ impl Core {
                 -1,
             );
         }
+        core.settle_dependencies();
         core
     }
 
@@ -320,12 +327,58 @@ impl Core {
     // Jobs API
     // ------------------------------------------------------------------------------------
 
-    /// Queues a validated spec; returns the new job.
-    pub fn submit(&mut self, spec: JobSpec, now: Instant) -> JobRec {
+    /// Checks what only the coordinator knows about a spec: every job it depends on exists, and
+    /// a job named by `init` can provide weights. The error names the field.
+    pub fn check_dependencies(&self, spec: &JobSpec) -> Result<(), endofm_shared::Error> {
+        use endofm_shared::Error;
+        for (i, id) in spec.after.iter().enumerate() {
+            if !self.jobs.contains_key(id) {
+                return Err(Error::invalid(
+                    format!("after[{i}]"),
+                    format!("no job `{id}` (`endofm jobs` lists them)"),
+                ));
+            }
+        }
+        if let Some(id) = spec.init_job() {
+            let Some(from) = self.jobs.get(id) else {
+                return Err(Error::invalid(
+                    "init",
+                    format!("no job `{id}` to start from (`endofm jobs` lists them)"),
+                ));
+            };
+            if from.spec.kind == JobKind::Evaluate {
+                return Err(Error::invalid(
+                    "init",
+                    format!("`{id}` is an evaluate job; it writes no weights to start from"),
+                ));
+            }
+            if from.state == State::Succeeded && from.last_checkpoint.is_none() {
+                return Err(Error::invalid(
+                    "init",
+                    format!(
+                        "`{id}` succeeded without committing a checkpoint; there are no weights to start from"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a validated spec; returns the new job, or why the spec cannot be queued (see
+    /// [`Core::check_dependencies`]; nothing changes then). A job with dependencies waits for
+    /// them; one whose dependency already failed fails at once.
+    pub fn submit(&mut self, spec: JobSpec, now: Instant) -> Result<JobRec, endofm_shared::Error> {
+        self.check_dependencies(&spec)?;
         let n = self.next_job;
         self.next_job += 1;
         self.next_job_dirty = true;
         let id = format!("job-{n}");
+        let waiting_for = spec.dependencies();
+        let message = if waiting_for.is_empty() {
+            "waiting for devices".to_string()
+        } else {
+            format!("waiting for {}", waiting_for.join(", "))
+        };
         let job = JobRec {
             id: id.clone(),
             seq: n,
@@ -335,15 +388,18 @@ impl Core {
             submitted_ms: now_ms(),
             started_ms: 0,
             finished_ms: 0,
-            message: "waiting for devices".into(),
+            message,
             placement: vec![],
             ranks_done: vec![],
             last_checkpoint: None,
             progress: None,
             events: 0,
+            waiting_for,
+            init_resolved: None,
+            result: None,
             spec,
         };
-        let summary = format!(
+        let mut summary = format!(
             "{} `{}`: {} × {} rank(s), priority {}, max_restarts {}",
             job.spec.kind.name(),
             job.spec.name,
@@ -352,13 +408,16 @@ impl Core {
             job.spec.priority,
             job.spec.max_restarts
         );
+        if !job.waiting_for.is_empty() {
+            summary.push_str(&format!("; after {}", job.waiting_for.join(", ")));
+        }
         self.enqueue(job.queue_key(), now);
         let fallback = job.clone();
         self.jobs.insert(id.clone(), job);
         self.event(&id, "submitted", summary, 0, -1);
         self.schedule(now);
         let snapshot = self.jobs.get(&id).cloned();
-        snapshot.unwrap_or(fallback)
+        Ok(snapshot.unwrap_or(fallback))
     }
 
     /// A job by id.
@@ -773,30 +832,30 @@ impl Core {
         lost.len()
     }
 
-    /// Progress, checkpoints and logs from ranks.
+    /// Progress, checkpoints, logs and results from ranks. Only the job's current attempt is
+    /// heard, while it runs; a result is also taken just after the attempt succeeded (it may
+    /// arrive after the exits).
     pub fn report(&mut self, req: &pb::ReportRequest) {
         for report in &req.reports {
             let Some(r) = &report.rank else { continue };
-            let current = self
-                .jobs
-                .get(&r.job_id)
-                .is_some_and(|j| j.state == State::Running && j.generation == r.generation);
-            if !current {
+            let Some(job) = self.jobs.get(&r.job_id) else {
                 continue;
-            }
+            };
+            let this_attempt = job.generation == r.generation;
+            let running = this_attempt && job.state == State::Running;
+            let finished = this_attempt && job.state == State::Succeeded;
             match &report.report {
-                Some(pb::rank_report::Report::Progress(p)) if r.rank == 0 => {
+                Some(pb::rank_report::Report::Progress(p)) if running && r.rank == 0 => {
                     if let Some(job) = self.jobs.get_mut(&r.job_id) {
                         job.progress = Some(ProgressRec::from_pb(p));
                     }
                     self.emit(&r.job_id, pb::job_update::Update::Progress(*p));
                 }
-                Some(pb::rank_report::Report::Checkpoint(c)) => {
-                    let newer = self.jobs.get(&r.job_id).is_some_and(|j| {
-                        j.last_checkpoint
-                            .as_ref()
-                            .is_none_or(|old| c.step > old.step)
-                    });
+                Some(pb::rank_report::Report::Checkpoint(c)) if running => {
+                    let newer = job
+                        .last_checkpoint
+                        .as_ref()
+                        .is_none_or(|old| c.step > old.step);
                     if newer {
                         if let Some(job) = self.jobs.get_mut(&r.job_id) {
                             job.last_checkpoint = Some(CheckpointRec {
@@ -814,13 +873,24 @@ impl Core {
                         );
                     }
                 }
-                Some(pb::rank_report::Report::Log(line)) => {
+                Some(pb::rank_report::Report::Log(line)) if running => {
                     let message = if line.level.is_empty() {
                         line.message.clone()
                     } else {
                         format!("{} {}", line.level, line.message)
                     };
                     self.event(&r.job_id, "log", message, r.generation, r.rank as i32);
+                }
+                Some(pb::rank_report::Report::Result(res))
+                    if (running || finished) && r.rank == 0 =>
+                {
+                    let rec = ResultRec::from_pb(res, r.generation);
+                    let summary = rec.summary();
+                    tracing::info!(job = %r.job_id, generation = r.generation, headline = %rec.headline, value = rec.value, report = %rec.report, "job result");
+                    if let Some(job) = self.jobs.get_mut(&r.job_id) {
+                        job.result = Some(rec);
+                    }
+                    self.event(&r.job_id, "result", summary, r.generation, 0);
                 }
                 _ => {}
             }
@@ -883,8 +953,10 @@ impl Core {
     // Scheduling
     // ------------------------------------------------------------------------------------
 
-    /// Places queued jobs on free devices; returns how many were placed.
+    /// Places queued jobs on free devices; returns how many were placed. Settles dependencies
+    /// first: every path that ends a job leads here.
     pub fn schedule(&mut self, now: Instant) -> usize {
+        self.settle_dependencies();
         if self.queue.is_empty() {
             return 0;
         }
@@ -914,6 +986,9 @@ impl Core {
             let Some(job) = self.jobs.get(id) else {
                 continue;
             };
+            if !job.waiting_for.is_empty() {
+                continue; // not ready: holds nothing up
+            }
             let kind = job.spec.resources.device;
             if blocked.contains(&kind) {
                 continue;
@@ -935,6 +1010,136 @@ impl Core {
             self.preempt(now);
         }
         placed
+    }
+
+    /// Brings waiting jobs up to date with their dependencies: drops those that succeeded,
+    /// fails (without running) a job whose dependency ended otherwise, and resolves an
+    /// `init = "job:<id>"` once everything succeeded. Repeats until nothing changes, so a
+    /// failure cascades down a chain in one call.
+    fn settle_dependencies(&mut self) {
+        loop {
+            let waiting: Vec<String> = self
+                .queue
+                .iter()
+                .map(|(_, _, id)| id)
+                .filter(|id| {
+                    self.jobs
+                        .get(*id)
+                        .is_some_and(|j| !j.waiting_for.is_empty())
+                })
+                .cloned()
+                .collect();
+            let mut failed_any = false;
+            for id in waiting {
+                let Some(job) = self.jobs.get(&id) else {
+                    continue;
+                };
+                let mut still = Vec::new();
+                let mut broken = None;
+                for dep in &job.waiting_for {
+                    match self.jobs.get(dep) {
+                        Some(d) if d.state == State::Succeeded => {}
+                        Some(d) if d.state.is_final() => {
+                            let why = if d.message.is_empty() {
+                                String::new()
+                            } else {
+                                format!(": {}", d.message)
+                            };
+                            broken = Some(format!(
+                                "dependency {dep} ended {}{why}",
+                                d.state.label().to_uppercase()
+                            ));
+                            break;
+                        }
+                        Some(_) => still.push(dep.clone()),
+                        None => {
+                            broken = Some(format!("dependency {dep} does not exist"));
+                            break;
+                        }
+                    }
+                }
+                if let Some(reason) = broken {
+                    self.fail_unplaced(&id, &format!("never ran: {reason}"));
+                    failed_any = true;
+                    continue;
+                }
+                if still.len() == job.waiting_for.len() {
+                    continue;
+                }
+                let done: Vec<String> = job
+                    .waiting_for
+                    .iter()
+                    .filter(|d| !still.contains(d))
+                    .cloned()
+                    .collect();
+                let ready = still.is_empty();
+                if let Some(job) = self.jobs.get_mut(&id) {
+                    job.message = if ready {
+                        "waiting for devices".into()
+                    } else {
+                        format!("waiting for {}", still.join(", "))
+                    };
+                    job.waiting_for = still;
+                }
+                self.touch(&id);
+                if ready {
+                    failed_any |= !self.dependencies_met(&id, &done);
+                }
+            }
+            if !failed_any {
+                return;
+            }
+        }
+    }
+
+    /// Every dependency of `id` succeeded (`last` are the ones that just did): resolves an
+    /// `init = "job:<id>"` to that job's last checkpoint. Returns false when the job failed
+    /// because there is none.
+    fn dependencies_met(&mut self, id: &str, last: &[String]) -> bool {
+        let Some(job) = self.jobs.get(id) else {
+            return true;
+        };
+        let mut message = format!("dependencies succeeded ({})", last.join(", "));
+        if let Some(from) = job.spec.init_job().map(str::to_string) {
+            let checkpoint = self.jobs.get(&from).and_then(|j| j.last_checkpoint.clone());
+            let Some(checkpoint) = checkpoint else {
+                let reason = format!(
+                    "never ran: init job:{from} succeeded without committing a checkpoint; there are no weights to start from"
+                );
+                self.fail_unplaced(id, &reason);
+                return false;
+            };
+            message.push_str(&format!(
+                "; init job:{from} resolved to its checkpoint at step {}: {}",
+                checkpoint.step, checkpoint.uri
+            ));
+            if let Some(job) = self.jobs.get_mut(id) {
+                job.init_resolved = Some(checkpoint.uri);
+            }
+        }
+        message.push_str("; waiting for devices");
+        self.event(id, "ready", message, 0, -1);
+        self.emit_job(id);
+        true
+    }
+
+    /// Ends a queued job that never ran as FAILED.
+    fn fail_unplaced(&mut self, id: &str, reason: &str) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        if job.state != State::Queued {
+            return;
+        }
+        let key = job.queue_key();
+        job.state = State::Failed;
+        job.finished_ms = now_ms();
+        job.message = reason.to_string();
+        let generation = job.generation;
+        self.queue.remove(&key);
+        self.queued_since.remove(id);
+        self.event(id, "failed", reason.to_string(), generation, -1);
+        self.emit_job(id);
     }
 
     /// For each device kind, the first queued job that fits the cluster but not the free
@@ -966,6 +1171,9 @@ impl Core {
             let Some(job) = self.jobs.get(id) else {
                 continue;
             };
+            if !job.waiting_for.is_empty() {
+                continue;
+            }
             let kind = job.spec.resources.device;
             let world = job.spec.resources.world_size as usize;
             if heads.iter().any(|h| h.1 == kind)
@@ -1071,7 +1279,7 @@ impl Core {
         let generation = job.generation;
         let kind = job.spec.resources.device;
         let world = job.spec.resources.world_size;
-        let spec_json = job.spec.to_json();
+        let spec_json = job.worker_spec_json();
         let map = job
             .placement
             .iter()
@@ -1162,6 +1370,57 @@ mod tests {
         .expect("spec")
     }
 
+    fn submit(core: &mut Core, spec: JobSpec, now: Instant) -> JobRec {
+        core.submit(spec, now).expect("submitted")
+    }
+
+    /// A one-rank CPU finetune or evaluate spec with the given dependencies.
+    fn downstream(kind: &str, init: Option<&str>, after: &[&str]) -> JobSpec {
+        let mut doc = serde_json::json!({
+            "kind": kind,
+            "task": "classify",
+            "data": {"uri": "/polypdiag"},
+            "output": format!("/out/{kind}"),
+            "model": {"preset": "tiny"},
+            "resources": {"world_size": 1, "device": "cpu"},
+            "max_restarts": 0,
+            "after": after,
+        });
+        if let Some(init) = init {
+            doc["init"] = serde_json::json!(init);
+        }
+        JobSpec::from_json(&doc.to_string()).expect("spec")
+    }
+
+    fn checkpoint(core: &mut Core, id: &str, generation: u64, step: u64, uri: &str) {
+        core.report(&pb::ReportRequest {
+            worker_id: "a".into(),
+            reports: vec![pb::RankReport {
+                rank: Some(pb::RankRef {
+                    job_id: id.into(),
+                    generation,
+                    rank: 0,
+                }),
+                report: Some(pb::rank_report::Report::Checkpoint(pb::CheckpointRef {
+                    step,
+                    uri: uri.into(),
+                    generation,
+                })),
+            }],
+        });
+    }
+
+    fn state(core: &Core, id: &str) -> Option<State> {
+        core.job(id).map(|j| j.state)
+    }
+
+    fn last_event(core: &Core, id: &str) -> (String, String) {
+        core.events[id]
+            .last()
+            .map(|e| (e.kind.clone(), e.message.clone()))
+            .unwrap_or_default()
+    }
+
     fn register(core: &mut Core, id: &str, slots: u32, now: Instant) -> String {
         core.register(
             &pb::RegisterRequest {
@@ -1224,7 +1483,7 @@ mod tests {
         let now = Instant::now();
         register(&mut c, "a", 1, now);
         register(&mut c, "b", 1, now);
-        let big = c.submit(spec(3, 0, 0), now);
+        let big = submit(&mut c, spec(3, 0, 0), now);
         assert_eq!(c.job(&big.id).map(|j| j.state), Some(State::Queued));
         // Nothing was placed on a or b: no partial gang.
         assert!(beat(&mut c, "a", vec![], now).assignments.is_empty());
@@ -1237,8 +1496,8 @@ mod tests {
             .collect();
         assert_eq!(ranks.len(), 3);
         // While it runs, a low- then a high-priority job queue up; the high one goes first.
-        let low = c.submit(spec(1, 0, 0), now);
-        let high = c.submit(spec(1, 5, 0), now);
+        let low = submit(&mut c, spec(1, 0, 0), now);
+        let high = submit(&mut c, spec(1, 5, 0), now);
         for (i, w) in ["a", "b", "c"].iter().enumerate() {
             beat(&mut c, w, vec![((big.id.clone(), 1, i as u32), true)], now);
             if i == 0 {
@@ -1255,7 +1514,7 @@ mod tests {
         let mut c = core();
         let now = Instant::now();
         register(&mut c, "a", 1, now);
-        let job = c.submit(spec(1, 0, 0), now);
+        let job = submit(&mut c, spec(1, 0, 0), now);
         let first = c.heartbeat(
             &pb::HeartbeatRequest {
                 worker_id: "a".into(),
@@ -1299,10 +1558,10 @@ mod tests {
         c.set_preemption(true);
         let now = Instant::now();
         register(&mut c, "a", 2, now);
-        let low = c.submit(spec(1, 0, 0), now);
-        let mid = c.submit(spec(1, 5, 0), now);
+        let low = submit(&mut c, spec(1, 0, 0), now);
+        let mid = submit(&mut c, spec(1, 5, 0), now);
         assert_eq!(beat(&mut c, "a", vec![], now).assignments.len(), 2);
-        let high = c.submit(spec(1, 9, 0), now);
+        let high = submit(&mut c, spec(1, 9, 0), now);
         // One device is needed: only the lowest-priority job is stopped.
         let resp = beat(&mut c, "a", vec![], now);
         assert_eq!(resp.stop.len(), 1);
@@ -1321,7 +1580,7 @@ mod tests {
         assert_eq!(c.job(&high.id).map(|j| j.state), Some(State::Running));
         assert_eq!(c.job(&low.id).map(|j| j.state), Some(State::Queued));
         // Equal or higher priority is never preempted.
-        let other = c.submit(spec(2, 5, 0), now);
+        let other = submit(&mut c, spec(2, 5, 0), now);
         assert!(beat(&mut c, "a", vec![], now).stop.is_empty());
         assert_eq!(c.job(&other.id).map(|j| j.state), Some(State::Queued));
     }
@@ -1331,8 +1590,8 @@ mod tests {
         let mut c = core();
         let now = Instant::now();
         register(&mut c, "a", 2, now);
-        let huge = c.submit(spec(3, 9, 0), now);
-        let small = c.submit(spec(2, 0, 0), now);
+        let huge = submit(&mut c, spec(3, 9, 0), now);
+        let small = submit(&mut c, spec(2, 0, 0), now);
         assert_eq!(c.job(&huge.id).map(|j| j.state), Some(State::Queued));
         assert_eq!(c.job(&small.id).map(|j| j.state), Some(State::Running));
     }
@@ -1342,7 +1601,7 @@ mod tests {
         let mut c = core();
         let now = Instant::now();
         register(&mut c, "a", 2, now);
-        let job = c.submit(spec(2, 0, 1), now);
+        let job = submit(&mut c, spec(2, 0, 1), now);
         assert_eq!(beat(&mut c, "a", vec![], now).assignments.len(), 2);
         // Rank 1 fails: rank 0 is told to stop; the job is queued for attempt 2 but its
         // devices stay busy until rank 0's exit arrives.
@@ -1392,7 +1651,7 @@ mod tests {
         let t0 = Instant::now();
         register(&mut c, "a", 1, t0);
         register(&mut c, "b", 1, t0);
-        let job = c.submit(spec(2, 0, 3), t0);
+        let job = submit(&mut c, spec(2, 0, 3), t0);
         beat(&mut c, "a", vec![], t0);
         beat(&mut c, "b", vec![], t0);
         let later = t0 + Duration::from_secs(8);
@@ -1413,7 +1672,7 @@ mod tests {
         let mut c = core();
         let now = Instant::now();
         register(&mut c, "a", 1, now);
-        let job = c.submit(spec(1, 0, 3), now);
+        let job = submit(&mut c, spec(1, 0, 3), now);
         beat(&mut c, "a", vec![], now);
         let cancelled = c.cancel(&job.id, "", now).expect("job");
         assert_eq!(cancelled.state, State::Cancelled);
@@ -1422,9 +1681,9 @@ mod tests {
         // The slot frees when the exit comes; a failure report no longer changes the job.
         beat(&mut c, "a", vec![((job.id.clone(), 1, 0), false)], now);
         assert_eq!(c.job(&job.id).map(|j| j.state), Some(State::Cancelled));
-        let queued = c.submit(spec(1, 0, 0), now);
+        let queued = submit(&mut c, spec(1, 0, 0), now);
         assert_eq!(c.job(&queued.id).map(|j| j.state), Some(State::Running));
-        let q2 = c.submit(spec(1, 0, 0), now);
+        let q2 = submit(&mut c, spec(1, 0, 0), now);
         assert_eq!(
             c.cancel(&q2.id, "changed my mind", now).map(|j| j.state),
             Some(State::Cancelled)
@@ -1436,7 +1695,7 @@ mod tests {
         let mut c = core();
         let now = Instant::now();
         register(&mut c, "a", 1, now);
-        let job = c.submit(spec(1, 0, 3), now);
+        let job = submit(&mut c, spec(1, 0, 3), now);
         beat(&mut c, "a", vec![], now);
         let (_batch, _) = c.take_batch();
         let loaded = Loaded {
@@ -1491,5 +1750,308 @@ mod tests {
             c3.job(&job.id).map(|j| (j.state, j.restarts)),
             Some((State::Queued, 1))
         );
+    }
+
+    #[test]
+    fn a_dependent_job_waits_without_blocking_then_runs_from_the_resolved_checkpoint() {
+        let mut c = core();
+        let now = Instant::now();
+        register(&mut c, "a", 2, now);
+        let pre = submit(&mut c, spec(1, 0, 0), now);
+        let mut ft_spec = downstream("finetune", Some(&format!("job:{}", pre.id)), &[]);
+        ft_spec.priority = 9;
+        let ft = submit(&mut c, ft_spec, now);
+        assert_eq!(ft.waiting_for, [pre.id.clone()]);
+        assert_eq!(ft.message, format!("waiting for {}", pre.id));
+        // The waiting job is first in the queue but holds nothing up.
+        let other = submit(&mut c, spec(1, 0, 0), now);
+        assert_eq!(state(&c, &other.id), Some(State::Running));
+        assert_eq!(state(&c, &ft.id), Some(State::Queued));
+        let first = beat(&mut c, "a", vec![], now);
+        assert_eq!(first.assignments.len(), 2);
+        assert!(
+            first
+                .assignments
+                .iter()
+                .all(|a| a.rank.as_ref().is_some_and(|r| r.job_id != ft.id))
+        );
+        checkpoint(&mut c, &pre.id, 1, 4, "file:///out/checkpoints/000004");
+        checkpoint(&mut c, &pre.id, 1, 8, "file:///out/checkpoints/000008");
+        let resp = beat(&mut c, "a", vec![((pre.id.clone(), 1, 0), true)], now);
+        assert_eq!(state(&c, &pre.id), Some(State::Succeeded));
+        let j = c.job(&ft.id).expect("job");
+        assert_eq!((j.state, j.generation), (State::Running, 1));
+        assert!(j.waiting_for.is_empty());
+        assert_eq!(
+            j.init_resolved.as_deref(),
+            Some("file:///out/checkpoints/000008")
+        );
+        let kinds: Vec<&str> = c.events[&ft.id].iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["submitted", "ready", "scheduled"]);
+        // The workers get the checkpoint; users still see what they wrote.
+        let assignment = resp
+            .assignments
+            .iter()
+            .find(|a| a.rank.as_ref().is_some_and(|r| r.job_id == ft.id))
+            .expect("the dependent job's assignment");
+        let sent = JobSpec::from_json(&assignment.spec_json).expect("spec");
+        assert_eq!(sent.init.as_deref(), Some("file:///out/checkpoints/000008"));
+        assert!(j.to_pb().spec_json.contains(&format!("job:{}", pre.id)));
+    }
+
+    #[test]
+    fn a_failed_dependency_fails_the_dependent_without_running_it() {
+        let mut c = core();
+        let now = Instant::now();
+        register(&mut c, "a", 1, now);
+        let pre = submit(&mut c, spec(1, 0, 0), now);
+        let ft = submit(&mut c, downstream("finetune", None, &[&pre.id]), now);
+        beat(&mut c, "a", vec![], now);
+        let resp = beat(&mut c, "a", vec![((pre.id.clone(), 1, 0), false)], now);
+        assert!(resp.assignments.is_empty(), "the dependent never runs");
+        assert_eq!(state(&c, &pre.id), Some(State::Failed));
+        let j = c.job(&ft.id).expect("job");
+        assert_eq!((j.state, j.generation, j.started_ms), (State::Failed, 0, 0));
+        let (kind, message) = last_event(&c, &ft.id);
+        assert_eq!(kind, "failed");
+        assert!(
+            message.contains(&format!("dependency {} ended FAILED", pre.id)),
+            "{message}"
+        );
+        // A job submitted after a dependency already failed fails at once.
+        let late = submit(&mut c, downstream("finetune", None, &[&pre.id]), now);
+        assert_eq!(late.state, State::Failed);
+    }
+
+    #[test]
+    fn cancelling_a_dependency_fails_the_dependent() {
+        let mut c = core();
+        let now = Instant::now();
+        let pre = submit(&mut c, spec(1, 0, 0), now);
+        let ev = submit(
+            &mut c,
+            downstream("evaluate", Some(&format!("job:{}", pre.id)), &[]),
+            now,
+        );
+        c.cancel(&pre.id, "", now);
+        assert_eq!(state(&c, &ev.id), Some(State::Failed));
+        let (_, message) = last_event(&c, &ev.id);
+        assert!(
+            message.contains("ended CANCELLED: cancelled by a user"),
+            "{message}"
+        );
+        // Cancelling the dependent itself while it waits is a plain cancel.
+        let pre2 = submit(&mut c, spec(1, 0, 0), now);
+        let ft2 = submit(&mut c, downstream("finetune", None, &[&pre2.id]), now);
+        assert_eq!(
+            c.cancel(&ft2.id, "", now).map(|j| j.state),
+            Some(State::Cancelled)
+        );
+        assert_eq!(state(&c, &pre2.id), Some(State::Queued));
+    }
+
+    #[test]
+    fn a_failure_cascades_down_a_chain() {
+        let mut c = core();
+        let now = Instant::now();
+        let a = submit(&mut c, spec(1, 0, 0), now);
+        let b = submit(
+            &mut c,
+            downstream("finetune", Some(&format!("job:{}", a.id)), &[]),
+            now,
+        );
+        let d = submit(
+            &mut c,
+            downstream("evaluate", Some(&format!("job:{}", b.id)), &[]),
+            now,
+        );
+        let e = submit(&mut c, spec(1, 0, 0), now);
+        let f = submit(&mut c, downstream("finetune", None, &[&e.id, &d.id]), now);
+        let (batch_before, _) = c.take_batch();
+        drop(batch_before);
+        c.cancel(&a.id, "", now);
+        for (id, cause) in [(&b.id, &a.id), (&d.id, &b.id), (&f.id, &d.id)] {
+            assert_eq!(state(&c, id), Some(State::Failed), "{id}");
+            let (_, message) = last_event(&c, id);
+            assert!(
+                message.contains(&format!("dependency {cause} ended")),
+                "{id}: {message}"
+            );
+        }
+        assert_eq!(
+            state(&c, &e.id),
+            Some(State::Queued),
+            "unrelated jobs are untouched"
+        );
+        // The whole cascade is in the batch of the cancel.
+        let (batch, _) = c.take_batch();
+        let written: HashSet<&str> = batch.jobs.iter().map(|j| j.id.as_str()).collect();
+        for id in [&a.id, &b.id, &d.id, &f.id] {
+            assert!(written.contains(id.as_str()), "{id} not written");
+        }
+    }
+
+    #[test]
+    fn a_dependency_without_a_checkpoint_fails_the_dependent_with_the_reason() {
+        let mut c = core();
+        let now = Instant::now();
+        register(&mut c, "a", 1, now);
+        let pre = submit(&mut c, spec(1, 0, 0), now);
+        let ft = submit(
+            &mut c,
+            downstream("finetune", Some(&format!("job:{}", pre.id)), &[]),
+            now,
+        );
+        beat(&mut c, "a", vec![], now);
+        let resp = beat(&mut c, "a", vec![((pre.id.clone(), 1, 0), true)], now);
+        assert!(resp.assignments.is_empty());
+        assert_eq!(state(&c, &ft.id), Some(State::Failed));
+        let (_, message) = last_event(&c, &ft.id);
+        assert!(
+            message.contains("without committing a checkpoint"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn submit_refuses_unknown_dependencies_naming_the_field() {
+        let mut c = core();
+        let now = Instant::now();
+        let field = |r: Result<JobRec, endofm_shared::Error>| match r {
+            Err(endofm_shared::Error::InvalidConfig { field, reason }) => {
+                format!("{field}: {reason}")
+            }
+            other => panic!("accepted: {other:?}"),
+        };
+        let e = field(c.submit(downstream("finetune", None, &["job-7"]), now));
+        assert!(e.starts_with("after[0]: no job `job-7`"), "{e}");
+        let e = field(c.submit(downstream("evaluate", Some("job:job-9"), &[]), now));
+        assert!(e.starts_with("init: no job `job-9`"), "{e}");
+        assert!(c.list(&[]).is_empty(), "nothing was queued");
+        assert_eq!(c.next_job, 1, "no id was used");
+        // An evaluate job writes no weights; a job that succeeded without a checkpoint has none.
+        register(&mut c, "a", 1, now);
+        let pre = submit(&mut c, spec(1, 0, 0), now);
+        let ev = submit(
+            &mut c,
+            downstream("evaluate", Some("/weights/x.safetensors"), &[]),
+            now,
+        );
+        let e = field(c.submit(
+            downstream("evaluate", Some(&format!("job:{}", ev.id)), &[]),
+            now,
+        ));
+        assert!(e.contains("evaluate job"), "{e}");
+        beat(&mut c, "a", vec![], now);
+        beat(&mut c, "a", vec![((pre.id.clone(), 1, 0), true)], now);
+        let e = field(c.submit(
+            downstream("finetune", Some(&format!("job:{}", pre.id)), &[]),
+            now,
+        ));
+        assert!(e.contains("without committing a checkpoint"), "{e}");
+    }
+
+    #[test]
+    fn dependencies_and_results_survive_a_coordinator_restart() {
+        let mut c = core();
+        let now = Instant::now();
+        register(&mut c, "a", 1, now);
+        let pre = submit(&mut c, spec(1, 0, 0), now);
+        let ft = submit(
+            &mut c,
+            downstream("finetune", Some(&format!("job:{}", pre.id)), &[]),
+            now,
+        );
+        let ev = submit(
+            &mut c,
+            downstream("evaluate", Some(&format!("job:{}", ft.id)), &[]),
+            now,
+        );
+        beat(&mut c, "a", vec![], now);
+        checkpoint(&mut c, &pre.id, 1, 2, "/out/checkpoints/000002");
+        let restart = |c: &Core| {
+            let mut registry = Registry::default();
+            let loaded = Loaded {
+                jobs: c.jobs.values().cloned().collect(),
+                events: c.events.clone(),
+                next_job: c.next_job,
+            };
+            Core::new(loaded, Timing::default(), Metrics::new(&mut registry))
+        };
+        let mut c2 = restart(&c);
+        assert_eq!(
+            c2.job(&ft.id).map(|j| j.waiting_for.clone()),
+            Some(vec![pre.id.clone()])
+        );
+        c2.register(
+            &pb::RegisterRequest {
+                worker_id: "a".into(),
+                hostname: "a".into(),
+                devices: vec![pb::Device {
+                    kind: "cpu".into(),
+                    index: 0,
+                    ..Default::default()
+                }],
+                running: vec![pb::RankRef {
+                    job_id: pre.id.clone(),
+                    generation: 1,
+                    rank: 0,
+                }],
+                labels: Default::default(),
+            },
+            now,
+        );
+        beat(&mut c2, "a", vec![((pre.id.clone(), 1, 0), true)], now);
+        assert_eq!(state(&c2, &ft.id), Some(State::Running));
+        checkpoint(&mut c2, &ft.id, 1, 10, "/out/finetune/checkpoints/best");
+        beat(&mut c2, "a", vec![((ft.id.clone(), 1, 0), true)], now);
+        let mut c3 = restart(&c2);
+        let j = c3.job(&ev.id).expect("job");
+        assert_eq!(j.state, State::Running);
+        assert_eq!(
+            j.init_resolved.as_deref(),
+            Some("/out/finetune/checkpoints/best")
+        );
+        // The evaluation's result, reported just after its rank exited, is kept too.
+        beat(&mut c3, "a", vec![], now);
+        beat(&mut c3, "a", vec![((ev.id.clone(), 1, 0), true)], now);
+        let result = |generation: u64, value: f64| pb::ReportRequest {
+            worker_id: "a".into(),
+            reports: vec![pb::RankReport {
+                rank: Some(pb::RankRef {
+                    job_id: ev.id.clone(),
+                    generation,
+                    rank: 0,
+                }),
+                report: Some(pb::rank_report::Report::Result(pb::JobResult {
+                    headline: "test_f1".into(),
+                    value,
+                    metrics: [("test_f1".to_string(), value), ("test_acc".into(), 0.9)]
+                        .into_iter()
+                        .collect(),
+                    report: "/out/evaluate/report.json".into(),
+                    ..Default::default()
+                })),
+            }],
+        };
+        c3.report(&result(1, 0.931));
+        c3.report(&result(7, 0.1)); // another attempt's: ignored
+        let c4 = restart(&c3);
+        let r = c4
+            .job(&ev.id)
+            .and_then(|j| j.result.clone())
+            .expect("result");
+        assert_eq!(
+            (r.headline.as_str(), r.value, r.generation),
+            ("test_f1", 0.931, 1)
+        );
+        assert_eq!(r.report, "/out/evaluate/report.json");
+        let shown = c4
+            .job(&ev.id)
+            .map(|j| j.to_pb())
+            .and_then(|j| j.result)
+            .expect("wire");
+        assert_eq!(shown.metrics.len(), 2);
+        assert_eq!(last_event(&c4, &ev.id).0, "result");
     }
 }

@@ -2,9 +2,28 @@
 //! independent of the wire format (so the API can evolve without rewriting stored state), and
 //! their conversions to `endofm.v1` messages.
 
+use std::collections::BTreeMap;
+
 use endofm_proto::v1 as pb;
 use endofm_shared::JobSpec;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// JSON has no NaN or infinity: serde_json writes them as `null`; this reads `null` back as NaN
+/// (a record holding a diverged loss must still load).
+fn nan_for_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// [`nan_for_null`] for the values of a map.
+fn nan_for_null_values<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<BTreeMap<String, f64>, D::Error> {
+    let map = BTreeMap::<String, Option<f64>>::deserialize(d)?;
+    Ok(map
+        .into_iter()
+        .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
+        .collect())
+}
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -105,18 +124,25 @@ pub struct ProgressRec {
     /// Epoch.
     pub epoch: u32,
     /// Loss.
+    #[serde(deserialize_with = "nan_for_null")]
     pub loss: f64,
     /// Learning rate.
+    #[serde(deserialize_with = "nan_for_null")]
     pub lr: f64,
     /// Clips/s over all ranks.
+    #[serde(deserialize_with = "nan_for_null")]
     pub samples_per_s: f64,
     /// Seconds waiting for data in the last step.
+    #[serde(deserialize_with = "nan_for_null")]
     pub data_wait_s: f64,
     /// Seconds of the last step.
+    #[serde(deserialize_with = "nan_for_null")]
     pub step_s: f64,
     /// Estimated seconds left.
+    #[serde(deserialize_with = "nan_for_null")]
     pub eta_s: f64,
     /// All-reduce seconds so far (this attempt).
+    #[serde(deserialize_with = "nan_for_null")]
     pub allreduce_s: f64,
     /// All-reduce bytes so far (this attempt).
     pub allreduce_bytes: u64,
@@ -162,6 +188,59 @@ impl ProgressRec {
     }
 }
 
+/// The result rank 0 reported at the end of a finetune or evaluate run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultRec {
+    /// The metric that sums the run up (e.g. `test_f1`).
+    pub headline: String,
+    /// Its value (NaN when it could not be computed).
+    #[serde(deserialize_with = "nan_for_null")]
+    pub value: f64,
+    /// Every metric by name.
+    #[serde(deserialize_with = "nan_for_null_values")]
+    pub metrics: BTreeMap<String, f64>,
+    /// Where the full report was written.
+    pub report: String,
+    /// The attempt that produced it.
+    pub generation: u64,
+    /// When the coordinator received it.
+    pub unix_ms: i64,
+}
+
+impl ResultRec {
+    /// From the wire (the generation is the reporting rank's).
+    pub fn from_pb(r: &pb::JobResult, generation: u64) -> Self {
+        Self {
+            headline: r.headline.clone(),
+            value: r.value,
+            metrics: r.metrics.clone(),
+            report: r.report.clone(),
+            generation,
+            unix_ms: now_ms(),
+        }
+    }
+
+    /// To the wire.
+    pub fn to_pb(&self) -> pb::JobResult {
+        pb::JobResult {
+            headline: self.headline.clone(),
+            value: self.value,
+            metrics: self.metrics.clone(),
+            report: self.report.clone(),
+            generation: self.generation,
+            unix_ms: self.unix_ms,
+        }
+    }
+
+    /// One line for people: `test_f1 0.9310 (report: /runs/eval/report.json)`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} {:.4} (report: {})",
+            self.headline, self.value, self.report
+        )
+    }
+}
+
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRec {
@@ -196,6 +275,16 @@ pub struct JobRec {
     pub progress: Option<ProgressRec>,
     /// Number of events logged so far (the next event gets `events + 1`).
     pub events: u64,
+    /// Dependencies (`after` and an `init = "job:<id>"`) that have not succeeded yet; the job
+    /// is not placed while any remain.
+    #[serde(default)]
+    pub waiting_for: Vec<String>,
+    /// The checkpoint `init = "job:<id>"` resolved to when the dependencies succeeded.
+    #[serde(default)]
+    pub init_resolved: Option<String>,
+    /// Rank 0's result (finetune and evaluate jobs).
+    #[serde(default)]
+    pub result: Option<ResultRec>,
 }
 
 impl JobRec {
@@ -215,6 +304,19 @@ impl JobRec {
             .map_or("from the start (no checkpoint yet)".to_string(), |c| {
                 format!("from checkpoint step {} ({})", c.step, c.uri)
             })
+    }
+
+    /// The spec as the workers receive it: JSON with every default filled in, and an
+    /// `init = "job:<id>"` replaced by the checkpoint it resolved to.
+    pub fn worker_spec_json(&self) -> String {
+        match (&self.init_resolved, self.spec.init_job()) {
+            (Some(uri), Some(_)) => JobSpec {
+                init: Some(uri.clone()),
+                ..self.spec.clone()
+            }
+            .to_json(),
+            _ => self.spec.to_json(),
+        }
     }
 
     /// The wire form.
@@ -250,6 +352,10 @@ impl JobRec {
                 })
                 .collect(),
             spec_json: self.spec.to_json(),
+            after: self.spec.dependencies(),
+            waiting_for: self.waiting_for.clone(),
+            init_resolved: self.init_resolved.clone().unwrap_or_default(),
+            result: self.result.as_ref().map(ResultRec::to_pb),
         }
     }
 }
@@ -282,5 +388,84 @@ impl EventRec {
             generation: self.generation,
             rank: self.rank,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(spec: &str) -> JobRec {
+        JobRec {
+            id: "job-2".into(),
+            seq: 2,
+            spec: JobSpec::parse_auto(spec).expect("spec"),
+            state: State::Queued,
+            generation: 0,
+            restarts: 0,
+            submitted_ms: 1,
+            started_ms: 0,
+            finished_ms: 0,
+            message: String::new(),
+            placement: vec![],
+            ranks_done: vec![],
+            last_checkpoint: None,
+            progress: None,
+            events: 0,
+            waiting_for: vec![],
+            init_resolved: None,
+            result: None,
+        }
+    }
+
+    const EVALUATE: &str = "kind = \"evaluate\"\ntask = \"classify\"\ninit = \"job:job-1\"\noutput = \"/o\"\n[data]\nuri = \"/d\"\n";
+
+    #[test]
+    fn non_finite_numbers_survive_the_store_format() {
+        let mut j = job(EVALUATE);
+        j.progress = Some(ProgressRec {
+            loss: f64::NAN,
+            eta_s: f64::INFINITY,
+            ..Default::default()
+        });
+        j.result = Some(ResultRec {
+            headline: "test_f1".into(),
+            value: f64::NAN,
+            metrics: [("test_f1".to_string(), f64::NAN), ("test_acc".into(), 0.5)]
+                .into_iter()
+                .collect(),
+            report: "/o/report.json".into(),
+            generation: 1,
+            unix_ms: 3,
+        });
+        let text = serde_json::to_string(&j).expect("encode");
+        let back: JobRec = serde_json::from_str(&text).expect("a NaN must not corrupt a record");
+        let p = back.progress.expect("progress");
+        assert!(p.loss.is_nan() && p.eta_s.is_nan());
+        let r = back.result.expect("result");
+        assert!(r.value.is_nan() && r.metrics["test_f1"].is_nan());
+        assert_eq!(r.metrics["test_acc"], 0.5);
+        // Records written before these fields existed still load.
+        let mut old: serde_json::Value = serde_json::from_str(&text).expect("value");
+        for field in ["waiting_for", "init_resolved", "result"] {
+            old.as_object_mut().map(|o| o.remove(field));
+        }
+        let back: JobRec = serde_json::from_value(old).expect("old record");
+        assert!(back.result.is_none() && back.waiting_for.is_empty());
+    }
+
+    #[test]
+    fn workers_get_the_resolved_init_and_users_see_what_they_wrote() {
+        let mut j = job(EVALUATE);
+        assert_eq!(j.to_pb().after, ["job-1"]);
+        j.init_resolved = Some("file:///runs/ft/checkpoints/000040".into());
+        let worker = JobSpec::from_json(&j.worker_spec_json()).expect("worker spec");
+        assert_eq!(
+            worker.init.as_deref(),
+            Some("file:///runs/ft/checkpoints/000040")
+        );
+        let shown = j.to_pb();
+        assert!(shown.spec_json.contains("job:job-1"), "{}", shown.spec_json);
+        assert_eq!(shown.init_resolved, "file:///runs/ft/checkpoints/000040");
     }
 }

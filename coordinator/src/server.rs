@@ -151,7 +151,9 @@ impl Jobs for JobsSvc {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (job, epoch) = {
             let mut core = self.0.lock()?;
-            let job = core.submit(spec, Instant::now());
+            let job = core
+                .submit(spec, Instant::now())
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
             (job.to_pb(), core.epoch())
         };
         self.0.durable(epoch).await?;

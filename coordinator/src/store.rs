@@ -197,6 +197,9 @@ mod tests {
             last_checkpoint: None,
             progress: None,
             events: 1,
+            waiting_for: vec![],
+            init_resolved: None,
+            result: None,
         }
     }
 
