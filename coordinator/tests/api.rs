@@ -352,3 +352,90 @@ async fn tls_when_certificates_are_configured() {
         "a certificate from an untrusted CA was accepted"
     );
 }
+
+#[tokio::test]
+async fn dependencies_are_checked_at_submit_and_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ServeConfig {
+        user_token: None,
+        worker_token: None,
+        local_roots: vec![],
+        metrics_listen: None,
+        ..config(dir.path())
+    };
+    let (bound, stop) = start(cfg).await;
+    let url = format!("http://{}", bound.grpc);
+    let mut jobs = client::jobs(&url, None, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let finetune = |extra: &str| {
+        format!(
+            "{extra}\nkind = \"finetune\"\ntask = \"classify\"\noutput = \"/tmp/ft\"\n[data]\nuri = \"/tmp/polypdiag\"\n[resources]\ndevice = \"cpu\"\n"
+        )
+    };
+
+    // Unknown ids are refused with the field and the id named; nothing is queued.
+    for (extra, field, id) in [
+        ("after = [\"job-5\"]", "after[0]", "job-5"),
+        ("init = \"job:job-9\"", "init", "job-9"),
+    ] {
+        let err = refused(&mut jobs, finetune(extra)).await;
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        assert!(
+            err.message().contains(field) && err.message().contains(id),
+            "{}",
+            err.message()
+        );
+    }
+    let err = refused(&mut jobs, finetune("").replace("classify", "segment")).await;
+    assert!(
+        err.message().contains("`task`") && err.message().contains("classify"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        jobs.list_jobs(pb::ListJobsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+            .is_empty()
+    );
+
+    // A dependent job waits, shows what it waits for, and fails when its dependency is
+    // cancelled.
+    let submit = |spec: String| pb::SubmitJobRequest { spec, format: 0 };
+    let pre = jobs
+        .submit_job(submit(SPEC.into()))
+        .await
+        .unwrap()
+        .into_inner();
+    let ft = jobs
+        .submit_job(submit(finetune(&format!("init = \"job:{}\"", pre.id))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ft.kind, "finetune");
+    assert_eq!(ft.after, [pre.id.clone()]);
+    assert_eq!(ft.waiting_for, [pre.id.clone()]);
+    assert_eq!(ft.state, pb::JobState::Queued as i32);
+    jobs.cancel_job(pb::CancelJobRequest {
+        id: pre.id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let ft = jobs
+        .get_job(pb::GetJobRequest { id: ft.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ft.state, pb::JobState::Failed as i32);
+    assert!(
+        ft.message.contains(&pre.id) && ft.message.contains("CANCELLED"),
+        "{}",
+        ft.message
+    );
+    assert_eq!(ft.generation, 0, "it never ran");
+    let _ = stop.send(());
+}
