@@ -3,8 +3,10 @@
 //! assignment (`ranks`), stops ranks when told, and reports every rank exit until a heartbeat
 //! carrying it succeeded (the coordinator frees a slot only then). An unreachable coordinator
 //! never stops running ranks: the agent keeps retrying and re-registers, with its id and running
-//! ranks, when told. Progress, checkpoints and log lines go out as best-effort reports
-//! (`reports`); `/metrics` serves Prometheus metrics (`metrics`).
+//! ranks, when told. Progress, checkpoints, results and log lines go out as best-effort reports
+//! (`reports`), flushed before a heartbeat carries exits so that a rank's last checkpoint and
+//! result reach the coordinator before its exit; `/metrics` serves Prometheus metrics
+//! (`metrics`).
 //!
 //! Submodules: `devices` (`--devices`), `client` (gRPC client + token), `protocol` (assignment
 //! file, rank stdout lines), `ranks` (child processes), `reports` (bounded report queue),
@@ -39,6 +41,9 @@ use crate::{Error, Result};
 const REPORT_QUEUE: usize = 20_000;
 /// Heartbeat interval until the coordinator says otherwise.
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+/// Heartbeats that hold exits back while the reports before them cannot be sent; after that the
+/// exits go anyway (reports are best effort, a slot must not stay busy).
+const EXIT_HOLDS: u32 = 3;
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -115,6 +120,10 @@ struct Agent {
     interval: Duration,
     /// Exits not yet carried by a successful heartbeat.
     pending_exits: Vec<v1::RankExit>,
+    /// The ranks' reports (flushed before exits go out).
+    reports: Arc<ReportQueue>,
+    /// Heartbeats in a row that held exits back because the reports could not be flushed.
+    exit_holds: u32,
     failures: u32,
     cores: usize,
 }
@@ -173,12 +182,41 @@ impl Agent {
         backoff.min(self.interval.max(Duration::from_secs(5)))
     }
 
+    /// Whether the pending exits may go out: the reports queued before them (a final
+    /// checkpoint, a result) were sent first, or holding them any longer would keep the
+    /// coordinator waiting for nothing.
+    async fn reports_before_exits(&mut self) -> bool {
+        if self.pending_exits.is_empty() {
+            return true;
+        }
+        match self.reports.flush(&mut self.client, &self.worker_id).await {
+            Ok(()) => {
+                self.exit_holds = 0;
+                true
+            }
+            Err(s) => {
+                self.exit_holds += 1;
+                let release = self.exit_holds > EXIT_HOLDS;
+                tracing::warn!(code = ?s.code(), status = %s.message(), holds = self.exit_holds, release, "reports before rank exits could not be sent");
+                if release {
+                    self.exit_holds = 0;
+                }
+                release
+            }
+        }
+    }
+
     async fn heartbeat(&mut self) {
-        let sent = self.pending_exits.len();
+        let exits = if self.reports_before_exits().await {
+            self.pending_exits.clone()
+        } else {
+            Vec::new()
+        };
+        let sent = exits.len();
         let req = v1::HeartbeatRequest {
             worker_id: self.worker_id.clone(),
             running: self.ranks.refs(),
-            exited: self.pending_exits.clone(),
+            exited: exits,
         };
         let resp = match self.client.heartbeat(req).await {
             Ok(r) => r.into_inner(),
@@ -277,7 +315,9 @@ async fn serve(cfg: AgentConfig) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut agent = Agent {
         worker_id: read_state(&cfg.state_file),
-        ranks: Ranks::new(launch, exit_tx, queue, Arc::clone(&metrics)),
+        ranks: Ranks::new(launch, exit_tx, Arc::clone(&queue), Arc::clone(&metrics)),
+        reports: queue,
+        exit_holds: 0,
         cfg,
         client,
         id_tx,

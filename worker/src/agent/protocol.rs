@@ -1,7 +1,10 @@
 //! What flows between the agent and its rank processes: the assignment file the agent writes for
 //! a rank, and the JSON lines a rank prints on stdout (`{"type":"progress",..}` after every step,
-//! `{"type":"checkpoint",..}` when a checkpoint is committed). Non-finite numbers travel as `null`
-//! and come back as NaN.
+//! `{"type":"checkpoint",..}` when a checkpoint is committed, `{"type":"result",..}` once at the
+//! end of a fine-tuning or evaluation run). Non-finite numbers travel as `null` and come back as
+//! NaN.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -58,6 +61,16 @@ impl AssignmentFile {
 
 fn nan_for_null<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+fn nan_for_null_values<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<BTreeMap<String, f64>, D::Error> {
+    let map = BTreeMap::<String, Option<f64>>::deserialize(d)?;
+    Ok(map
+        .into_iter()
+        .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
+        .collect())
 }
 
 /// A rank's progress after one step.
@@ -129,6 +142,19 @@ pub enum RankLine {
         /// Its folder.
         uri: String,
     },
+    /// The outcome of a fine-tuning or evaluation run (rank 0, once, before it exits).
+    Result {
+        /// The metric that sums the run up (e.g. `test_f1`).
+        headline: String,
+        /// Its value.
+        #[serde(deserialize_with = "nan_for_null")]
+        value: f64,
+        /// Every metric by name.
+        #[serde(deserialize_with = "nan_for_null_values")]
+        metrics: BTreeMap<String, f64>,
+        /// Where the full report (`report.json`) was written.
+        report: String,
+    },
 }
 
 impl RankLine {
@@ -180,6 +206,36 @@ mod tests {
             })
         );
         assert_eq!(RankLine::parse("not json"), None);
+        let result = RankLine::Result {
+            headline: "test_f1".into(),
+            value: 0.93,
+            metrics: [("test_f1".to_string(), 0.93), ("test_auc".into(), f64::NAN)]
+                .into_iter()
+                .collect(),
+            report: "file:///o/report.json".into(),
+        };
+        let text = result.to_json();
+        assert!(
+            text.starts_with(r#"{"type":"result","headline":"test_f1","value":0.93,"#),
+            "{text}"
+        );
+        assert!(text.contains(r#""test_auc":null"#), "{text}");
+        let Some(RankLine::Result {
+            headline,
+            value,
+            metrics,
+            report,
+        }) = RankLine::parse(&text)
+        else {
+            panic!("not parsed: {text}");
+        };
+        assert_eq!((headline.as_str(), value), ("test_f1", 0.93));
+        assert!(metrics["test_auc"].is_nan() && metrics["test_f1"] == 0.93);
+        assert_eq!(report, "file:///o/report.json");
+        let nan = RankLine::parse(
+            r#"{"type":"result","headline":"val_f1","value":null,"metrics":{},"report":"r"}"#,
+        );
+        assert!(matches!(nan, Some(RankLine::Result { value, .. }) if value.is_nan()));
         assert_eq!(RankLine::parse(r#"{"type":"other"}"#), None);
     }
 }

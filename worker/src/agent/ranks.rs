@@ -1,7 +1,8 @@
 //! The agent's rank processes: one child (`endofm-worker rank`) per assigned rank. The child's
 //! stdin is a pipe the agent holds until the child ends, so a dead agent (even `kill -9`) ends its
 //! ranks. Stop = SIGTERM (the trainer checkpoints at the next step and exits 0), then SIGKILL
-//! after the grace period. Stdout lines become reports and metrics; stderr log lines are re-logged
+//! after the grace period. Stdout lines (progress, checkpoints, results) become reports and
+//! metrics, all queued before the exit is announced; stderr log lines are re-logged
 //! under the rank's span and forwarded (warnings, errors, a sample of the rest). Every exit is
 //! announced exactly once on the exit channel, with the last error line as its message.
 
@@ -370,6 +371,22 @@ async fn read_stdout(
                     step,
                     uri,
                     generation: rank.generation,
+                })
+            }
+            Some(RankLine::Result {
+                headline,
+                value,
+                metrics,
+                report,
+            }) => {
+                tracing::info!(%headline, value, %report, "result reported");
+                Report::Result(v1::JobResult {
+                    headline,
+                    value,
+                    metrics,
+                    report,
+                    generation: rank.generation,
+                    unix_ms: now_ms(),
                 })
             }
             None => {

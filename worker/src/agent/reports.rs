@@ -1,6 +1,9 @@
-//! The agent's outgoing report queue: ranks' progress, checkpoints and log lines wait here until
-//! a `Report` call carries them. Bounded: while the coordinator is down the oldest reports are
-//! dropped (counted), so a long outage never grows the agent's memory. Reports are best effort.
+//! The agent's outgoing report queue: ranks' progress, checkpoints, results and log lines wait
+//! here until a `Report` call carries them. Bounded: while the coordinator is down the oldest
+//! reports are dropped (counted), so a long outage never grows the agent's memory. Reports are
+//! best effort, but ordered with exits: the agent [`ReportQueue::flush`]es the queue before a
+//! heartbeat carries a rank's exit, so a final checkpoint or result is known to the coordinator
+//! before the job ends (a dependent job starts from that checkpoint).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -22,6 +25,8 @@ pub struct ReportQueue {
     capacity: usize,
     dropped: AtomicU64,
     notify: Notify,
+    /// Held while a batch is taken and sent, so a flush waits for a batch in flight.
+    sending: tokio::sync::Mutex<()>,
 }
 
 impl ReportQueue {
@@ -32,6 +37,7 @@ impl ReportQueue {
             capacity: capacity.max(1),
             dropped: AtomicU64::new(0),
             notify: Notify::new(),
+            sending: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -87,6 +93,30 @@ impl ReportQueue {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Sends every report queued so far, after any batch already in flight; on failure the
+    /// unsent reports stay queued (in order) and the call's status is returned.
+    pub async fn flush(
+        &self,
+        client: &mut Client,
+        worker_id: &str,
+    ) -> std::result::Result<(), tonic::Status> {
+        let _sending = self.sending.lock().await;
+        loop {
+            let batch = self.take(BATCH);
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let req = v1::ReportRequest {
+                worker_id: worker_id.to_string(),
+                reports: batch.clone(),
+            };
+            if let Err(s) = client.report(req).await {
+                self.requeue(batch);
+                return Err(s);
+            }
+        }
+    }
 }
 
 /// Sends queued reports every `period` (or as soon as a full batch waits) once the worker has an
@@ -111,26 +141,13 @@ pub async fn send_loop(
         if id.is_empty() {
             continue;
         }
-        loop {
-            let batch = queue.take(BATCH);
-            if batch.is_empty() {
-                break;
-            }
-            let req = v1::ReportRequest {
-                worker_id: id.clone(),
-                reports: batch.clone(),
-            };
-            match client.report(req).await {
-                Ok(_) => backoff = Duration::ZERO,
-                Err(s) => {
-                    queue.requeue(batch);
-                    if backoff.is_zero() {
-                        tracing::warn!(code = ?s.code(), status = %s.message(), waiting = queue.len(), "report failed; keeping reports");
-                    }
-                    backoff =
-                        (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(10));
-                    break;
+        match queue.flush(&mut client, &id).await {
+            Ok(()) => backoff = Duration::ZERO,
+            Err(s) => {
+                if backoff.is_zero() {
+                    tracing::warn!(code = ?s.code(), status = %s.message(), waiting = queue.len(), "report failed; keeping reports");
                 }
+                backoff = (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(10));
             }
         }
         let dropped = queue.dropped();
