@@ -9,13 +9,15 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use tch::Device;
 
-use endofm_shared::{ModelConfig, Preset};
+use endofm_shared::{ModelConfig, Preset, TaskKind};
+
+pub mod finetune;
 
 use crate::convert;
 use crate::infer::{self, Precision};
 use crate::model::{EndoFm, LoadMode, weights};
 use crate::synth;
-use crate::verify::{self, ReferenceDir, Tolerances};
+use crate::verify::{self, ReferenceDir, Tolerances, downstream};
 
 /// Command line of `endofm-worker`.
 #[derive(Debug, Parser)]
@@ -55,6 +57,14 @@ pub enum Command {
     /// Self-supervised pre-training from a corpus (a folder or bucket with train.csv and clips);
     /// rerunning the same command resumes from the newest checkpoint in --out.
     Pretrain(PretrainArgs),
+    /// Fine-tune on a downstream task (classify: PolypDiag layout) from a pre-training
+    /// checkpoint; selects on validation, scores every split once, writes report.json and plots.
+    /// Rerunning the same command resumes from the newest checkpoint in --out.
+    Finetune(finetune::FinetuneArgs),
+    /// Score a fine-tuned model on one split of a dataset; writes report.json and plots.
+    Evaluate(finetune::EvaluateArgs),
+    /// Class probability of one video (or of each time window with --window) as JSON.
+    Predict(finetune::PredictArgs),
     /// Benchmarks printing one JSON object per case.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -353,27 +363,34 @@ pub struct SynthArgs {
     /// Output folder (created if missing).
     #[arg(long)]
     pub out: PathBuf,
-    /// Number of clips.
-    #[arg(long)]
-    pub clips: usize,
+    /// Number of clips (pretrain; required there) or videos / sequences in all splits
+    /// (polypdiag: 12, cvc: 6, kumc: 6).
+    #[arg(long, visible_alias = "videos")]
+    pub clips: Option<usize>,
     /// Seed: the same seed writes the same clips.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Frames per clip.
-    #[arg(long, default_value_t = 150)]
-    pub frames: usize,
-    /// Short side of the frames in pixels (frames are 5:4 landscape).
-    #[arg(long, default_value_t = 256)]
-    pub size: usize,
+    /// Frames per clip (pretrain: 150), or the fewest frames per video (polypdiag: 64,
+    /// cvc: 12, kumc: 24).
+    #[arg(long)]
+    pub frames: Option<usize>,
+    /// Downstream kinds: the most frames per video, drawn uniformly per video (polypdiag: 96,
+    /// cvc: 24, kumc: 40; at least --frames).
+    #[arg(long)]
+    pub max_frames: Option<usize>,
+    /// Short side of the frames in pixels, frames 5:4 landscape (pretrain: 256, others: 128).
+    #[arg(long)]
+    pub size: Option<usize>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Probability that a clip shows polyps.
-    #[arg(long, default_value_t = 0.3)]
-    pub polyp_probability: f64,
-    /// Factor on the polyps' size, 0.25 to 4 (larger: the prominent polyps of close-up clips).
-    #[arg(long, default_value_t = 1.0)]
-    pub polyp_scale: f64,
+    /// Pretrain only: probability that a clip shows polyps (0.3).
+    #[arg(long)]
+    pub polyp_probability: Option<f64>,
+    /// Factor on the polyps' size, 0.25 to 4 (larger: the prominent polyps of close-up clips;
+    /// pretrain: 1, polypdiag: 2, cvc and kumc: 1.5).
+    #[arg(long)]
+    pub polyp_scale: Option<f64>,
 }
 
 /// `bench allreduce --backend` values.
@@ -390,6 +407,12 @@ pub enum AllReduceBackend {
 pub enum SynthKind {
     /// Unlabelled pre-training clips: `<out>/synth/NNNNN.mp4`, `train.csv`, `labels.json`.
     Pretrain,
+    /// PolypDiag classification: `videos/NNNN.mp4`, `splits/{train,val,test}.txt` (`name,label`).
+    Polypdiag,
+    /// CVC-12k segmentation: `sequences/NNN/{frames,masks}/K.png`, `splits/*.txt`.
+    Cvc,
+    /// KUMC detection: `<split>2019/{Image,Annotation}/NNN/K.{jpg,xml}`, `ImageSets/*.txt`.
+    Kumc,
 }
 
 /// Which network configuration to use.
@@ -492,17 +515,23 @@ pub enum ModelCommand {
         seed: i64,
     },
     /// Run every NAME.input of a safetensors file through the network (eval mode) and write
-    /// NAME.features and NAME.head.
+    /// NAME.features and NAME.head; or, with --reference, the eval-mode cases of a reference
+    /// directory (its config.json, weights and vectors), written under the vectors' own names
+    /// (classify: fwd*.features, fwd*.logits).
     Forward {
-        /// Which network.
+        /// Which network (required without --reference).
         #[command(flatten)]
-        source: ModelSource,
+        source: OptionalModelSource,
+        /// A reference directory (config.json, weights.safetensors, vectors.safetensors or
+        /// forward.safetensors) instead of --preset/--config, --weights and --inputs.
+        #[arg(long, conflicts_with_all = ["weights", "inputs", "preset", "config"])]
+        reference: Option<PathBuf>,
         /// Weights (safetensors, published key names; loaded strictly).
-        #[arg(long)]
-        weights: PathBuf,
+        #[arg(long, required_unless_present = "reference")]
+        weights: Option<PathBuf>,
         /// Inputs: safetensors with NAME.input tensors of shape (B, 3, T, H, W), float32.
-        #[arg(long)]
-        inputs: PathBuf,
+        #[arg(long, required_unless_present = "reference")]
+        inputs: Option<PathBuf>,
         /// Output safetensors file.
         #[arg(long)]
         output: PathBuf,
@@ -610,7 +639,8 @@ pub struct OptionalModelSource {
     pub config: Option<PathBuf>,
 }
 
-fn print_json(v: &serde_json::Value) {
+/// Prints one JSON value on stdout (results are JSON on stdout, logs on stderr).
+pub(crate) fn print_json(v: &serde_json::Value) {
     println!("{v}");
 }
 
@@ -626,6 +656,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(&serde_json::to_value(&summary)?);
             Ok(())
         }
+        Command::Finetune(args) => finetune::run_finetune(&args),
+        Command::Evaluate(args) => finetune::run_evaluate(&args),
+        Command::Predict(args) => finetune::run_predict(&args),
         Command::Agent(args) => Ok(crate::agent::run(agent_config(&args)?)?),
         Command::Rank(args) => Ok(crate::agent::rank::run(crate::agent::rank::RankConfig {
             coordinator: args.coordinator,
@@ -866,45 +899,134 @@ fn bench_allreduce_nccl(
 }
 
 fn run_synth(args: SynthArgs) -> anyhow::Result<()> {
-    match args.kind {
-        SynthKind::Pretrain => {
-            if args.clips == 0 {
-                bail!("--clips must be at least 1");
-            }
-            if args.threads == Some(0) {
-                bail!("--threads must be at least 1");
-            }
-            let spec = synth::CorpusSpec {
-                clips: args.clips,
-                frames: args.frames,
-                short_side: args.size,
-                seed: args.seed,
-                threads: args.threads.unwrap_or(0),
-                polyp_probability: args.polyp_probability,
-                polyp_scale: args.polyp_scale,
-                ..synth::CorpusSpec::default()
-            };
-            let summary = synth::write_pretrain_corpus(&args.out, &spec).with_context(|| {
-                format!(
-                    "writing the synthetic pre-training corpus to {}",
-                    args.out.display()
-                )
-            })?;
-            print_json(&json!({
-                "kind": "pretrain",
-                "out": summary.out,
-                "clips": summary.clips,
-                "frames": summary.frames,
-                "bytes": summary.bytes,
-                "polyp_clips": summary.polyp_clips,
-                "width": summary.width,
-                "height": summary.height,
-                "threads": summary.threads,
-                "seconds": summary.seconds,
-            }));
-            Ok(())
+    if args.threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    let kind = match args.kind {
+        SynthKind::Pretrain => return run_synth_pretrain(&args),
+        SynthKind::Polypdiag => synth::datasets::DownstreamKind::PolypDiag,
+        SynthKind::Cvc => synth::datasets::DownstreamKind::Cvc,
+        SynthKind::Kumc => synth::datasets::DownstreamKind::Kumc,
+    };
+    if args.polyp_probability.is_some() {
+        bail!(
+            "--polyp-probability is for --kind pretrain; {} videos show a polyp by their label",
+            kind.name()
+        );
+    }
+    let defaults = synth::datasets::DownstreamSpec::new(kind);
+    let min_frames = args.frames.unwrap_or(defaults.frames[0]);
+    let max_frames = args.max_frames.unwrap_or(defaults.frames[1].max(min_frames));
+    if max_frames < min_frames {
+        bail!("--max-frames {max_frames} is below --frames {min_frames}");
+    }
+    let spec = synth::datasets::DownstreamSpec {
+        videos: args.clips.unwrap_or(defaults.videos),
+        frames: [min_frames, max_frames],
+        short_side: args.size.unwrap_or(defaults.short_side),
+        seed: args.seed,
+        threads: args.threads.unwrap_or(0),
+        polyp_scale: args.polyp_scale.unwrap_or(defaults.polyp_scale),
+        ..defaults
+    };
+    let summary = synth::datasets::write_downstream(&args.out, &spec).with_context(|| {
+        format!(
+            "writing the synthetic {} dataset to {}",
+            kind.name(),
+            args.out.display()
+        )
+    })?;
+    print_json(&serde_json::to_value(&summary)?);
+    Ok(())
+}
+
+fn run_synth_pretrain(args: &SynthArgs) -> anyhow::Result<()> {
+    let clips = match args.clips {
+        None | Some(0) => bail!("--clips must be at least 1"),
+        Some(n) => n,
+    };
+    if args.max_frames.is_some() {
+        bail!("--max-frames is for the downstream kinds; pre-training clips have --frames frames");
+    }
+    let spec = synth::CorpusSpec {
+        clips,
+        frames: args.frames.unwrap_or(150),
+        short_side: args.size.unwrap_or(256),
+        seed: args.seed,
+        threads: args.threads.unwrap_or(0),
+        polyp_probability: args.polyp_probability.unwrap_or(0.3),
+        polyp_scale: args.polyp_scale.unwrap_or(1.0),
+        ..synth::CorpusSpec::default()
+    };
+    let summary = synth::write_pretrain_corpus(&args.out, &spec).with_context(|| {
+        format!(
+            "writing the synthetic pre-training corpus to {}",
+            args.out.display()
+        )
+    })?;
+    print_json(&json!({
+        "kind": "pretrain",
+        "out": summary.out,
+        "clips": summary.clips,
+        "frames": summary.frames,
+        "bytes": summary.bytes,
+        "polyp_clips": summary.polyp_clips,
+        "width": summary.width,
+        "height": summary.height,
+        "threads": summary.threads,
+        "seconds": summary.seconds,
+    }));
+    Ok(())
+}
+
+/// `model forward --reference DIR`: the eval-mode cases of a reference directory, under the
+/// vectors' own names.
+fn reference_forward(
+    reference: &Path,
+    device: Device,
+    precision: Precision,
+) -> anyhow::Result<std::collections::BTreeMap<String, tch::Tensor>> {
+    let dir = ReferenceDir::open(reference)?;
+    match downstream::task_of(&dir)? {
+        Some(TaskKind::Classify) => Ok(downstream::classify_forward(&dir, device, precision)?),
+        Some(task) => bail!(
+            "{}: task `{task}` is not implemented in this version (classify is)",
+            reference.display()
+        ),
+        None => {
+            let model = dir.model(device)?;
+            let inputs = weights::read(&dir.file("forward.safetensors"))?;
+            Ok(infer::forward_named(&model, &inputs, precision)?)
         }
     }
+}
+
+/// `model verify` on a downstream reference directory: one JSON line per check.
+fn verify_downstream(
+    dir: &ReferenceDir,
+    task: TaskKind,
+    device: Device,
+    exec: &Exec,
+) -> anyhow::Result<()> {
+    if exec.precision != Precision::Fp32 {
+        bail!("downstream reference checks run in fp32 (their tolerances are fp32 ones)");
+    }
+    let checks = match task {
+        TaskKind::Classify => downstream::check_classify(dir, device)?,
+        other => bail!(
+            "{}: task `{other}` is not implemented in this version (classify is)",
+            dir.dir.display()
+        ),
+    };
+    let mut ok = true;
+    for c in &checks {
+        ok &= c.pass;
+        print_json(&json!({"task": task.name(), "device": exec.device, "result": c}));
+    }
+    if !ok {
+        bail!("reference check failed: see the JSON lines above");
+    }
+    Ok(())
 }
 
 fn run_model(cmd: ModelCommand) -> anyhow::Result<()> {
@@ -942,14 +1064,36 @@ fn run_model(cmd: ModelCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ModelCommand::Forward {
-            source,
-            weights: weights_path,
-            inputs,
+            reference: Some(reference),
             output,
             exec,
+            ..
         } => {
             let device = exec.setup()?;
-            let cfg = source.resolve()?;
+            let started = std::time::Instant::now();
+            let outputs = reference_forward(&reference, device, exec.precision)?;
+            weights::write(&output, &outputs)?;
+            print_json(&json!({
+                "output": output,
+                "tensors": outputs.keys().collect::<Vec<_>>(),
+                "seconds": started.elapsed().as_secs_f64(),
+            }));
+            Ok(())
+        }
+        ModelCommand::Forward {
+            source,
+            weights: Some(weights_path),
+            inputs: Some(inputs),
+            output,
+            exec,
+            ..
+        } => {
+            let device = exec.setup()?;
+            let cfg = ModelSource {
+                preset: source.preset,
+                config: source.config,
+            }
+            .resolve()?;
             let inputs_map = weights::read(&inputs)?;
             let mut model = EndoFm::new(&cfg, device)?;
             model
@@ -971,10 +1115,14 @@ fn run_model(cmd: ModelCommand) -> anyhow::Result<()> {
             }));
             Ok(())
         }
+        ModelCommand::Forward { .. } => bail!("give --reference, or --weights and --inputs"),
         ModelCommand::Verify { reference, exec } => {
             let device = exec.setup()?;
             let tol = Tolerances::for_precision(exec.precision);
             let dir = ReferenceDir::open(&reference)?;
+            if let Some(task) = downstream::task_of(&dir)? {
+                return verify_downstream(&dir, task, device, &exec);
+            }
             let model = dir.model(device)?;
             let mut ok = true;
             let forward = dir.file("forward.safetensors");

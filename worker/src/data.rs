@@ -9,6 +9,7 @@
 
 pub mod augment;
 pub mod bicubic;
+pub mod fingerprint;
 pub mod loader;
 pub mod views;
 
@@ -17,6 +18,7 @@ use std::time::Instant;
 /// Decoded frames are the decoder's own type: rendering reads what [`crate::video`] writes.
 pub use crate::video::Frames;
 pub use augment::{Views, render};
+pub use fingerprint::CorpusFingerprint;
 pub use views::{
     ClipShape, CropBox, DrawKey, GrayWeights, JitterOp, ViewConfig, ViewDraw, ViewKind, ViewPlan,
 };

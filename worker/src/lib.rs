@@ -1,5 +1,6 @@
 //! The endofm worker library: the Endo-FM network on libtorch (`model`), the self-supervised
-//! objective (`train`), pre-training views (`data`), reference-vector checks (`verify`), clip
+//! objective (`train`), pre-training views (`data`), the downstream datasets and their
+//! fine-tuning loaders (`datasets`), reference-vector checks (`verify`), clip
 //! encoding and decoding (`video`),
 //! procedural endoscopy clips (`synth`), and the worker's command line (`cli`).
 //! The service side (`agent`: the per-node agent and its rank processes) talks gRPC to the
@@ -7,17 +8,21 @@
 
 pub mod agent;
 pub mod bench;
-pub mod checkpoint;
 pub mod cli;
 pub mod collective;
 pub mod convert;
 pub mod data;
+pub mod datasets;
 pub mod embed;
 pub mod error;
+pub mod finetune;
+pub mod eval;
 pub mod infer;
+pub mod init;
 pub mod model;
 pub mod precision;
 pub mod pretrain;
+pub mod run;
 pub mod store;
 pub mod synth;
 pub mod train;

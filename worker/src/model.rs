@@ -2,6 +2,7 @@
 //! ([`head`]) in one variable store whose paths are the published state-dict keys
 //! (`backbone.…`, `head.…`), with strict safetensors loading and saving ([`weights`]).
 
+pub mod classifier;
 pub mod head;
 pub mod timesformer;
 pub mod weights;
@@ -13,6 +14,7 @@ use tch::{Device, Tensor, nn};
 use endofm_shared::{ModelConfig, ParamCounts};
 
 use crate::Result;
+pub use classifier::Classifier;
 pub use head::DinoHead;
 pub use timesformer::TimeSformer;
 pub use weights::{LoadMode, LoadReport};

@@ -1,27 +1,27 @@
-//! A pre-training run on one rank: resolves and validates the configuration, opens the corpus
-//! and the output location (refusing bad input before any work), resumes from the newest
-//! checkpoint there or initialises the networks, then loops over loader batches and trainer
-//! steps, writing metrics, progress and checkpoints. The distributed service runs the same
-//! function on every rank with its own [`Collective`].
+//! Pre-training as a task of the run machinery ([`crate::run`]): validates the configuration,
+//! opens the corpus and the output location (refusing bad input before any work), and hands
+//! [`crate::run::drive`] a task made of the teacher-student trainer ([`SslTrainer`]) and the
+//! multi-view loader; the checkpoint holds the student, the teacher, AdamW's moments and the
+//! loss centre. The distributed service runs the same function on every rank with its own
+//! [`Collective`].
 
-use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tch::Device;
+use tch::{Device, Tensor};
 
 use endofm_shared::{ModelConfig, PretrainConfig, StorageUri};
 
-use crate::checkpoint::{self, Writer};
 use crate::collective::Collective;
 use crate::data::ViewConfig;
 use crate::data::loader::{self, Corpus, Loader, LoaderConfig};
+use crate::model::{LoadMode, weights};
+use crate::run::checkpoint::{Checkpointable, Committed, Manifest, Snapshot, host, host_vars};
+use crate::run::{self, RunSettings, StepOutcome, Task};
 use crate::store::Store;
-use crate::train::step::{SslTrainer, StepStats};
+use crate::train::step::{LossScaler, SslTrainer};
 use crate::{Error, Result};
 
 /// The configuration file of a run: every section optional, defaults = the reference's.
@@ -48,60 +48,8 @@ pub fn views_for(model: &ModelConfig) -> ViewConfig {
     v
 }
 
-/// Where the initial weights come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum InitSource {
-    /// A folder with `student.safetensors` (and maybe `teacher.safetensors`): one of our
-    /// checkpoints or an imported published checkpoint.
-    Folder(PathBuf),
-    /// One safetensors file: the student, the teacher starts as its copy.
-    Weights(PathBuf),
-    /// A PyTorch checkpoint (`.pth`), converted with the venv's torch first.
-    Pickle(PathBuf),
-}
-
-impl InitSource {
-    /// Classifies a path given on the command line.
-    pub fn parse(path: &Path) -> Result<Self> {
-        if path.is_dir() {
-            if !path.join("student.safetensors").is_file() {
-                return Err(Error::Input {
-                    name: "--init".into(),
-                    reason: format!("{} has no student.safetensors", path.display()),
-                });
-            }
-            return Ok(Self::Folder(path.to_path_buf()));
-        }
-        if !path.is_file() {
-            return Err(Error::Input {
-                name: "--init".into(),
-                reason: format!("{} does not exist", path.display()),
-            });
-        }
-        match path.extension().and_then(|e| e.to_str()) {
-            Some("safetensors") => Ok(Self::Weights(path.to_path_buf())),
-            Some("pth" | "pt" | "ckpt") => Ok(Self::Pickle(path.to_path_buf())),
-            _ => Err(Error::Input {
-                name: "--init".into(),
-                reason: format!(
-                    "{}: expected a checkpoint folder, a .safetensors file or a .pth checkpoint",
-                    path.display()
-                ),
-            }),
-        }
-    }
-}
-
-/// Watches a run from outside (the service's rank process reports progress with it). Called on
-/// the training thread after every step (every rank), and on the checkpoint writer's thread once
-/// a checkpoint's manifest is committed (rank 0). Implementations must be quick and not fail.
-pub trait RunObserver: Send + Sync + std::fmt::Debug {
-    /// After every completed step: its statistics and the step the run ends at (exclusive).
-    fn on_step(&self, _line: &MetricsLine, _end_step: usize) {}
-    /// After the manifest of the checkpoint taken after `step` steps was written; `uri` is the
-    /// checkpoint's folder.
-    fn on_checkpoint(&self, _step: usize, _uri: &str) {}
-}
+pub use crate::init::InitSource;
+pub use crate::run::{MetricsLine, RunObserver, Summary, progress_default, stop_on_signals};
 
 /// Everything a run needs.
 #[derive(Debug, Clone)]
@@ -136,43 +84,6 @@ pub struct PretrainJob {
     pub observer: Option<Arc<dyn RunObserver>>,
 }
 
-/// What a run did.
-#[derive(Debug, Clone, Serialize)]
-pub struct Summary {
-    /// Step the run started at (0, or the resumed checkpoint's).
-    pub started_at: usize,
-    /// Steps completed in total.
-    pub steps: usize,
-    /// Steps of the whole schedule.
-    pub total_steps: usize,
-    /// Last loss.
-    pub last_loss: f64,
-    /// Clips that failed to decode.
-    pub clips_failed: u64,
-    /// Where the last checkpoint is.
-    pub checkpoint: String,
-    /// Wall-clock seconds.
-    pub seconds: f64,
-    /// Whether the run stopped early on request (SIGTERM/SIGINT), after checkpointing.
-    pub interrupted: bool,
-}
-
-/// One line of `metrics.jsonl`: the step's statistics and the run's throughput.
-#[derive(Debug, Clone, Serialize)]
-pub struct MetricsLine {
-    /// Step, epoch, loss and the scheduled values.
-    #[serde(flatten)]
-    pub stats: StepStats,
-    /// Clips per second over all ranks.
-    pub samples_per_s: f64,
-    /// Seconds waiting for data.
-    pub data_wait_s: f64,
-    /// Seconds of the whole step.
-    pub step_s: f64,
-    /// Clips skipped so far.
-    pub clips_failed: u64,
-}
-
 fn trained_fields_equal(a: &PretrainConfig, b: &PretrainConfig) -> bool {
     let norm = |c: &PretrainConfig| PretrainConfig {
         checkpoint_every: 0,
@@ -184,9 +95,20 @@ fn trained_fields_equal(a: &PretrainConfig, b: &PretrainConfig) -> bool {
 }
 
 fn load_init(trainer: &mut SslTrainer, init: &InitSource) -> Result<()> {
-    match init {
+    let local = init.localise()?;
+    match &local.source {
+        InitSource::Remote(_) => unreachable!("localise returns a local source"),
         InitSource::Folder(dir) => {
             let teacher = dir.join("teacher.safetensors");
+            if !dir.join("student.safetensors").is_file() {
+                return Err(Error::Input {
+                    name: "--init".into(),
+                    reason: format!(
+                        "{} has no student.safetensors (a fine-tuned model cannot initialise pre-training)",
+                        dir.display()
+                    ),
+                });
+            }
             trainer.load_weights(
                 &dir.join("student.safetensors"),
                 teacher.is_file().then_some(teacher.as_path()),
@@ -208,9 +130,222 @@ fn load_init(trainer: &mut SslTrainer, init: &InitSource) -> Result<()> {
     Ok(())
 }
 
+
+/// Pre-training as a [`Task`]: the trainer, the corpus and (once started) its loader.
+struct SslTask<'a> {
+    job: &'a PretrainJob,
+    trainer: SslTrainer,
+    corpus: Arc<Corpus>,
+    loader: Option<Loader>,
+    rank: usize,
+    world: usize,
+}
+
+const SSL_FILES: [&str; 4] = [
+    "student.safetensors",
+    "teacher.safetensors",
+    "optimizer.safetensors",
+    "state.safetensors",
+];
+
+impl Checkpointable for SslTrainer {
+    fn snapshot(&self) -> Snapshot {
+        let opt = self.optimizer();
+        let mut optimizer = BTreeMap::new();
+        for e in self.student_flat().trainable() {
+            optimizer.insert(
+                format!("exp_avg.{}", e.name),
+                host(&opt.exp_avg().narrow(0, e.offset, e.numel)),
+            );
+            optimizer.insert(
+                format!("exp_avg_sq.{}", e.name),
+                host(&opt.exp_avg_sq().narrow(0, e.offset, e.numel)),
+            );
+        }
+        let mut state = BTreeMap::new();
+        state.insert("center".to_string(), host(self.objective().center()));
+        let mut extra = serde_json::Map::new();
+        extra.insert(
+            "optimizer_steps".into(),
+            serde_json::json!([opt.steps, opt.last_layer_steps]),
+        );
+        extra.insert(
+            "scaler".into(),
+            serde_json::to_value(self.scaler()).unwrap_or_default(),
+        );
+        extra.insert(
+            "train".into(),
+            serde_json::to_value(self.config()).unwrap_or_default(),
+        );
+        Snapshot {
+            files: vec![
+                (SSL_FILES[0].into(), host_vars(self.student().var_store())),
+                (SSL_FILES[1].into(), host_vars(self.teacher().var_store())),
+                (SSL_FILES[2].into(), optimizer),
+                (SSL_FILES[3].into(), state),
+            ],
+            extra,
+        }
+    }
+
+    fn restore(&mut self, c: &Committed<'_>) -> Result<()> {
+        {
+            let (student, teacher) = self.networks_mut();
+            for (name, net) in [(SSL_FILES[0], student), (SSL_FILES[1], teacher)] {
+                weights::load_tensors(net.var_store(), c.read(name)?, &c.origin(name), LoadMode::Strict)?;
+            }
+        }
+        let opt = c.read(SSL_FILES[2])?;
+        let device = self.student().device();
+        let mut m = Vec::new();
+        let mut v = Vec::new();
+        for e in self.student_flat().trainable() {
+            for (prefix, out) in [("exp_avg", &mut m), ("exp_avg_sq", &mut v)] {
+                let key = format!("{prefix}.{}", e.name);
+                let t = opt.get(&key).ok_or_else(|| Error::MissingKey {
+                    path: c.origin(SSL_FILES[2]),
+                    key: key.clone(),
+                    expected: vec![e.numel],
+                })?;
+                if t.numel() as i64 != e.numel {
+                    return Err(Error::ShapeMismatch {
+                        path: c.origin(SSL_FILES[2]),
+                        key,
+                        expected: vec![e.numel],
+                        found: t.size(),
+                    });
+                }
+                out.push(t.reshape([-1]).to_device(device));
+            }
+        }
+        let (steps, last): (u64, u64) = c.manifest().field("optimizer_steps")?;
+        self.optimizer_mut()
+            .restore(&Tensor::cat(&m, 0), &Tensor::cat(&v, 0), steps, last)?;
+        let state = c.read(SSL_FILES[3])?;
+        let expected = self.objective().center().size();
+        let center = state.get("center").ok_or_else(|| Error::MissingKey {
+            path: c.origin(SSL_FILES[3]),
+            key: "center".into(),
+            expected: expected.clone(),
+        })?;
+        if center.size() != expected {
+            return Err(Error::ShapeMismatch {
+                path: c.origin(SSL_FILES[3]),
+                key: "center".into(),
+                expected,
+                found: center.size(),
+            });
+        }
+        self.objective_mut().set_center(center.to_device(device));
+        let scaler: Option<LossScaler> = c.manifest().field("scaler").unwrap_or(None);
+        self.set_scaler(scaler);
+        Ok(())
+    }
+}
+
+impl Checkpointable for SslTask<'_> {
+    fn snapshot(&self) -> Snapshot {
+        self.trainer.snapshot()
+    }
+    fn restore(&mut self, c: &Committed<'_>) -> Result<()> {
+        self.trainer.restore(c)
+    }
+}
+
+impl Task for SslTask<'_> {
+    type Batch = Vec<Tensor>;
+
+    fn iters_per_epoch(&self) -> usize {
+        self.trainer.iters_per_epoch()
+    }
+    fn total_steps(&self) -> usize {
+        self.trainer.total_steps()
+    }
+    fn samples_per_step(&self) -> usize {
+        self.job.train.batch_per_rank * self.world
+    }
+    fn check_resume(&self, m: &Manifest) -> Result<()> {
+        let theirs: PretrainConfig = m.field("train")?;
+        if !trained_fields_equal(&theirs, &self.job.train) {
+            return Err(Error::Input {
+                name: "--out".into(),
+                reason: format!(
+                    "{} holds checkpoints of a run with other hyper-parameters; use a new output location or the same settings",
+                    self.job.out
+                ),
+            });
+        }
+        Ok(())
+    }
+    fn initialise(&mut self) -> Result<()> {
+        if let Some(init) = &self.job.init {
+            load_init(&mut self.trainer, init)?;
+            tracing::info!(?init, "initialised from weights");
+        }
+        Ok(())
+    }
+    fn start_data(&mut self, step: usize) -> Result<()> {
+        self.loader = Some(Loader::start(
+            Arc::clone(&self.corpus),
+            LoaderConfig {
+                seed: self.job.train.seed,
+                batch: self.job.train.batch_per_rank,
+                rank: self.rank,
+                world: self.world,
+                threads: self.job.data_threads,
+                prefetch: self.job.train.batch_per_rank * 4,
+                views: self.job.views.clone(),
+            },
+            step,
+        )?);
+        Ok(())
+    }
+    fn next_batch(&mut self) -> Result<(Vec<Tensor>, f64)> {
+        let loader = self.loader.as_mut().ok_or_else(|| Error::Input {
+            name: "loader".into(),
+            reason: "not started".into(),
+        })?;
+        let batch = loader.next_batch()?;
+        let views = batch
+            .views
+            .iter()
+            .map(|v| v.to_device(self.job.device))
+            .collect();
+        Ok((views, batch.wait_s))
+    }
+    fn step(
+        &mut self,
+        views: Vec<Tensor>,
+        step: usize,
+        collective: &mut dyn Collective,
+    ) -> Result<StepOutcome> {
+        let stats = self.trainer.step(&views, step, collective)?;
+        let mut extra = serde_json::Map::new();
+        extra.insert("wd".into(), serde_json::json!(stats.wd));
+        extra.insert("momentum".into(), serde_json::json!(stats.momentum));
+        extra.insert("teacher_temp".into(), serde_json::json!(stats.teacher_temp));
+        extra.insert("skipped".into(), serde_json::json!(stats.skipped));
+        Ok(StepOutcome {
+            epoch: stats.epoch,
+            loss: stats.loss,
+            lr: stats.lr,
+            extra,
+        })
+    }
+    fn inputs_failed(&self) -> u64 {
+        self.loader.as_ref().map_or(0, |l| {
+            l.stats()
+                .clips_failed
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+    fn progress_message(&self, line: &run::MetricsLine) -> String {
+        format!("loss {:.4} {:.2} clips/s", line.loss, line.samples_per_s)
+    }
+}
+
 /// Runs (or resumes) pre-training on this rank.
 pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary> {
-    let started = Instant::now();
     job.model.validate()?;
     job.train.validate()?;
     job.views.validate()?;
@@ -232,295 +367,146 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
         });
     }
     let out = Store::open(&job.out, true)?;
-    let resolved = serde_json::json!({
-        "preset": job.preset,
-        "data": job.data.to_string(),
-        "list": job.list,
-        "world_size": world,
-        "model": job.model,
-        "train": job.train,
-        "views": job.views,
-    });
-    if rank == 0 {
-        out.put(
-            "config.json",
-            Bytes::from(serde_json::to_vec_pretty(&resolved).unwrap_or_default()),
-        )?;
-    }
-
-    let mut trainer = SslTrainer::new(&job.model, &job.train, job.device, ipe, world)?;
-    let mut start_step = 0;
-    match checkpoint::latest(&out)? {
-        Some(m) => {
-            if m.model != job.model {
-                return Err(Error::Input {
-                    name: "--out".into(),
-                    reason: format!(
-                        "{} holds checkpoints of another model configuration; use a new output location",
-                        job.out
-                    ),
-                });
-            }
-            if m.corpus != corpus.fingerprint() || m.world_size != world || m.iters_per_epoch != ipe
-            {
-                return Err(Error::Input {
-                    name: "--out".into(),
-                    reason: format!(
-                        "{} holds checkpoints of a run on another corpus or world size ({} clips, {} ranks); use a new output location",
-                        job.out, m.corpus.clips, m.world_size
-                    ),
-                });
-            }
-            if !trained_fields_equal(&m.train, &job.train) {
-                return Err(Error::Input {
-                    name: "--out".into(),
-                    reason: format!(
-                        "{} holds checkpoints of a run with other hyper-parameters; use a new output location or the same settings",
-                        job.out
-                    ),
-                });
-            }
-            checkpoint::restore(&out, &m, &mut trainer)?;
-            start_step = m.step;
-            tracing::info!(step = start_step, epoch = m.epoch, out = %job.out, "resuming from checkpoint");
-        }
-        None => {
-            if let Some(init) = &job.init {
-                load_init(&mut trainer, init)?;
-                tracing::info!(?init, "initialised from weights");
-            }
-        }
-    }
-
-    let total = trainer.total_steps();
-    let end = job.max_steps.map_or(total, |m| m.min(total));
-    let mut metrics_text = match out.get("metrics.jsonl") {
-        Ok(bytes) => String::from_utf8_lossy(&bytes)
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|m| m["step"].as_u64())
-                    .is_some_and(|s| (s as usize) < start_step)
-            })
-            .map(|l| format!("{l}\n"))
-            .collect::<String>(),
-        Err(_) => String::new(),
+    let settings = RunSettings {
+        out: job.out.clone(),
+        model: job.model.clone(),
+        corpus: corpus.fingerprint(),
+        resolved_config: serde_json::json!({
+            "kind": "pretrain",
+            "preset": job.preset,
+            "data": job.data.to_string(),
+            "list": job.list,
+            "world_size": world,
+            "model": job.model,
+            "train": job.train,
+            "views": job.views,
+        }),
+        max_steps: job.max_steps,
+        checkpoint_every: job.train.checkpoint_every,
+        keep_checkpoints: job.train.keep_checkpoints,
+        log_every: job.train.log_every,
+        progress: job.progress,
+        device: job.device,
+        stop: Arc::clone(&job.stop),
+        observer: job.observer.clone(),
     };
-    let mut writer = (rank == 0).then(|| {
-        Writer::with_observer(
-            out.clone(),
-            job.train.keep_checkpoints,
-            job.observer.clone(),
-        )
-    });
-    let mut summary = Summary {
-        started_at: start_step,
-        steps: start_step,
-        total_steps: total,
-        last_loss: f64::NAN,
-        clips_failed: 0,
-        checkpoint: String::new(),
-        seconds: 0.0,
-        interrupted: false,
+    let mut task = SslTask {
+        job,
+        trainer: SslTrainer::new(&job.model, &job.train, job.device, ipe, world)?,
+        corpus,
+        loader: None,
+        rank,
+        world,
     };
-    if start_step >= end {
-        tracing::info!(step = start_step, "nothing to do: the run is complete");
-        summary.seconds = started.elapsed().as_secs_f64();
-        summary.checkpoint = out.describe(&checkpoint::folder(start_step));
-        return Ok(summary);
+    run::drive(&mut task, &settings, &out, collective)
+}
+
+/// The rank digests' switch (see [`crate::run::PARAM_DIGESTS_ENV`]).
+pub use crate::run::PARAM_DIGESTS_ENV;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::Solo;
+    use crate::data::CorpusFingerprint;
+    use crate::run::checkpoint::{Writer, committed, latest, restore};
+    use tch::Kind;
+
+    fn small() -> ModelConfig {
+        crate::test_support::small_model(1)
     }
 
-    let mut loader = Loader::start(
-        Arc::clone(&corpus),
-        LoaderConfig {
-            seed: job.train.seed,
-            batch: job.train.batch_per_rank,
-            rank,
-            world,
-            threads: job.data_threads,
-            prefetch: job.train.batch_per_rank * 4,
-            views: job.views.clone(),
-        },
-        start_step,
-    )?;
-    let bar = job.progress.then(|| {
-        let bar = indicatif::ProgressBar::new(end as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar.set_position(start_step as u64);
-        bar
-    });
-    let corpus_fp = corpus.fingerprint();
-    let digests = std::env::var_os(PARAM_DIGESTS_ENV).map(PathBuf::from);
-    let global_batch = (job.train.batch_per_rank * world) as f64;
-    let mut last_saved = start_step;
-    for step in start_step..end {
-        let step_started = Instant::now();
-        let batch = loader.next_batch()?;
-        let views: Vec<tch::Tensor> = batch
-            .views
-            .iter()
-            .map(|v| v.to_device(job.device))
-            .collect();
-        let stats = trainer.step(&views, step, collective)?;
-        let step_s = step_started.elapsed().as_secs_f64();
-        if let Some(dir) = &digests {
-            append_digest(dir, rank, step + 1, trainer.student_flat().buffer());
+    fn views(step: usize) -> Vec<Tensor> {
+        let base = Tensor::arange(3 * 4 * 32 * 32, (Kind::Float, Device::Cpu));
+        let g = (base * (0.001 * (step + 1) as f64))
+            .sin()
+            .reshape([1, 3, 4, 32, 32]);
+        let l = g
+            .narrow(2, 0, 2)
+            .narrow(3, 0, 16)
+            .narrow(4, 0, 16)
+            .contiguous();
+        vec![
+            g.shallow_clone(),
+            g.flip([2]),
+            l.shallow_clone(),
+            l.flip([3]),
+        ]
+    }
+
+    fn manifest(trainer: &SslTrainer, step: usize) -> Manifest {
+        Manifest {
+            version: 1,
+            step,
+            epoch: step / trainer.iters_per_epoch(),
+            iters_per_epoch: trainer.iters_per_epoch(),
+            total_steps: trainer.total_steps(),
+            world_size: 1,
+            corpus: CorpusFingerprint::of(&["a.mp4".to_string()]),
+            model: small(),
+            files: BTreeMap::new(),
+            created_unix: 0,
+            extra: serde_json::Map::new(),
         }
-        let failed = loader
-            .stats()
-            .clips_failed
-            .load(std::sync::atomic::Ordering::Relaxed);
-        summary.last_loss = stats.loss;
-        summary.steps = step + 1;
-        summary.clips_failed = failed;
-        let line = MetricsLine {
-            stats: stats.clone(),
-            samples_per_s: global_batch / step_s,
-            data_wait_s: batch.wait_s,
-            step_s,
-            clips_failed: failed,
+    }
+
+    #[test]
+    fn resumed_training_equals_uninterrupted() {
+        let _rng = crate::test_support::rng_lock();
+        for two_threads in [false, true] {
+            resume_case(two_threads);
+        }
+    }
+
+    fn resume_case(two_threads: bool) {
+        let cfg = PretrainConfig {
+            epochs: 2,
+            batch_per_rank: 1,
+            warmup_epochs: 1,
+            lr: 0.1,
+            ..Default::default()
         };
-        if let Some(observer) = &job.observer {
-            observer.on_step(&line, end);
-        }
-        if rank == 0 && (step % job.train.log_every == 0 || step + 1 == end) {
-            let json = serde_json::to_string(&line).unwrap_or_default();
-            metrics_text.push_str(&json);
-            metrics_text.push('\n');
-            if let Some(bar) = &bar {
-                bar.set_prefix(format!("epoch {}", stats.epoch));
-                bar.set_message(format!(
-                    "loss {:.4} {:.2} clips/s",
-                    stats.loss, line.samples_per_s
-                ));
-            } else {
-                tracing::info!(
-                    step,
-                    epoch = stats.epoch,
-                    loss = stats.loss,
-                    lr = stats.lr,
-                    samples_per_s = line.samples_per_s,
-                    data_wait_s = batch.wait_s,
-                    "step"
-                );
-            }
-        }
-        if let Some(bar) = &bar {
-            bar.set_position((step + 1) as u64);
-        }
-        let every = job.train.checkpoint_every;
-        let done = step + 1;
-        let stopping =
-            agree_stop(collective, job.stop.load(Ordering::SeqCst), job.device)? && done < end;
-        if let Some(w) = writer.as_mut()
-            && ((every > 0 && done % every == 0) || done == end || stopping)
-        {
-            w.save(
-                &trainer,
-                checkpoint::manifest_for(&trainer, &job.model, done, world, corpus_fp.clone()),
-            )?;
-            out.put(
-                "metrics.jsonl",
-                Bytes::from(metrics_text.clone().into_bytes()),
-            )?;
-            last_saved = done;
-        }
-        if stopping {
-            tracing::warn!(
-                step = done,
-                "stop requested: checkpointed, exiting; rerun the same command to resume"
-            );
-            summary.interrupted = true;
-            break;
-        }
-    }
-    drop(loader);
-    if let Some(bar) = bar {
-        bar.finish();
-    }
-    if let Some(w) = writer {
-        w.finish()?;
-    }
-    summary.checkpoint = out.describe(&checkpoint::folder(last_saved));
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
-}
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            &StorageUri::parse(dir.path().to_str().unwrap()).unwrap(),
+            true,
+        )
+        .unwrap();
 
-/// Whether any rank was asked to stop (SIGTERM on one pod, a cancel reaching ranks at different
-/// moments): one one-element all-reduce per step, so that every rank stops after the same step
-/// and rank 0's checkpoint is the state of all of them.
-fn agree_stop(collective: &mut dyn Collective, local: bool, device: Device) -> Result<bool> {
-    if collective.world_size() == 1 {
-        return Ok(local);
-    }
-    let mut flag = tch::Tensor::from_slice(&[if local { 1.0f32 } else { 0.0 }]).to_device(device);
-    collective.all_reduce_sum(&mut flag)?;
-    Ok(flag.double_value(&[0]) > 0.0)
-}
-
-/// Diagnostic switch: when this environment variable names a folder, every rank appends
-/// `step digest` lines (a 64-bit FNV-1a hash of the student's parameter bits after the step) to
-/// `rank-<r>.txt` there, so that tests and operators can check that ranks hold bit-identical
-/// parameters. Costs one host copy of the parameters per step; off by default.
-pub const PARAM_DIGESTS_ENV: &str = "ENDOFM_PARAM_DIGESTS";
-
-fn append_digest(dir: &Path, rank: usize, step: usize, params: &tch::Tensor) {
-    use std::io::Write;
-    let values: Vec<f32> = match Vec::<f32>::try_from(
-        params
-            .detach()
-            .to_device(Device::Cpu)
-            .to_kind(tch::Kind::Float)
-            .flatten(0, -1),
-    ) {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::warn!(error = %e, "parameter digest skipped");
-            return;
+        let mut straight = SslTrainer::new(&small(), &cfg, Device::Cpu, 3, 1).unwrap();
+        straight.set_two_threads(two_threads).unwrap();
+        for step in 0..6 {
+            straight.step(&views(step), step, &mut Solo).unwrap();
         }
-    };
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in values {
-        for b in v.to_bits().to_le_bytes() {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
+
+        let mut first = SslTrainer::new(&small(), &cfg, Device::Cpu, 3, 1).unwrap();
+        first.set_two_threads(two_threads).unwrap();
+        let mut writer = Writer::new(store.clone(), 2);
+        for step in 0..4 {
+            first.step(&views(step), step, &mut Solo).unwrap();
+            writer.save(&first, manifest(&first, step + 1)).unwrap();
         }
-    }
-    let path = dir.join(format!("rank-{rank}.txt"));
-    let written = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .and_then(|mut f| writeln!(f, "{step} {hash:016x}"));
-    if let Err(e) = written {
-        tracing::warn!(path = %path.display(), error = %e, "cannot write the parameter digest");
-    }
-}
+        writer.finish().unwrap();
+        drop(first);
+        assert_eq!(committed(&store).unwrap(), vec![3, 4], "keeps the newest two");
 
-/// A flag set by SIGTERM and SIGINT (Kubernetes eviction, Ctrl-C): the run checkpoints at the
-/// next step boundary and returns. A second signal of the same kind is left to the default
-/// action only after the flag is set, so an impatient Ctrl-C still ends the process.
-pub fn stop_on_signals() -> Result<Arc<AtomicBool>> {
-    let flag = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&flag))
-            .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&flag)))
-            .map_err(|e| Error::Input {
-                name: "signals".into(),
-                reason: format!("cannot install the signal handler: {e}"),
-            })?;
+        let m = latest(&store).unwrap().unwrap();
+        assert_eq!(m.step, 4);
+        assert_eq!(m.field::<PretrainConfig>("train").unwrap(), cfg);
+        let mut resumed = SslTrainer::new(&small(), &cfg, Device::Cpu, 3, 1).unwrap();
+        resumed.set_two_threads(two_threads).unwrap();
+        restore(&store, &m, &mut resumed).unwrap();
+        for step in m.step..6 {
+            resumed.step(&views(step), step, &mut Solo).unwrap();
+        }
+        assert!(
+            resumed.student_flat().buffer().equal(straight.student_flat().buffer()),
+            "student differs"
+        );
+        assert!(
+            resumed.teacher_flat().buffer().equal(straight.teacher_flat().buffer()),
+            "teacher differs"
+        );
+        assert!(resumed.objective().center().equal(straight.objective().center()));
     }
-    Ok(flag)
-}
-
-/// Whether to draw a progress bar by default (stderr is a terminal).
-pub fn progress_default() -> bool {
-    std::io::stderr().is_terminal()
 }

@@ -3,6 +3,8 @@
 //! `train_step.safetensors`). Errors are measured relative to the reference's largest magnitude:
 //! `max |ours − ref| / max |ref|`, per tensor.
 
+pub mod downstream;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

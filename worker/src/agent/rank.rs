@@ -1,8 +1,9 @@
 //! The rank process (`endofm-worker rank`, started by the agent, one per assigned rank): reads
 //! its assignment, builds the run exactly like `pretrain` does from the job spec, meets the other
 //! ranks of its attempt through the coordinator's rendezvous (a stale generation is refused there
-//! and ends the rank with a failure, never a join), trains with [`pretrain::run`], and prints a
-//! JSON line on stdout after every step and every committed checkpoint. It exits at once when its
+//! and ends the rank with a failure, never a join), runs the job's kind ([`pretrain::run`],
+//! [`finetune::run`], [`finetune::evaluate`]), and prints a JSON line on stdout after every step
+//! and every committed checkpoint, and (rank 0) a result line with the headline metric. It exits at once when its
 //! stdin reaches EOF (the agent died), and checkpoints and exits 0 on SIGTERM.
 
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
@@ -12,13 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use endofm_proto::v1;
-use endofm_shared::{DeviceKind, JobSpec, StorageUri};
+use endofm_shared::{DeviceKind, JobKind, JobSpec, StorageUri};
 use tch::{Device, Tensor};
 
 use super::client::{self, Client};
 use super::protocol::{AssignmentFile, ProgressLine, RankLine};
 use crate::collective::ring::{RingCollective, RingConfig};
 use crate::collective::{Collective, Solo};
+use crate::datasets::Split;
+use crate::finetune::{self, EvaluateJob, FinetuneJob, Outcome};
 use crate::pretrain::{self, InitSource, MetricsLine, PretrainJob, RunObserver};
 use crate::{Error, Result};
 
@@ -53,6 +56,95 @@ pub fn read_assignment(path: &Path) -> Result<(AssignmentFile, JobSpec)> {
     Ok((a, spec))
 }
 
+/// The device an assignment names.
+fn device_of(a: &AssignmentFile) -> Result<Device> {
+    match DeviceKind::parse(&a.device_kind) {
+        Some(DeviceKind::Cpu) => Ok(Device::Cpu),
+        Some(DeviceKind::Cuda) => Ok(Device::Cuda(a.device_index as usize)),
+        None => Err(Error::Service {
+            what: "assignment".into(),
+            reason: format!("unknown device kind `{}`", a.device_kind),
+        }),
+    }
+}
+
+/// The fine-tuning run of one rank, built from a `finetune` job spec (`init` already resolved
+/// by the coordinator to a checkpoint location).
+pub fn finetune_job_for(
+    a: &AssignmentFile,
+    spec: &JobSpec,
+    stop: Arc<AtomicBool>,
+    observer: Option<Arc<dyn RunObserver>>,
+) -> Result<FinetuneJob> {
+    let device = device_of(a)?;
+    let task = spec.task.ok_or_else(|| Error::Service {
+        what: "job spec".into(),
+        reason: "a finetune job without a task".into(),
+    })?;
+    Ok(FinetuneJob {
+        task,
+        data: StorageUri::parse(&spec.data.uri)?,
+        out: StorageUri::parse(&spec.output)?,
+        preset: spec
+            .model
+            .config
+            .is_none()
+            .then(|| spec.model.preset.clone()),
+        model: spec.model.resolve()?,
+        cfg: spec.finetune.clone(),
+        init: spec
+            .init
+            .as_deref()
+            .map(InitSource::parse_uri)
+            .transpose()?,
+        max_steps: spec.max_steps,
+        device,
+        data_threads: spec.data.threads,
+        progress: false,
+        stop,
+        observer,
+    })
+}
+
+/// The evaluation of one rank, built from an `evaluate` job spec (`init`: the model, resolved).
+pub fn evaluate_job_for(a: &AssignmentFile, spec: &JobSpec) -> Result<EvaluateJob> {
+    let missing = |what: &str| Error::Service {
+        what: "job spec".into(),
+        reason: format!("an evaluate job without {what}"),
+    };
+    Ok(EvaluateJob {
+        task: spec.task.ok_or_else(|| missing("a task"))?,
+        weights: spec
+            .init
+            .clone()
+            .ok_or_else(|| missing("init (the model)"))?,
+        model: Some(spec.model.resolve()?),
+        overrides: None,
+        data: StorageUri::parse(&spec.data.uri)?,
+        split: Split::parse(spec.split.as_deref().unwrap_or("test"))?,
+        out: StorageUri::parse(&spec.output)?,
+        device: device_of(a)?,
+        data_threads: spec.data.threads,
+    })
+}
+
+/// Prints the result line rank 0 reports at the end of a fine-tuning or evaluation job.
+fn report_result(rank: u32, outcome: &Outcome) {
+    if rank != 0 {
+        return;
+    }
+    let Some((headline, value)) = outcome.headline.clone() else {
+        return;
+    };
+    let line = RankLine::Result {
+        headline,
+        value,
+        metrics: outcome.metrics.clone(),
+        report: outcome.report.clone(),
+    };
+    println!("{}", line.to_json());
+}
+
 /// The run of one rank, built from the job spec the way `pretrain` builds it from flags.
 pub fn job_for(
     a: &AssignmentFile,
@@ -66,16 +158,7 @@ pub fn job_for(
             reason: format!("rank {} of world {}", a.rank, a.world_size),
         });
     }
-    let device = match DeviceKind::parse(&a.device_kind) {
-        Some(DeviceKind::Cpu) => Device::Cpu,
-        Some(DeviceKind::Cuda) => Device::Cuda(a.device_index as usize),
-        None => {
-            return Err(Error::Service {
-                what: "assignment".into(),
-                reason: format!("unknown device kind `{}`", a.device_kind),
-            });
-        }
-    };
+    let device = device_of(a)?;
     let model = spec.model.resolve()?;
     let mut views = pretrain::views_for(&model);
     if let Some(sizes) = &spec.views {
@@ -102,7 +185,7 @@ pub fn job_for(
         init: spec
             .init
             .as_deref()
-            .map(|p| InitSource::parse(Path::new(p)))
+            .map(InitSource::parse_uri)
             .transpose()?,
         device,
         data_threads: spec.data.threads,
@@ -176,13 +259,13 @@ impl RunObserver for StdoutObserver {
         let smooth = ema.map_or(line.step_s, |e| 0.8 * e + 0.2 * line.step_s);
         *last = (secs, bytes, Some(smooth));
         drop(last);
-        let done = line.stats.step + 1;
+        let done = line.step + 1;
         let p = ProgressLine {
             step: done as u64,
             total_steps: end_step as u64,
-            epoch: u32::try_from(line.stats.epoch).unwrap_or(u32::MAX),
-            loss: line.stats.loss,
-            lr: line.stats.lr,
+            epoch: u32::try_from(line.epoch).unwrap_or(u32::MAX),
+            loss: line.loss,
+            lr: line.lr,
             samples_per_s: line.samples_per_s,
             data_wait_s: line.data_wait_s,
             step_s: line.step_s,
@@ -421,7 +504,7 @@ pub fn run(cfg: RankConfig) -> Result<()> {
         stats: Arc::clone(&stats),
         last: Mutex::new((0.0, 0, None)),
     });
-    let job = job_for(&a, &spec, Arc::clone(&stop), Some(observer))?;
+    let device = device_of(&a)?;
     let timeout = Duration::from_secs_f64(spec.collective_timeout_s);
     let inner: Box<dyn Collective> = if a.world_size == 1 {
         Box::new(Solo)
@@ -444,14 +527,35 @@ pub fn run(cfg: RankConfig) -> Result<()> {
             deadline: Instant::now() + timeout,
             stop: Arc::clone(&stop),
         };
-        match job.device {
+        match device {
             Device::Cpu => ring_collective(&mut rdv, &a, &cfg.advertise_host, timeout)?,
             _ => cuda_collective(&mut rdv, &a, timeout)?,
         }
     };
     let mut collective = Timed::new(inner, stats);
-    tracing::info!(threads, device = ?job.device, "training");
-    let summary = pretrain::run(&job, &mut collective)?;
+    tracing::info!(threads, ?device, kind = spec.kind.name(), "training");
+    let summary = match spec.kind {
+        JobKind::Pretrain => {
+            let job = job_for(&a, &spec, Arc::clone(&stop), Some(observer))?;
+            pretrain::run(&job, &mut collective)?
+        }
+        JobKind::Finetune => {
+            let job = finetune_job_for(&a, &spec, Arc::clone(&stop), Some(observer))?;
+            let outcome = finetune::run(&job, &mut collective)?;
+            report_result(a.rank, &outcome);
+            outcome.run.ok_or_else(|| Error::Service {
+                what: "fine-tuning".into(),
+                reason: "ended without a run summary".into(),
+            })?
+        }
+        JobKind::Evaluate => {
+            let job = evaluate_job_for(&a, &spec)?;
+            let outcome = finetune::evaluate(&job, &mut collective)?;
+            report_result(a.rank, &outcome);
+            tracing::info!(report = %outcome.report, "evaluation finished");
+            return Ok(());
+        }
+    };
     tracing::info!(
         steps = summary.steps,
         interrupted = summary.interrupted,

@@ -21,7 +21,7 @@ use tch::Tensor;
 
 use endofm_shared::StorageUri;
 
-use crate::checkpoint::CorpusFingerprint;
+use crate::data::CorpusFingerprint;
 use crate::data::{ClipShape, DrawKey, Frames, ViewConfig, ViewPlan, render};
 use crate::store::Store;
 use crate::video::{Clip, FrameFolder};

@@ -1,0 +1,289 @@
+//! `endofm-worker finetune | evaluate | predict`: the downstream commands.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde_json::json;
+
+use endofm_shared::{InitFrom, ModelConfig, Preset, StorageUri, TaskKind};
+
+use super::{parse_device, print_json};
+use crate::datasets::Split;
+use crate::finetune::{self, EvaluateJob, FinetuneJob, FinetuneRunConfig};
+use crate::init::InitSource;
+
+/// `finetune` arguments.
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    /// The downstream task: classify (segment and detect come later).
+    #[arg(long, default_value = "classify")]
+    pub task: String,
+    /// Dataset root in the task's published layout (a path or URI), e.g. a PolypDiag folder
+    /// with videos/ and splits/{train,val,test}.txt.
+    #[arg(long)]
+    pub data: String,
+    /// Output location (checkpoints, best/, metrics.jsonl, report.json, plots/); rerunning the
+    /// same command resumes from its newest checkpoint.
+    #[arg(long)]
+    pub out: String,
+    /// Initial weights: a pre-training output's checkpoint folder, an imported or published
+    /// checkpoint (.pth), a safetensors file, locally or in object storage; default random.
+    #[arg(long)]
+    pub init: Option<String>,
+    /// Which network of a pre-training checkpoint initialises the backbone.
+    #[arg(long, value_parser = ["teacher", "student"])]
+    pub init_from: Option<String>,
+    /// Backbone preset (vit_b, tiny) when --config has no model section.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Run configuration (JSON): {"model": {...}, "finetune": {...}} over the defaults.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Epochs (overrides the configuration).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Videos per step (overrides the configuration).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Base learning rate at batch 256 (overrides the configuration).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed (overrides the configuration).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop after this many steps in total (the schedule still spans every epoch).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// libtorch intra-op threads.
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// Decode/augment threads (default: the machine's cores).
+    #[arg(long)]
+    pub data_threads: Option<usize>,
+    /// Progress bar: auto (on a terminal), always, never.
+    #[arg(long, default_value = "auto")]
+    pub progress: String,
+}
+
+/// `evaluate` arguments.
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    /// The downstream task.
+    #[arg(long, default_value = "classify")]
+    pub task: String,
+    /// The fine-tuned model: a fine-tuning output location (its best/), a folder with
+    /// model.safetensors (+ info.json), or a .safetensors file (then --preset/--config).
+    #[arg(long)]
+    pub weights: String,
+    /// Dataset root.
+    #[arg(long)]
+    pub data: String,
+    /// Split to score: train, val or test.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Where report.json and plots go (default: ./evaluation-<split>).
+    #[arg(long)]
+    pub out: Option<String>,
+    /// Backbone preset when the weights do not say.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Model configuration file when the weights do not say.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Device.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// libtorch intra-op threads.
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// Decode threads.
+    #[arg(long)]
+    pub data_threads: Option<usize>,
+}
+
+/// `predict` arguments.
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// The downstream task.
+    #[arg(long, default_value = "classify")]
+    pub task: String,
+    /// The fine-tuned model (as for `evaluate`).
+    #[arg(long)]
+    pub weights: String,
+    /// A video file or frame folder, local or a URI.
+    #[arg(long)]
+    pub video: String,
+    /// One probability per consecutive time window, as JSON lines.
+    #[arg(long)]
+    pub window: bool,
+    /// Backbone preset when the weights do not say.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Model configuration file when the weights do not say.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Device.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// libtorch intra-op threads.
+    #[arg(long)]
+    pub threads: Option<i32>,
+}
+
+fn task_of(text: &str) -> anyhow::Result<TaskKind> {
+    let task = TaskKind::parse(text)?;
+    if !task.implemented() {
+        bail!("--task {task}: not implemented in this version (classify is)");
+    }
+    Ok(task)
+}
+
+fn threads(n: Option<i32>) -> anyhow::Result<()> {
+    if let Some(n) = n {
+        if n < 1 {
+            bail!("--threads must be at least 1, got {n}");
+        }
+        tch::set_num_threads(n);
+    }
+    Ok(())
+}
+
+fn model_of(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result<Option<ModelConfig>> {
+    Ok(match (preset, config) {
+        (Some(_), Some(_)) => bail!("give --preset or --config, not both"),
+        (Some(p), None) => Some(p.parse::<Preset>()?.config()),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading model configuration {}", path.display()))?;
+            Some(ModelConfig::from_json_str(&text, &path.display().to_string())?)
+        }
+        (None, None) => None,
+    })
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Builds the fine-tuning run from flags, configuration file and defaults.
+pub fn finetune_job(args: &FinetuneArgs) -> anyhow::Result<FinetuneJob> {
+    let task = task_of(&args.task)?;
+    let mut run: FinetuneRunConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading run configuration {}", path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("invalid run configuration {}", path.display()))?
+        }
+        None => FinetuneRunConfig::default(),
+    };
+    let model = match (&args.preset, run.model.take()) {
+        (Some(_), Some(_)) => bail!("give the model either with --preset or in --config, not both"),
+        (Some(name), None) => name.parse::<Preset>()?.config(),
+        (None, Some(m)) => m,
+        (None, None) => bail!("give --preset (vit_b, tiny) or a \"model\" section in --config"),
+    };
+    model.validate()?;
+    let mut over = match run.finetune.take() {
+        Some(serde_json::Value::Object(m)) => m,
+        Some(_) => bail!("the \"finetune\" section of --config must be an object"),
+        None => serde_json::Map::new(),
+    };
+    for (key, value) in [
+        ("epochs", args.epochs.map(|v| json!(v))),
+        ("batch_per_rank", args.batch.map(|v| json!(v))),
+        ("lr", args.lr.map(|v| json!(v))),
+        ("seed", args.seed.map(|v| json!(v))),
+        ("init_from", args.init_from.as_ref().map(|v| json!(v))),
+    ] {
+        if let Some(v) = value {
+            over.insert(key.into(), v);
+        }
+    }
+    let cfg = finetune::finetune_config(&model, Some(&serde_json::Value::Object(over)))?;
+    debug_assert!(matches!(cfg.init_from, InitFrom::Teacher | InitFrom::Student));
+    let device = parse_device(&args.device)?;
+    threads(args.threads)?;
+    let progress = match args.progress.as_str() {
+        "auto" => crate::run::progress_default(),
+        "always" => true,
+        "never" => false,
+        other => bail!("unknown --progress `{other}` (auto, always, never)"),
+    };
+    Ok(FinetuneJob {
+        task,
+        data: StorageUri::parse(&args.data).context("--data")?,
+        out: StorageUri::parse(&args.out).context("--out")?,
+        preset: args.preset.clone(),
+        model,
+        cfg,
+        init: args.init.as_deref().map(InitSource::parse_uri).transpose()?,
+        max_steps: args.max_steps,
+        device,
+        data_threads: args.data_threads.unwrap_or_else(cores).max(1),
+        progress,
+        stop: crate::run::stop_on_signals()?,
+        observer: None,
+    })
+}
+
+/// Runs `finetune`.
+pub fn run_finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
+    let job = finetune_job(args)?;
+    let outcome = finetune::run(&job, &mut crate::collective::Solo)?;
+    if !outcome.report.is_empty() {
+        eprintln!("report: {}", outcome.report);
+    }
+    print_json(&serde_json::to_value(&outcome)?);
+    Ok(())
+}
+
+/// Runs `evaluate`.
+pub fn run_evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
+    let task = task_of(&args.task)?;
+    let split = Split::parse(&args.split)?;
+    let device = parse_device(&args.device)?;
+    threads(args.threads)?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| format!("evaluation-{}", split.name()));
+    let job = EvaluateJob {
+        task,
+        weights: args.weights.clone(),
+        model: model_of(args.preset.as_deref(), args.config.as_ref())?,
+        overrides: None,
+        data: StorageUri::parse(&args.data).context("--data")?,
+        split,
+        out: StorageUri::parse(&out).context("--out")?,
+        device,
+        data_threads: args.data_threads.unwrap_or_else(cores).max(1),
+    };
+    let outcome = finetune::evaluate(&job, &mut crate::collective::Solo)?;
+    eprintln!("report: {}", outcome.report);
+    print_json(&serde_json::to_value(&outcome)?);
+    Ok(())
+}
+
+/// Runs `predict`: one JSON object, or with --window one JSON line per window.
+pub fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
+    task_of(&args.task)?;
+    let device = parse_device(&args.device)?;
+    threads(args.threads)?;
+    let model = model_of(args.preset.as_deref(), args.config.as_ref())?;
+    let predictions = finetune::classify::predict(
+        &args.weights,
+        model.as_ref(),
+        &args.video,
+        args.window,
+        device,
+    )?;
+    for p in &predictions {
+        print_json(&serde_json::to_value(p)?);
+    }
+    Ok(())
+}

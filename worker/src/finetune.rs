@@ -1,0 +1,415 @@
+//! Fine-tuning, evaluation and prediction on the downstream tasks, as tasks of the run machinery
+//! ([`crate::run`]). A fine-tuning run: validate the configuration and the dataset (every split
+//! it will read, before any work), initialise the backbone (from a pre-training checkpoint's
+//! teacher or student, an imported published checkpoint, or randomly), [`crate::run::drive`] the
+//! task with validation and model selection at epoch ends, then score the model chosen on the
+//! validation split on every split once and write `report.json` with its plots.
+//!
+//! Output location layout: `config.json` (resolved), `metrics.jsonl` (steps and epoch ends),
+//! `checkpoints/step-N/` (`model.safetensors`, `optimizer.safetensors`, `manifest.json`),
+//! `best/` (`model.safetensors` and `info.json`: the model chosen on validation),
+//! `report.json` and `plots/*.png`.
+
+pub mod classify;
+pub mod sgd;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use endofm_shared::{FinetuneConfig, InitFrom, ModelConfig, StorageUri, TaskKind};
+
+use crate::init::InitSource;
+use crate::model::{LoadMode, weights};
+use crate::run::{RunObserver, Summary};
+use crate::store::Store;
+use crate::{Error, Result};
+
+/// Folder of the model chosen on validation, below a fine-tuning output location.
+pub const BEST: &str = "best";
+
+/// The configuration file of a fine-tuning run (`--config`): every section optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneRunConfig {
+    /// The backbone (default: the preset's).
+    #[serde(default)]
+    pub model: Option<ModelConfig>,
+    /// Fine-tuning hyper-parameters over the defaults (sized for the model's input when the
+    /// section does not give `crop`).
+    #[serde(default)]
+    pub finetune: Option<serde_json::Value>,
+}
+
+/// The fine-tuning defaults for `model`, with the fields of `overrides` (a JSON object of
+/// [`FinetuneConfig`] fields) laid over them. Sizes follow the model's input size unless
+/// `overrides` gives `crop`. The result is validated.
+pub fn finetune_config(model: &ModelConfig, overrides: Option<&serde_json::Value>) -> Result<FinetuneConfig> {
+    let base = FinetuneConfig::default().sized_for(model.img_size);
+    let mut value = serde_json::to_value(&base).map_err(|e| Error::Input {
+        name: "finetune".into(),
+        reason: e.to_string(),
+    })?;
+    if let Some(over) = overrides {
+        let serde_json::Value::Object(over) = over else {
+            return Err(Error::Input {
+                name: "finetune".into(),
+                reason: "expected an object of fine-tuning settings".into(),
+            });
+        };
+        if let serde_json::Value::Object(map) = &mut value {
+            for (k, v) in over {
+                map.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Ok(FinetuneConfig::from_json_str(&value.to_string(), "finetune settings")?)
+}
+
+/// Everything a fine-tuning run needs.
+#[derive(Debug, Clone)]
+pub struct FinetuneJob {
+    /// The downstream task.
+    pub task: TaskKind,
+    /// Dataset root (published layout of the task).
+    pub data: StorageUri,
+    /// Output location.
+    pub out: StorageUri,
+    /// Name of the preset the backbone came from, for the record.
+    pub preset: Option<String>,
+    /// The backbone (its drop-path rate is replaced by the fine-tuning one).
+    pub model: ModelConfig,
+    /// Hyper-parameters.
+    pub cfg: FinetuneConfig,
+    /// Initial weights; `None` = random backbone.
+    pub init: Option<InitSource>,
+    /// Stop after this many steps in total (the schedule still spans every epoch).
+    pub max_steps: Option<usize>,
+    /// Device.
+    pub device: Device,
+    /// Decode/augment threads.
+    pub data_threads: usize,
+    /// Draw a progress bar.
+    pub progress: bool,
+    /// Set (by a signal handler) to stop at the next step with a checkpoint.
+    pub stop: Arc<AtomicBool>,
+    /// Told about every step and checkpoint.
+    pub observer: Option<Arc<dyn RunObserver>>,
+}
+
+/// What a fine-tuning or evaluation run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// The training loop's summary (fine-tuning only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<Summary>,
+    /// Where `report.json` is (empty when no report was written: interrupted, or stopped before
+    /// any validation).
+    pub report: String,
+    /// The headline metric (e.g. `test_f1`) and its value.
+    pub headline: Option<(String, f64)>,
+    /// Every scalar metric of the report, `split_metric`.
+    pub metrics: std::collections::BTreeMap<String, f64>,
+}
+
+/// Runs (or resumes) fine-tuning on this rank.
+pub fn run(job: &FinetuneJob, collective: &mut dyn crate::collective::Collective) -> Result<Outcome> {
+    match job.task {
+        TaskKind::Classify => classify::finetune(job, collective),
+        other => Err(not_implemented(other)),
+    }
+}
+
+/// The error for a task this build cannot run.
+pub fn not_implemented(task: TaskKind) -> Error {
+    Error::Input {
+        name: "task".into(),
+        reason: format!("`{task}` is not implemented in this version (classify is)"),
+    }
+}
+
+/// The backbone's parameters out of a pre-training checkpoint network (`backbone.*` keys of the
+/// student or teacher), for the fine-tuning model's variable store. Every backbone key must be
+/// present with its shape, except position/time tables of another size, which are resized the
+/// reference's way (nearest) and logged; anything else is an error naming the key and both
+/// shapes. Non-backbone keys (the DINO head) are ignored.
+pub fn backbone_from(
+    vs: &tch::nn::VarStore,
+    tensors: std::collections::BTreeMap<String, Tensor>,
+    origin: &Path,
+) -> Result<()> {
+    let mut picked = std::collections::BTreeMap::new();
+    let vars = vs.variables();
+    for (key, t) in tensors {
+        let key = key.strip_prefix("module.").unwrap_or(&key).to_string();
+        if !key.starts_with("backbone.") {
+            continue;
+        }
+        let Some(var) = vars.get(&key) else {
+            return Err(Error::UnexpectedKey {
+                path: origin.to_path_buf(),
+                key,
+                found: t.size(),
+            });
+        };
+        let t = adapt_table(&key, t, &var.size(), origin)?;
+        picked.insert(key, t);
+    }
+    let backbone_keys = vars.keys().filter(|k| k.starts_with("backbone.")).count();
+    if picked.is_empty() {
+        return Err(Error::Input {
+            name: "--init".into(),
+            reason: format!(
+                "{} holds no `backbone.*` parameter (is it an Endo-FM checkpoint?)",
+                origin.display()
+            ),
+        });
+    }
+    if picked.len() != backbone_keys {
+        let missing: Vec<&String> = vars
+            .keys()
+            .filter(|k| k.starts_with("backbone.") && !picked.contains_key(*k))
+            .collect();
+        return Err(Error::MissingKey {
+            path: origin.to_path_buf(),
+            key: missing.first().map(|k| (*k).clone()).unwrap_or_default(),
+            expected: missing
+                .first()
+                .and_then(|k| vars.get(*k))
+                .map(Tensor::size)
+                .unwrap_or_default(),
+        });
+    }
+    weights::load_tensors(vs, picked, origin, LoadMode::Partial)?;
+    Ok(())
+}
+
+/// Resizes a position (`backbone.pos_embed`, (1, 1 + g², D)) or time (`backbone.time_embed`,
+/// (1, T, D)) table of another size to `want` with nearest interpolation (the reference's
+/// resizing at load and at run time), CLS entry untouched; any other key must match exactly.
+fn adapt_table(key: &str, t: Tensor, want: &[i64], origin: &Path) -> Result<Tensor> {
+    let have = t.size();
+    if have == want {
+        return Ok(t);
+    }
+    let mismatch = || Error::ShapeMismatch {
+        path: origin.to_path_buf(),
+        key: key.to_string(),
+        expected: want.to_vec(),
+        found: have.clone(),
+    };
+    if have.len() != 3 || want.len() != 3 || have[0] != 1 || have[2] != want[2] {
+        return Err(mismatch());
+    }
+    let d = want[2];
+    let resized = match key {
+        "backbone.time_embed" => t
+            .transpose(1, 2)
+            .upsample_nearest1d([want[1]], None)
+            .transpose(1, 2),
+        "backbone.pos_embed" => {
+            let side_have = ((have[1] - 1) as f64).sqrt().round() as i64;
+            let side_want = ((want[1] - 1) as f64).sqrt().round() as i64;
+            if side_have * side_have != have[1] - 1 || side_want * side_want != want[1] - 1 {
+                return Err(mismatch());
+            }
+            let grid = t
+                .narrow(1, 1, have[1] - 1)
+                .transpose(1, 2)
+                .reshape([1, d, side_have, side_have])
+                .upsample_nearest2d([side_want, side_want], None, None)
+                .flatten(2, 3)
+                .transpose(1, 2);
+            Tensor::cat(&[t.narrow(1, 0, 1), grid], 1)
+        }
+        _ => return Err(mismatch()),
+    };
+    tracing::info!(key, from = ?have, to = ?want, "table resized (nearest) to the network's size");
+    Ok(resized)
+}
+
+/// Loads the backbone of a fine-tuning model from an initialisation source: a pre-training
+/// checkpoint folder (ours or imported: the `teacher` or `student` network per `from`), a
+/// fine-tuned folder (`model.safetensors`: its backbone), one safetensors file, or a PyTorch
+/// checkpoint (converted first). Returns a description for the report.
+pub fn load_backbone(vs: &tch::nn::VarStore, init: &InitSource, from: InitFrom) -> Result<String> {
+    let local = init.localise()?;
+    let describe = |p: &Path| format!("{} ({} network)", p.display(), from.name());
+    match &local.source {
+        InitSource::Folder(dir) => {
+            let wanted = dir.join(format!("{}.safetensors", from.name()));
+            let path = if wanted.is_file() {
+                wanted
+            } else if dir.join("model.safetensors").is_file() {
+                dir.join("model.safetensors")
+            } else {
+                return Err(Error::Input {
+                    name: "--init".into(),
+                    reason: format!(
+                        "{} has no {}.safetensors (--init-from {}) and no model.safetensors",
+                        dir.display(),
+                        from.name(),
+                        from.name()
+                    ),
+                });
+            };
+            backbone_from(vs, weights::read(&path)?, &path)?;
+            Ok(describe(&path))
+        }
+        InitSource::Weights(path) => {
+            backbone_from(vs, weights::read(path)?, path)?;
+            Ok(path.display().to_string())
+        }
+        InitSource::Pickle(path) => {
+            let tmp = tempfile::tempdir().map_err(|source| Error::Io {
+                action: "creating a temporary directory",
+                path: std::env::temp_dir(),
+                source,
+            })?;
+            crate::convert::import(&crate::convert::python(None), path, tmp.path(), false)?;
+            load_backbone(vs, &InitSource::Folder(tmp.path().to_path_buf()), from)?;
+            Ok(describe(path))
+        }
+        InitSource::Remote(_) => Err(Error::Input {
+            name: "--init".into(),
+            reason: "internal: remote source not localised".into(),
+        }),
+    }
+}
+
+/// What `best/info.json` (and a fine-tuned model folder in general) records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The task.
+    pub task: TaskKind,
+    /// The backbone configuration.
+    pub model: ModelConfig,
+    /// Number of classes (classification).
+    pub num_labels: usize,
+    /// The fine-tuning settings (sampling sizes are reused by evaluation and prediction).
+    pub finetune: FinetuneConfig,
+    /// The epoch chosen (0-based), when chosen by validation.
+    pub epoch: Option<usize>,
+    /// The validation metric it was chosen by, and its value.
+    pub selected_by: Option<(String, f64)>,
+}
+
+/// A fine-tuned model on local disk: its weights and what it is.
+#[derive(Debug)]
+pub struct LocalModel {
+    /// `model.safetensors`.
+    pub weights: PathBuf,
+    /// From `info.json`, or `None` (then the caller must say which network it is).
+    pub info: Option<ModelInfo>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// Finds a fine-tuned model: a fine-tuning output location (its `best/`), a folder with
+/// `model.safetensors` (+ `info.json`), or a `.safetensors` file; locally or in object storage.
+pub fn locate_model(text: &str) -> Result<LocalModel> {
+    let refuse = |reason: String| Error::Input {
+        name: "--weights".into(),
+        reason,
+    };
+    let uri = StorageUri::parse(text)?;
+    if text.ends_with(".safetensors") {
+        if let StorageUri::Local { path } = &uri {
+            if !path.is_file() {
+                return Err(refuse(format!("{} does not exist", path.display())));
+            }
+            return Ok(LocalModel {
+                weights: path.clone(),
+                info: None,
+                _tmp: None,
+            });
+        }
+    }
+    let tmp = tempfile::tempdir().map_err(|source| Error::Io {
+        action: "creating a temporary directory",
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let (store, prefix) = if text.ends_with(".safetensors") {
+        let (parent, name) = text.rsplit_once('/').unwrap_or((".", text));
+        let store = Store::open(&StorageUri::parse(parent)?, false)?;
+        let local = tmp.path().join("model.safetensors");
+        write(&local, &store.get(name)?)?;
+        return Ok(LocalModel {
+            weights: local,
+            info: None,
+            _tmp: Some(tmp),
+        });
+    } else {
+        let store = Store::open(&uri, false)?;
+        let prefix = if store.exists(&format!("{BEST}/model.safetensors"))? {
+            format!("{BEST}/")
+        } else if store.exists("model.safetensors")? {
+            String::new()
+        } else {
+            return Err(refuse(format!(
+                "{text} holds neither model.safetensors nor {BEST}/model.safetensors (a fine-tuning output location)"
+            )));
+        };
+        (store, prefix)
+    };
+    let weights_path = tmp.path().join("model.safetensors");
+    write(&weights_path, &store.get(&format!("{prefix}model.safetensors"))?)?;
+    let info_key = format!("{prefix}info.json");
+    let info = if store.exists(&info_key)? {
+        let bytes = store.get(&info_key)?;
+        Some(serde_json::from_slice(&bytes).map_err(|e| Error::Input {
+            name: store.describe(&info_key),
+            reason: format!("not a valid model description: {e}"),
+        })?)
+    } else {
+        None
+    };
+    Ok(LocalModel {
+        weights: weights_path,
+        info,
+        _tmp: Some(tmp),
+    })
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|source| Error::Io {
+        action: "writing",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// An evaluation of a fine-tuned model on one split.
+#[derive(Debug, Clone)]
+pub struct EvaluateJob {
+    /// The task.
+    pub task: TaskKind,
+    /// The model (`locate_model` text: output location, folder or file).
+    pub weights: String,
+    /// The backbone when the model folder does not say (`info.json` missing).
+    pub model: Option<ModelConfig>,
+    /// Sampling settings overrides (JSON object of [`FinetuneConfig`] fields).
+    pub overrides: Option<serde_json::Value>,
+    /// Dataset root.
+    pub data: StorageUri,
+    /// Split to score.
+    pub split: crate::datasets::Split,
+    /// Where `report.json` and plots go.
+    pub out: StorageUri,
+    /// Device.
+    pub device: Device,
+    /// Decode threads.
+    pub data_threads: usize,
+}
+
+/// Evaluates a fine-tuned model on one split (every rank scores its share; rank 0 writes the
+/// report).
+pub fn evaluate(job: &EvaluateJob, collective: &mut dyn crate::collective::Collective) -> Result<Outcome> {
+    match job.task {
+        TaskKind::Classify => classify::evaluate(job, collective),
+        other => Err(not_implemented(other)),
+    }
+}

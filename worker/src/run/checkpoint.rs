@@ -1,0 +1,480 @@
+//! Checkpoints of any run in object storage. A checkpoint is a folder
+//! `checkpoints/step-NNNNNNNNN/` holding the safetensors files the task snapshots (pre-training:
+//! `student.safetensors`, `teacher.safetensors`, `optimizer.safetensors`, `state.safetensors`;
+//! fine-tuning: `model.safetensors`, `optimizer.safetensors`), each under published key names,
+//! and `manifest.json`, written last: a checkpoint without its manifest does not exist.
+//! Snapshots are taken on the training thread (device → host copies) and written by a
+//! background thread, which also keeps only the newest K checkpoints.
+//!
+//! The manifest holds what every run has (step, epoch, schedule length, world size, the data's
+//! fingerprint, the backbone configuration) and, flattened beside them, the task's own fields
+//! (pre-training: `optimizer_steps`, `scaler`, `train`; fine-tuning: `task`, `finetune`, the
+//! validation history), so manifests written before this split still read.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Tensor};
+
+use endofm_shared::ModelConfig;
+
+use crate::data::CorpusFingerprint;
+use crate::model::weights;
+use crate::run::RunObserver;
+use crate::store::Store;
+use crate::{Error, Result};
+
+/// Folder of all checkpoints below an output location.
+pub const DIR: &str = "checkpoints";
+
+/// Everything besides tensors that a resumed run needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version.
+    pub version: u32,
+    /// Steps completed (the next step to run). Data cursor and every random draw derive from
+    /// it and the seed: epoch = step / iters_per_epoch, position = step % iters_per_epoch.
+    pub step: usize,
+    /// Epoch of the next step.
+    pub epoch: usize,
+    /// Steps per epoch of the run.
+    pub iters_per_epoch: usize,
+    /// Total steps of the run.
+    pub total_steps: usize,
+    /// Ranks of the run.
+    pub world_size: usize,
+    /// The data the run reads.
+    pub corpus: CorpusFingerprint,
+    /// Backbone configuration.
+    pub model: ModelConfig,
+    /// Files of the checkpoint and their sizes in bytes.
+    pub files: BTreeMap<String, u64>,
+    /// Unix time of writing (seconds).
+    pub created_unix: u64,
+    /// The task's own fields.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Manifest {
+    /// A task field, deserialised; a missing or malformed field is an error naming it.
+    pub fn field<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T> {
+        let value = self.extra.get(name).cloned().ok_or_else(|| Error::Storage {
+            uri: format!("checkpoint manifest (step {})", self.step),
+            reason: format!("has no `{name}` field"),
+        })?;
+        serde_json::from_value(value).map_err(|e| Error::Storage {
+            uri: format!("checkpoint manifest (step {})", self.step),
+            reason: format!("field `{name}`: {e}"),
+        })
+    }
+}
+
+/// Host copies of what a checkpoint stores: safetensors files (name → tensors) and the task's
+/// manifest fields.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// `(file name, tensors under their published keys)`, written in this order.
+    pub files: Vec<(String, BTreeMap<String, Tensor>)>,
+    /// The task's manifest fields.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A host copy of a tensor (detached, contiguous, CPU).
+pub fn host(t: &Tensor) -> Tensor {
+    t.detach().to_device(Device::Cpu).copy()
+}
+
+/// Host copies of every variable of a variable store.
+pub fn host_vars(vs: &tch::nn::VarStore) -> BTreeMap<String, Tensor> {
+    vs.variables()
+        .into_iter()
+        .map(|(k, v)| (k, host(&v)))
+        .collect()
+}
+
+/// State a run can checkpoint and restore.
+pub trait Checkpointable {
+    /// Host copies of everything the checkpoint stores.
+    fn snapshot(&self) -> Snapshot;
+    /// Restores from a committed checkpoint; a failure leaves no partial state that the run
+    /// would use (the run stops).
+    fn restore(&mut self, checkpoint: &Committed<'_>) -> Result<()>;
+}
+
+/// A committed checkpoint being read back.
+#[derive(Debug)]
+pub struct Committed<'a> {
+    store: &'a Store,
+    manifest: &'a Manifest,
+}
+
+impl<'a> Committed<'a> {
+    /// The checkpoint `manifest` describes, in `store`.
+    pub fn new(store: &'a Store, manifest: &'a Manifest) -> Self {
+        Self { store, manifest }
+    }
+
+    /// Its manifest.
+    pub fn manifest(&self) -> &Manifest {
+        self.manifest
+    }
+
+    /// Where a file of it is, for messages.
+    pub fn origin(&self, name: &str) -> PathBuf {
+        PathBuf::from(
+            self.store
+                .describe(&format!("{}/{name}", folder(self.manifest.step))),
+        )
+    }
+
+    /// Reads one safetensors file of it.
+    pub fn read(&self, name: &str) -> Result<BTreeMap<String, Tensor>> {
+        read_file(
+            self.store,
+            &format!("{}/{name}", folder(self.manifest.step)),
+        )
+    }
+}
+
+/// Name of the folder of the checkpoint taken after `step` steps.
+pub fn folder(step: usize) -> String {
+    format!("{DIR}/step-{step:09}")
+}
+
+/// Serialises tensors to safetensors bytes.
+pub fn encode(tensors: &BTreeMap<String, Tensor>) -> Result<Bytes> {
+    let tmp = tempfile::NamedTempFile::new().map_err(|source| Error::Io {
+        action: "creating a temporary file",
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    weights::write(tmp.path(), tensors)?;
+    let bytes = std::fs::read(tmp.path()).map_err(|source| Error::Io {
+        action: "reading back",
+        path: tmp.path().to_path_buf(),
+        source,
+    })?;
+    Ok(Bytes::from(bytes))
+}
+
+fn write_snapshot(store: &Store, snap: Snapshot, mut manifest: Manifest, keep: usize) -> Result<String> {
+    let dir = folder(manifest.step);
+    manifest.files.clear();
+    for (name, tensors) in &snap.files {
+        let bytes = encode(tensors)?;
+        manifest.files.insert(name.clone(), bytes.len() as u64);
+        store.put(&format!("{dir}/{name}"), bytes)?;
+    }
+    manifest.extra = snap.extra;
+    manifest.created_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Storage {
+        uri: store.describe(&dir),
+        reason: format!("serialising the manifest: {e}"),
+    })?;
+    store.put(&format!("{dir}/manifest.json"), Bytes::from(json))?;
+    prune(store, keep)?;
+    Ok(dir)
+}
+
+/// Steps of every committed checkpoint (those with a manifest), ascending.
+pub fn committed(store: &Store) -> Result<Vec<usize>> {
+    let mut steps: Vec<usize> = store
+        .list(DIR)?
+        .into_iter()
+        .filter_map(|l| {
+            let rest = l.key.strip_prefix(&format!("{DIR}/step-"))?;
+            let (step, file) = rest.split_once('/')?;
+            (file == "manifest.json")
+                .then(|| step.parse().ok())
+                .flatten()
+        })
+        .collect();
+    steps.sort_unstable();
+    Ok(steps)
+}
+
+/// Deletes all but the newest `keep` committed checkpoints (manifest first, so a half-deleted
+/// checkpoint is never mistaken for a committed one), and folders left without a manifest by
+/// an interrupted write older than the newest commit.
+fn prune(store: &Store, keep: usize) -> Result<()> {
+    let steps = committed(store)?;
+    let Some(&newest) = steps.last() else {
+        return Ok(());
+    };
+    let doomed: Vec<usize> = steps.iter().rev().skip(keep).copied().collect();
+    for step in &doomed {
+        store.delete(&format!("{}/manifest.json", folder(*step)))?;
+    }
+    for l in store.list(DIR)? {
+        let step = l
+            .key
+            .strip_prefix(&format!("{DIR}/step-"))
+            .and_then(|r| r.split_once('/'))
+            .and_then(|(s, _)| s.parse::<usize>().ok());
+        if let Some(step) = step
+            && (doomed.contains(&step) || (step < newest && !steps.contains(&step)))
+        {
+            store.delete(&l.key)?;
+        }
+    }
+    // Object stores have no folders; on disk, remove the emptied ones.
+    if let endofm_shared::StorageUri::Local { path } = store.uri() {
+        for step in doomed {
+            let _ = std::fs::remove_dir(path.join(folder(step)));
+        }
+    }
+    Ok(())
+}
+
+/// Reads the newest committed checkpoint's manifest.
+pub fn latest(store: &Store) -> Result<Option<Manifest>> {
+    let Some(step) = committed(store)?.last().copied() else {
+        return Ok(None);
+    };
+    let key = format!("{}/manifest.json", folder(step));
+    let bytes = store.get(&key)?;
+    let manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Storage {
+        uri: store.describe(&key),
+        reason: format!("not a valid manifest: {e}"),
+    })?;
+    Ok(Some(manifest))
+}
+
+/// Reads a safetensors object of a store.
+pub fn read_file(store: &Store, key: &str) -> Result<BTreeMap<String, Tensor>> {
+    let bytes = store.get(key)?;
+    let tmp = tempfile::NamedTempFile::new().map_err(|source| Error::Io {
+        action: "creating a temporary file",
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    std::fs::write(tmp.path(), &bytes).map_err(|source| Error::Io {
+        action: "writing",
+        path: tmp.path().to_path_buf(),
+        source,
+    })?;
+    weights::read(tmp.path()).map_err(|e| Error::Storage {
+        uri: store.describe(key),
+        reason: e.to_string(),
+    })
+}
+
+/// Restores `target` from the checkpoint `manifest` describes.
+pub fn restore(store: &Store, manifest: &Manifest, target: &mut dyn Checkpointable) -> Result<()> {
+    target.restore(&Committed::new(store, manifest))
+}
+
+type Job = (Box<Snapshot>, Manifest);
+
+/// Writes checkpoints on a background thread.
+pub struct Writer {
+    tx: Option<mpsc::SyncSender<Job>>,
+    done: mpsc::Receiver<Result<String>>,
+    handle: Option<JoinHandle<()>>,
+    pending: usize,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "checkpoint::Writer(pending {})", self.pending)
+    }
+}
+
+impl Writer {
+    /// Starts the writer for `store`, keeping `keep` checkpoints.
+    pub fn new(store: Store, keep: usize) -> Self {
+        Self::with_observer(store, keep, None)
+    }
+
+    /// Like [`Writer::new`], telling `observer` about every committed checkpoint (from the
+    /// writer's thread, after the manifest is written).
+    pub fn with_observer(
+        store: Store,
+        keep: usize,
+        observer: Option<Arc<dyn RunObserver>>,
+    ) -> Self {
+        // One snapshot in flight and one queued: the trainer waits rather than piling up copies.
+        let (tx, rx) = mpsc::sync_channel::<Job>(1);
+        let (done_tx, done) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || {
+                for (snap, manifest) in rx {
+                    let step = manifest.step;
+                    let started = std::time::Instant::now();
+                    let result = write_snapshot(&store, *snap, manifest, keep);
+                    match &result {
+                        Ok(dir) => {
+                            let uri = store.describe(dir);
+                            tracing::info!(step, dir = %uri, secs = started.elapsed().as_secs_f64(), "checkpoint committed");
+                            if let Some(observer) = &observer {
+                                observer.on_checkpoint(step, &uri);
+                            }
+                        }
+                        Err(e) => tracing::error!(step, error = %e, "checkpoint failed"),
+                    }
+                    if done_tx.send(result).is_err() {
+                        break;
+                    }
+                }
+            })
+            .ok();
+        Self {
+            tx: Some(tx),
+            done,
+            handle,
+            pending: 0,
+        }
+    }
+
+    /// Errors of finished writes; the first failure is returned.
+    fn collect(&mut self, block: bool) -> Result<()> {
+        while self.pending > 0 {
+            let r = if block {
+                self.done.recv().map_err(|_| Error::Storage {
+                    uri: "checkpoint writer".into(),
+                    reason: "the writer thread stopped".into(),
+                })?
+            } else {
+                match self.done.try_recv() {
+                    Ok(r) => r,
+                    Err(_) => return Ok(()),
+                }
+            };
+            self.pending -= 1;
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Snapshots `source` now and queues the write; returns an earlier write's error if any.
+    pub fn save(&mut self, source: &dyn Checkpointable, manifest: Manifest) -> Result<()> {
+        self.collect(false)?;
+        let snap = source.snapshot();
+        let tx = self.tx.as_ref().ok_or_else(|| Error::Storage {
+            uri: "checkpoint writer".into(),
+            reason: "closed".into(),
+        })?;
+        tx.send((Box::new(snap), manifest))
+            .map_err(|_| Error::Storage {
+                uri: "checkpoint writer".into(),
+                reason: "the writer thread stopped".into(),
+            })?;
+        self.pending += 1;
+        Ok(())
+    }
+
+    /// Waits for every queued write; returns the first error.
+    pub fn wait(&mut self) -> Result<()> {
+        self.collect(true)
+    }
+
+    /// Waits for every queued write and stops the thread; returns the first error.
+    pub fn finish(mut self) -> Result<()> {
+        let r = self.collect(true);
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        r
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use endofm_shared::StorageUri;
+
+    #[test]
+    fn a_folder_without_manifest_is_not_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            &StorageUri::parse(dir.path().to_str().unwrap()).unwrap(),
+            true,
+        )
+        .unwrap();
+        store
+            .put(
+                &format!("{}/student.safetensors", folder(7)),
+                Bytes::from_static(b"x"),
+            )
+            .unwrap();
+        assert!(latest(&store).unwrap().is_none());
+    }
+
+    #[derive(Debug)]
+    struct Counter(Tensor);
+
+    impl Checkpointable for Counter {
+        fn snapshot(&self) -> Snapshot {
+            let mut files = BTreeMap::new();
+            files.insert("x".to_string(), host(&self.0));
+            let mut extra = serde_json::Map::new();
+            extra.insert("note".into(), serde_json::json!("hello"));
+            Snapshot {
+                files: vec![("state.safetensors".into(), files)],
+                extra,
+            }
+        }
+        fn restore(&mut self, c: &Committed<'_>) -> Result<()> {
+            let f = c.read("state.safetensors")?;
+            self.0 = f["x"].shallow_clone();
+            assert_eq!(c.manifest().field::<String>("note")?, "hello");
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn task_fields_round_trip_and_old_checkpoints_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            &StorageUri::parse(dir.path().to_str().unwrap()).unwrap(),
+            true,
+        )
+        .unwrap();
+        let mut writer = Writer::new(store.clone(), 2);
+        for step in 1..=3 {
+            let c = Counter(Tensor::from_slice(&[step as f32]));
+            let manifest = Manifest {
+                version: 1,
+                step,
+                epoch: 0,
+                iters_per_epoch: 3,
+                total_steps: 3,
+                world_size: 1,
+                corpus: CorpusFingerprint::of(&[]),
+                model: crate::test_support::small_model(1),
+                files: BTreeMap::new(),
+                created_unix: 0,
+                extra: serde_json::Map::new(),
+            };
+            writer.save(&c, manifest).unwrap();
+        }
+        writer.finish().unwrap();
+        assert_eq!(committed(&store).unwrap(), vec![2, 3]);
+        let m = latest(&store).unwrap().unwrap();
+        assert!(m.files["state.safetensors"] > 0);
+        let mut c = Counter(Tensor::from_slice(&[0f32]));
+        restore(&store, &m, &mut c).unwrap();
+        assert_eq!(c.0.double_value(&[0]), 3.0);
+        assert!(m.field::<u64>("missing").unwrap_err().to_string().contains("missing"));
+    }
+}
