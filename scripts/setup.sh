@@ -23,7 +23,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 # prometheus: the server and promtool (the metrics and deploy tests run both).
 # curl: the tests' HTTP client (metrics scrapes, Prometheus queries). openssl: the TLS test
 # makes its certificates with it.
-debs=(binutils pkg-config libavcodec-dev libavformat-dev libavutil-dev libswscale-dev clang libclang-dev prometheus curl openssl)
+# fonts-dejavu-core: DejaVu Sans, the font report plots draw their text with (eval::plots).
+debs=(binutils pkg-config libavcodec-dev libavformat-dev libavutil-dev libswscale-dev clang libclang-dev prometheus curl openssl fonts-dejavu-core)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

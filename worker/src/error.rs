@@ -161,6 +161,23 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// Evaluation input that metrics cannot be computed from (`eval`): no samples, a class
+    /// outside the known ones, a score that is not a probability, masks of different sizes.
+    #[error("evaluation input {what}: {reason}")]
+    EvalInput {
+        /// The input ("label", "sample 3: logits", "masks", ...).
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A run report or one of its plots that cannot be made, written or read.
+    #[error("report {path}: {reason}")]
+    Report {
+        /// The report or plot file.
+        path: PathBuf,
+        /// What went wrong and, where it helps, what to do (e.g. install a font).
+        reason: String,
+    },
 }
 
 /// " rank R of W", or nothing before there is a communicator.
