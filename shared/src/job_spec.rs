@@ -265,6 +265,17 @@ pub struct JobSpec {
     pub finetune: FinetuneConfig,
 }
 
+/// Keys of a table as the document wrote them.
+type Keys = std::collections::BTreeSet<String>;
+
+/// What a document set in its hyper-parameter tables (defaults cannot tell "left out" from
+/// "set to the default").
+#[derive(Debug, Default)]
+struct Given {
+    train: Keys,
+    finetune: Keys,
+}
+
 /// The largest world size a spec may ask for.
 pub const MAX_WORLD_SIZE: u32 = 4096;
 
@@ -275,7 +286,15 @@ impl JobSpec {
             format: "TOML",
             message: e.to_string().trim().replace('\n', " "),
         })?;
-        spec.validated()
+        let doc = toml::from_str::<toml::Table>(text).ok();
+        let keys = |table: &str| match doc.as_ref().and_then(|d| d.get(table)) {
+            Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
+            _ => Keys::new(),
+        };
+        spec.validated(&Given {
+            train: keys("train"),
+            finetune: keys("finetune"),
+        })
     }
 
     /// Parses a JSON document (refusing unknown fields), fills defaults and validates.
@@ -284,7 +303,18 @@ impl JobSpec {
             format: "JSON",
             message: e.to_string(),
         })?;
-        spec.validated()
+        let doc = serde_json::from_str::<serde_json::Value>(text).ok();
+        let keys = |table: &str| {
+            doc.as_ref()
+                .and_then(|d| d.get(table))
+                .and_then(|t| t.as_object())
+                .map(|t| t.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        spec.validated(&Given {
+            train: keys("train"),
+            finetune: keys("finetune"),
+        })
     }
 
     /// Parses TOML, or JSON when the text is a JSON object.
@@ -296,15 +326,69 @@ impl JobSpec {
         }
     }
 
-    fn validated(mut self) -> Result<Self> {
+    /// Fills the defaults that depend on other fields, then validates. `given` are the keys the
+    /// document set in its hyper-parameter tables: setting the other kind's is refused even
+    /// when the values equal the defaults.
+    fn validated(mut self, given: &Given) -> Result<Self> {
         if self.name.trim().is_empty() {
             self.name = self.kind.name().to_string();
+        }
+        let foreign = match self.kind {
+            JobKind::Pretrain => given.finetune.iter().next().map(|k| ("finetune", k)),
+            JobKind::Finetune | JobKind::Evaluate => {
+                given.train.iter().next().map(|k| ("train", k))
+            }
+        };
+        if let Some((table, key)) = foreign {
+            let (owner, other) = if table == "train" {
+                ("pretrain", "[finetune]")
+            } else {
+                ("finetune and evaluate", "[train]")
+            };
+            return Err(Error::invalid(
+                format!("{table}.{key}"),
+                format!(
+                    "[{table}] is for {owner} jobs; a {} job takes its hyper-parameters from {other}",
+                    self.kind.name()
+                ),
+            ));
+        }
+        if self.kind.is_downstream()
+            && let Ok(model) = self.model.resolve()
+        {
+            self.size_finetune_for(model.img_size, &given.finetune);
         }
         if self.kind == JobKind::Evaluate && self.split.is_none() {
             self.split = Some(DEFAULT_EVAL_SPLIT.to_string());
         }
         self.validate()?;
         Ok(self)
+    }
+
+    /// Input sizes the document left out follow the network's input size in the published
+    /// proportions ([`FinetuneConfig::sized_for`]): crop 112 and short sides 128/160 for
+    /// `tiny`, the published 224/256/320 for `vit_b`.
+    fn size_finetune_for(&mut self, img_size: usize, given: &Keys) {
+        let sized = FinetuneConfig::default().sized_for(img_size);
+        let f = &mut self.finetune;
+        for (field, value, default) in [
+            ("crop", &mut f.crop, sized.crop),
+            (
+                "train_short_min",
+                &mut f.train_short_min,
+                sized.train_short_min,
+            ),
+            (
+                "train_short_max",
+                &mut f.train_short_max,
+                sized.train_short_max,
+            ),
+            ("test_short", &mut f.test_short, sized.test_short),
+        ] {
+            if !given.contains(field) {
+                *value = default;
+            }
+        }
     }
 
     /// The job whose last checkpoint `init` names (`init = "job:<id>"`), if any.
@@ -601,9 +685,19 @@ impl JobSpec {
         Ok(())
     }
 
-    /// The spec as JSON with every default filled in.
+    /// The spec as JSON with every default filled in, without the other kind's
+    /// hyper-parameter table (so that it parses back).
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        let foreign = if self.kind.is_downstream() {
+            "train"
+        } else {
+            "finetune"
+        };
+        if let Some(map) = value.as_object_mut() {
+            map.remove(foreign);
+        }
+        value.to_string()
     }
 }
 
@@ -766,6 +860,33 @@ device = "cpu"
         let again = JobSpec::from_json(&ft.to_json()).expect("round trip");
         assert_eq!(again, ft);
 
+        // Sizes left out follow the network (tiny: 112 px); sizes given are kept.
+        let f = &ft.finetune;
+        assert_eq!(
+            (f.crop, f.train_short_min, f.train_short_max, f.test_short),
+            (112, 128, 160, 128)
+        );
+        let cropped = JobSpec::from_toml(&format!("{FINETUNE}crop = 96\n")).expect("crop");
+        assert_eq!(
+            (cropped.finetune.crop, cropped.finetune.test_short),
+            (96, 128)
+        );
+        let vitb = JobSpec::from_toml(&FINETUNE.replace("\"tiny\"", "\"vit_b\"")).expect("vit_b");
+        assert_eq!(
+            (vitb.finetune.crop, vitb.finetune.train_short_max),
+            (224, 320)
+        );
+        let json = JobSpec::from_json(
+            &serde_json::json!({
+                "kind": "evaluate", "task": "classify", "init": "/w.safetensors",
+                "output": "/o", "data": {"uri": "/d"}, "model": {"preset": "tiny"},
+                "finetune": {"test_short": 150},
+            })
+            .to_string(),
+        )
+        .expect("json");
+        assert_eq!((json.finetune.crop, json.finetune.test_short), (112, 150));
+
         let ev = JobSpec::from_toml(EVALUATE).expect("evaluate");
         assert_eq!(
             ev.split.as_deref(),
@@ -816,12 +937,23 @@ device = "cpu"
             // Pre-training takes no task, split or [finetune].
             (format!("task = \"classify\"\n{MINIMAL}"), "task"),
             (format!("split = \"test\"\n{MINIMAL}"), "split"),
-            (format!("{MINIMAL}\n[finetune]\nepochs = 3\n"), "finetune"),
+            (
+                format!("{MINIMAL}\n[finetune]\nepochs = 3\n"),
+                "finetune.epochs",
+            ),
+            (
+                format!("{MINIMAL}\n[finetune]\nepochs = 20\n"),
+                "finetune.epochs",
+            ),
             // Fine-tuning needs an implemented task and no pretrain-only fields.
             (FINETUNE.replace("task = \"classify\"\n", ""), "task"),
             (FINETUNE.replace("\"classify\"", "\"segment\""), "task"),
             (FINETUNE.replace("\"classify\"", "\"detect\""), "task"),
-            (format!("{FINETUNE}\n[train]\nepochs = 3\n"), "train"),
+            (format!("{FINETUNE}\n[train]\nepochs = 3\n"), "train.epochs"),
+            (
+                format!("{FINETUNE}\n[train]\nepochs = 100\n"),
+                "train.epochs",
+            ),
             (format!("{FINETUNE}\n[views]\nglobal_size = 32\n"), "views"),
             (format!("split = \"test\"\n{FINETUNE}"), "split"),
             (format!("{FINETUNE}lr = 0.0\n"), "finetune.lr"),
