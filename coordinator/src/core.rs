@@ -476,6 +476,7 @@ impl Core {
             job.state = State::Cancelled;
             job.finished_ms = now_ms();
             job.message = reason.clone();
+            job.waiting_for.clear();
         }
         self.event(id, "cancelled", reason, generation, -1);
         self.emit_job(id);
@@ -1135,6 +1136,7 @@ impl Core {
         job.state = State::Failed;
         job.finished_ms = now_ms();
         job.message = reason.to_string();
+        job.waiting_for.clear();
         let generation = job.generation;
         self.queue.remove(&key);
         self.queued_since.remove(id);
@@ -1812,6 +1814,7 @@ mod tests {
         assert_eq!(state(&c, &pre.id), Some(State::Failed));
         let j = c.job(&ft.id).expect("job");
         assert_eq!((j.state, j.generation, j.started_ms), (State::Failed, 0, 0));
+        assert!(j.waiting_for.is_empty(), "a final job waits for nothing");
         let (kind, message) = last_event(&c, &ft.id);
         assert_eq!(kind, "failed");
         assert!(

@@ -57,8 +57,20 @@ pub fn job_json(job: &pb::Job) -> serde_json::Value {
         "placement": job.placement.iter().map(|p| json!({
             "rank": p.rank, "worker": p.worker_id, "device_index": p.device_index,
         })).collect::<Vec<_>>(),
+        "after": job.after,
+        "waiting_for": job.waiting_for,
+        "init_resolved": (!job.init_resolved.is_empty()).then_some(&job.init_resolved),
+        "result": job.result.as_ref().map(|r| json!({
+            "headline": r.headline, "value": r.value, "metrics": r.metrics, "report": r.report,
+            "generation": r.generation,
+        })),
         "spec": spec,
     })
+}
+
+/// `test_f1 0.9310 (report: /runs/eval/report.json)`.
+pub fn result_line(r: &pb::JobResult) -> String {
+    format!("{} {:.4} (report: {})", r.headline, r.value, r.report)
 }
 
 pub async fn submit(url: &str, file: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
@@ -124,23 +136,29 @@ pub async fn list(url: &str, states: &[String], json_out: bool) -> anyhow::Resul
         }
     } else {
         println!(
-            "{:<10} {:<20} {:<10} {:>5} {:>4} {:>8} {:>12}  MESSAGE",
-            "ID", "NAME", "STATE", "PRIO", "GEN", "RANKS", "STEP"
+            "{:<10} {:<20} {:<9} {:<10} {:>5} {:>4} {:>8} {:>12} {:<18}  MESSAGE",
+            "ID", "NAME", "KIND", "STATE", "PRIO", "GEN", "RANKS", "STEP", "RESULT"
         );
         for j in &jobs {
             let step = j
                 .progress
                 .map(|p| format!("{}/{}", p.step, p.total_steps))
                 .unwrap_or_else(|| "-".into());
+            let result = j.result.as_ref().map_or_else(
+                || "-".into(),
+                |r| truncate(&format!("{} {:.4}", r.headline, r.value), 18),
+            );
             println!(
-                "{:<10} {:<20} {:<10} {:>5} {:>4} {:>8} {:>12}  {}",
+                "{:<10} {:<20} {:<9} {:<10} {:>5} {:>4} {:>8} {:>12} {:<18}  {}",
                 j.id,
                 truncate(&j.name, 20),
+                j.kind,
                 state_of(j),
                 j.priority,
                 j.generation,
                 format!("{}×{}", j.world_size, j.device),
                 step,
+                result,
                 j.message
             );
         }
@@ -166,7 +184,13 @@ pub async fn status(url: &str, id: &str, json_out: bool) -> anyhow::Result<ExitC
     if json_out {
         println!("{}", job_json(&job));
     } else {
-        println!("{} ({}): {}", job.id, job.name, state_of(&job));
+        println!(
+            "{} ({}, {}): {}",
+            job.id,
+            job.name,
+            job.kind,
+            state_of(&job)
+        );
         println!(
             "  {} × {} rank(s), priority {}, attempt {} ({} of {} restarts used)",
             job.world_size,
@@ -187,8 +211,17 @@ pub async fn status(url: &str, id: &str, json_out: bool) -> anyhow::Result<ExitC
                 eta(p.eta_s)
             );
         }
+        if !job.after.is_empty() {
+            println!("  after: {}", job.after.join(", "));
+        }
+        if !job.init_resolved.is_empty() {
+            println!("  init: {}", job.init_resolved);
+        }
         if let Some(c) = &job.last_checkpoint {
             println!("  last checkpoint: step {} at {}", c.step, c.uri);
+        }
+        if let Some(r) = &job.result {
+            println!("  result: {}", result_line(r));
         }
         for p in &job.placement {
             println!(

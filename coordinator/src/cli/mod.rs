@@ -48,7 +48,8 @@ enum Command {
     Presets,
     /// Run the coordinator: gRPC API, durable job store, gang scheduler, metrics.
     Coordinator(CoordinatorArgs),
-    /// Submit a job spec (TOML or JSON; see deploy/jobs/); prints the job id.
+    /// Submit a job spec (TOML or JSON; kinds pretrain, finetune, evaluate; see deploy/jobs/);
+    /// prints the job id.
     Submit {
         /// The spec file (`-` for standard input).
         file: PathBuf,
@@ -99,7 +100,9 @@ enum Command {
         timeout_s: Option<f64>,
     },
     /// A whole local cluster: coordinator + N CPU workers on this machine, a generated corpus
-    /// when no data is given, one pre-training job submitted and followed to its end.
+    /// when no data is given, one pre-training job submitted and followed to its end; with
+    /// `--pipeline`, then fine-tuning (classify) and evaluation on a generated PolypDiag-layout
+    /// dataset, each job starting from the previous one's checkpoint.
     Up(up::UpArgs),
     /// Benchmarks printing JSON.
     #[command(subcommand)]

@@ -1,7 +1,10 @@
 //! `endofm up`: a complete local cluster for a first run — the coordinator and N CPU worker
 //! agents as child processes of this command, a generated endoscopy-like corpus when no data
-//! is given, one pre-training job submitted and followed to its end. Logs of the children go
-//! to files in the run folder; the cluster is stopped when the job ends (or on Ctrl-C).
+//! is given, one pre-training job submitted and followed to its end. With `--pipeline`, also a
+//! generated PolypDiag-layout dataset and two dependent jobs: fine-tuning (classify) from the
+//! pre-training job's checkpoint, then evaluation on the test split from the fine-tuned one.
+//! Logs of the children go to files in the run folder; the cluster is stopped when the jobs
+//! end (or on Ctrl-C, which cancels them).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -14,7 +17,7 @@ use endofm_coordinator::client;
 use endofm_proto::v1 as pb;
 use serde_json::json;
 
-use super::jobs::{Printer, job_json, outcome};
+use super::jobs::{Printer, job_json, outcome, result_line};
 
 /// Arguments of `endofm up`.
 #[derive(Debug, clap::Args)]
@@ -55,6 +58,23 @@ pub struct UpArgs {
     /// The worker binary (default: next to this one).
     #[arg(long, env = "ENDOFM_WORKER_BIN")]
     worker_bin: Option<PathBuf>,
+    /// Pre-train, then fine-tune (classify) from its checkpoint, then evaluate the fine-tuned
+    /// network on the test split: three jobs, each waiting for the one before.
+    #[arg(long)]
+    pipeline: bool,
+    /// Fine-tuning epochs (--pipeline).
+    #[arg(long, default_value_t = 2)]
+    ft_epochs: usize,
+    /// Videos per rank per fine-tuning step (--pipeline).
+    #[arg(long, default_value_t = 2)]
+    ft_batch: usize,
+    /// PolypDiag-layout dataset (path or URI) for --pipeline; default: one generated into the
+    /// run folder's parent.
+    #[arg(long)]
+    ft_data: Option<String>,
+    /// Videos of the generated PolypDiag-layout dataset (default: the generator's).
+    #[arg(long)]
+    ft_videos: Option<usize>,
 }
 
 /// Child processes killed when dropped.
@@ -176,6 +196,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
     };
 
+    let downstream = match (&args.ft_data, args.pipeline) {
+        (_, false) => None,
+        (Some(d), true) => Some(d.clone()),
+        (None, true) => Some(polypdiag_dataset(&worker, &args.dir, args.ft_videos)?),
+    };
+
     let mut cluster = Cluster {
         children: Vec::new(),
     };
@@ -226,6 +252,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let token = super::user_token();
+    if let Some(downstream) = downstream {
+        let specs = pipeline_specs(&args, spec, &downstream, &run_dir, threads);
+        let code = rt.block_on(run_pipeline(&url, token.as_deref(), specs))?;
+        drop(cluster);
+        return Ok(code);
+    }
     let job = rt.block_on(async {
         let mut c = client::jobs(&url, token.as_deref(), Duration::from_secs(30)).await?;
         let job = c
@@ -253,4 +285,188 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     );
     drop(cluster);
     Ok(outcome(&job))
+}
+
+/// Generates (once; later runs reuse it) a PolypDiag-layout dataset with
+/// `endofm-worker synth --kind polypdiag`; returns its absolute path.
+fn polypdiag_dataset(worker: &Path, dir: &Path, videos: Option<usize>) -> anyhow::Result<String> {
+    const SEED: u64 = 0;
+    let name = match videos {
+        Some(n) => format!("polypdiag-{n}v-s{SEED}"),
+        None => format!("polypdiag-s{SEED}"),
+    };
+    let dataset = dir.join(name);
+    // The generator writes labels.json last: its presence means a complete dataset.
+    if !dataset.join("labels.json").is_file() {
+        eprintln!(
+            "generating a PolypDiag-layout dataset in {}",
+            dataset.display()
+        );
+        let mut cmd = Command::new(worker);
+        cmd.args(["synth", "--kind", "polypdiag", "--out"])
+            .arg(&dataset)
+            .args(["--seed", &SEED.to_string()]);
+        if let Some(n) = videos {
+            cmd.args(["--videos", &n.to_string()]);
+        }
+        let status = cmd
+            .status()
+            .context("running endofm-worker synth --kind polypdiag")?;
+        anyhow::ensure!(
+            status.success(),
+            "generating the PolypDiag-layout dataset failed"
+        );
+    }
+    Ok(dataset
+        .canonicalize()
+        .with_context(|| format!("locating {}", dataset.display()))?
+        .display()
+        .to_string())
+}
+
+/// The three jobs of `--pipeline`, in order. The finetune and evaluate specs name the job
+/// before them as `init = "job:{}"`; `run_pipeline` fills in the ids.
+struct PipelineSpecs {
+    pretrain: serde_json::Value,
+    finetune: serde_json::Value,
+    evaluate: serde_json::Value,
+    outputs: [PathBuf; 3],
+}
+
+fn pipeline_specs(
+    args: &UpArgs,
+    pretrain: serde_json::Value,
+    data: &str,
+    run_dir: &Path,
+    threads: usize,
+) -> PipelineSpecs {
+    let finetune_out = run_dir.join("finetune");
+    let evaluate_out = run_dir.join("evaluate");
+    // One rank each: the generated dataset has a handful of videos.
+    let resources = json!({"world_size": 1, "device": "cpu", "threads_per_rank": threads});
+    let finetune = json!({
+        "name": format!("up-{}-finetune-classify", args.preset),
+        "kind": "finetune",
+        "task": "classify",
+        "data": {"uri": data, "threads": 1},
+        "output": finetune_out.display().to_string(),
+        "model": {"preset": args.preset},
+        "resources": resources,
+        "max_restarts": 2,
+        "finetune": {"epochs": args.ft_epochs, "batch_per_rank": args.ft_batch},
+    });
+    let evaluate = json!({
+        "name": format!("up-{}-evaluate-classify", args.preset),
+        "kind": "evaluate",
+        "task": "classify",
+        "split": "test",
+        "data": {"uri": data, "threads": 1},
+        "output": evaluate_out.display().to_string(),
+        "model": {"preset": args.preset},
+        "resources": resources,
+        "max_restarts": 2,
+        "finetune": {"batch_per_rank": args.ft_batch},
+    });
+    PipelineSpecs {
+        pretrain,
+        finetune,
+        evaluate,
+        outputs: [run_dir.join("out"), finetune_out, evaluate_out],
+    }
+}
+
+/// Submits the pipeline's jobs, each from the one before (`init = "job:<id>"`), follows them
+/// in order and prints how each ended and the evaluation's result. Exit code: the first job
+/// that did not succeed decides; 0 when all did.
+async fn run_pipeline(
+    url: &str,
+    token: Option<&str>,
+    specs: PipelineSpecs,
+) -> anyhow::Result<ExitCode> {
+    let mut c = client::jobs(url, token, Duration::from_secs(30)).await?;
+    let mut ids: Vec<String> = Vec::new();
+    for (stage, mut spec) in [
+        ("pretrain", specs.pretrain),
+        ("finetune", specs.finetune),
+        ("evaluate", specs.evaluate),
+    ] {
+        if let Some(before) = ids.last() {
+            spec["init"] = json!(format!("job:{before}"));
+        }
+        let submitted = c
+            .submit_job(pb::SubmitJobRequest {
+                spec: spec.to_string(),
+                format: pb::SpecFormat::Json as i32,
+            })
+            .await;
+        let job = match submitted {
+            Ok(job) => job.into_inner(),
+            Err(s) => {
+                cancel_all(&mut c, &ids, "endofm up: a later stage was refused").await;
+                bail!("{stage} submit refused: {}", s.message());
+            }
+        };
+        let after = ids
+            .last()
+            .map_or(String::new(), |b| format!(", from {b}'s checkpoint"));
+        eprintln!("submitted {} ({stage}{after})", job.id);
+        ids.push(job.id);
+    }
+    let mut finals: Vec<pb::Job> = Vec::new();
+    let followed = async {
+        for id in &ids {
+            let mut printer = Printer::new();
+            let job = client::follow(url, token, id, 0, |u| printer.update(u)).await?;
+            printer.finish();
+            eprintln!(
+                "{} ({}) ended {}: {}",
+                job.id,
+                job.kind,
+                client::state_of(&job),
+                job.message
+            );
+            finals.push(job);
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        r = followed => r?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted: cancelling {}", ids.join(", "));
+            cancel_all(&mut c, &ids, "endofm up interrupted").await;
+            bail!("interrupted");
+        }
+    }
+    // The final snapshots are re-read: a result reported with the last exit is in the record.
+    let mut code = ExitCode::SUCCESS;
+    let mut failed = false;
+    for (job, out) in finals.iter().zip(&specs.outputs) {
+        let job = c
+            .get_job(pb::GetJobRequest { id: job.id.clone() })
+            .await
+            .map_or_else(|_| job.clone(), tonic::Response::into_inner);
+        println!("{}", job_json(&job));
+        eprintln!("{} outputs: {}", job.kind, out.display());
+        if !failed && job.state != pb::JobState::Succeeded as i32 {
+            failed = true;
+            code = outcome(&job);
+        }
+        if let Some(r) = &job.result {
+            eprintln!("result of {} ({}): {}", job.id, job.kind, result_line(r));
+            eprintln!("report: {}", r.report);
+        }
+    }
+    Ok(code)
+}
+
+/// Cancels the jobs (best effort): cancelling one that already ended changes nothing.
+async fn cancel_all(c: &mut client::Jobs, ids: &[String], reason: &str) {
+    for id in ids.iter().rev() {
+        let _ = c
+            .cancel_job(pb::CancelJobRequest {
+                id: id.clone(),
+                reason: reason.into(),
+            })
+            .await;
+    }
 }
