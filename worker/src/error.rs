@@ -104,6 +104,15 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A downstream dataset that does not follow its layout (`datasets`): the file, with the
+    /// line where there is one, and what is wrong with it.
+    #[error("dataset {location}: {reason}")]
+    Dataset {
+        /// The file or folder, e.g. `/data/PolypDiag/splits/train.txt line 4`.
+        location: String,
+        /// What is wrong and, where it helps, what to do.
+        reason: String,
+    },
     /// A clip that cannot be written.
     #[error("encoding clip {path}: {reason}")]
     ClipEncode {
