@@ -2,9 +2,11 @@
 //! textured mucosa, a moving light source and sometimes polyps ([`render_clip`]), and the
 //! pre-training corpus written in the published layout ([`write_pretrain_corpus`]).
 //!
-//! The renderer is the one place that draws synthetic endoscopy: downstream datasets
-//! (classification, segmentation, detection) reuse [`render_clip`] and its [`Labels`].
+//! The renderer is the one place that draws synthetic endoscopy: the downstream datasets
+//! (classification, segmentation, detection; [`datasets`]) reuse [`render_clip`] and its
+//! [`Labels`].
 
+pub mod datasets;
 mod render;
 mod texture;
 
