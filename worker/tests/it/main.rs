@@ -7,6 +7,7 @@
 mod agent;
 mod cli;
 mod convert;
+mod datasets;
 mod gpu;
 mod parity;
 mod pretrain;
