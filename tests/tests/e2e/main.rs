@@ -5,3 +5,4 @@
 mod cluster;
 mod programs;
 mod service;
+mod up;
