@@ -1763,7 +1763,7 @@ mod tests {
         let mut ft_spec = downstream("finetune", Some(&format!("job:{}", pre.id)), &[]);
         ft_spec.priority = 9;
         let ft = submit(&mut c, ft_spec, now);
-        assert_eq!(ft.waiting_for, [pre.id.clone()]);
+        assert_eq!(ft.waiting_for, std::slice::from_ref(&pre.id));
         assert_eq!(ft.message, format!("waiting for {}", pre.id));
         // The waiting job is first in the queue but holds nothing up.
         let other = submit(&mut c, spec(1, 0, 0), now);

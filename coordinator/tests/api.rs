@@ -416,8 +416,8 @@ async fn dependencies_are_checked_at_submit_and_followed() {
         .unwrap()
         .into_inner();
     assert_eq!(ft.kind, "finetune");
-    assert_eq!(ft.after, [pre.id.clone()]);
-    assert_eq!(ft.waiting_for, [pre.id.clone()]);
+    assert_eq!(ft.after, std::slice::from_ref(&pre.id));
+    assert_eq!(ft.waiting_for, std::slice::from_ref(&pre.id));
     assert_eq!(ft.state, pb::JobState::Queued as i32);
     jobs.cancel_job(pb::CancelJobRequest {
         id: pre.id.clone(),
