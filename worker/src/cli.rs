@@ -290,6 +290,31 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         steps: usize,
     },
+    /// One complete fine-tuning iteration (forward, cross-entropy, backward, SGD momentum) on
+    /// in-memory clips of the task's sizes.
+    FinetuneStep {
+        /// The task (classify).
+        #[arg(long, default_value = "classify")]
+        task: String,
+        /// Backbone preset: tiny (8 frames, 112 px) or vit_b (8 frames, 224 px).
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// Videos per step.
+        #[arg(long, default_value_t = 4)]
+        batch: i64,
+        /// Device: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// libtorch intra-op threads (CPU).
+        #[arg(long)]
+        threads: Option<i32>,
+        /// Precision: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16.
+        #[arg(long, default_value = "auto")]
+        precision: String,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
     /// Clips per second from MP4 files to the ten normalised view tensors (decode + augment)
     /// through the pre-training loader.
     Data {
@@ -671,6 +696,37 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::FinetuneStep {
+            task,
+            preset,
+            batch,
+            device,
+            threads,
+            precision,
+            steps,
+        } => {
+            let exec = Exec {
+                device,
+                precision: Precision::Fp32,
+                threads,
+            };
+            let device = exec.setup()?;
+            let model = preset.parse::<Preset>()?.config();
+            let precision: endofm_shared::TrainPrecision =
+                serde_json::from_value(json!(precision)).context("--precision (auto, fp32, bf16)")?;
+            let opts = crate::bench::finetune::FinetuneStepOptions {
+                task: TaskKind::parse(&task)?,
+                preset,
+                batch,
+                device,
+                precision,
+                steps,
+                cfg: crate::finetune::finetune_config(&model, None)?,
+            };
+            let result = crate::bench::finetune::finetune_step(&model, &opts)?;
+            print_json(&serde_json::to_value(&result)?);
+            Ok(())
+        }
         BenchCommand::SslStep {
             source,
             batch,

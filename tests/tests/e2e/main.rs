@@ -5,4 +5,5 @@
 mod cluster;
 mod programs;
 mod service;
+mod finetune;
 mod up;
