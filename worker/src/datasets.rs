@@ -126,6 +126,39 @@ pub(crate) fn read_text(store: &Store, key: &str, what: &str) -> Result<String> 
     })
 }
 
+/// The keys below `prefix`, relative to the store's root.
+pub(crate) fn list_keys(store: &Store, prefix: &str) -> Result<Vec<String>> {
+    Ok(store.list(prefix)?.into_iter().map(|l| l.key).collect())
+}
+
+/// Characters `object_store` percent-escapes in keys (besides control characters): a file
+/// whose name holds one is listed but cannot be read back through [`Store::get`] (tried on
+/// local folders), so such names are refused up front.
+const ESCAPED: [char; 14] = [
+    '\\', '{', '^', '}', '%', '`', ']', '"', '>', '[', '~', '<', '#', '|',
+];
+
+/// Refuses a name the storage layer cannot read back (see [`ESCAPED`]).
+pub(crate) fn storable(name: &str) -> std::result::Result<(), String> {
+    match name.chars().find(|c| ESCAPED.contains(c) || c.is_control()) {
+        None => Ok(()),
+        Some(c) => Err(format!(
+            "`{}` contains {c:?}, which object storage escapes in keys (`{}` and control characters): rename it",
+            name.escape_debug(),
+            ESCAPED.iter().collect::<String>()
+        )),
+    }
+}
+
+/// The error for a listed file whose name the storage layer cannot read back (see
+/// [`ESCAPED`]), naming it.
+pub(crate) fn unreadable_name(store: &Store, key: &str) -> Option<Error> {
+    storable(key).err().map(|reason| Error::Dataset {
+        location: store.describe(key),
+        reason,
+    })
+}
+
 /// Whether the store holds `key` as an object; otherwise, whether objects lie below `key/`.
 pub(crate) fn key_kind(keys: &std::collections::BTreeSet<String>, key: &str) -> Option<MediaKind> {
     if keys.contains(key) {
@@ -143,15 +176,12 @@ pub(crate) fn plain_relative(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() {
         return Err("the name is empty".into());
     }
-    if name.starts_with('/')
-        || name.contains('\\')
-        || name.split('/').any(|s| s == ".." || s.is_empty())
-    {
+    if name.starts_with('/') || name.split('/').any(|s| s == ".." || s.is_empty()) {
         return Err(format!(
-            "`{name}` is not a relative path inside the dataset (no leading `/`, `..`, `\\` or empty parts)"
+            "`{name}` is not a relative path inside the dataset (no leading `/`, `..` or empty parts)"
         ));
     }
-    Ok(())
+    storable(name)
 }
 
 /// Sort key of a frame file name: its number when the stem is a number (`12.png` before
@@ -212,7 +242,9 @@ mod tests {
         assert_eq!(stem("a/b/12.tif"), "12");
         assert!(is_image("x.TIF") && is_image("a.jpeg") && !is_image("a.xml"));
         assert!(plain_relative("a/b.mp4").is_ok());
-        for bad in ["", "/a.mp4", "a/../b", "a\\b", "a//b"] {
+        for bad in [
+            "", "/a.mp4", "a/../b", "a\\b", "a//b", "a#1.mp4", "50%.mp4", "a\nb",
+        ] {
             assert!(plain_relative(bad).is_err(), "{bad}");
         }
     }

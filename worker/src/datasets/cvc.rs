@@ -27,7 +27,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use endofm_shared::StorageUri;
 
 use super::media::read_image;
-use super::{Split, frame_order, invalid, is_image, plain_relative, read_text, stem};
+use super::{
+    Split, frame_order, invalid, is_image, list_keys, plain_relative, read_text, stem,
+    unreadable_name,
+};
 use crate::store::Store;
 use crate::video::Frames;
 use crate::{Error, Result};
@@ -119,10 +122,10 @@ impl Cvc {
             }
             splits.insert(split, names);
         }
-        let listed = store.list(SEQUENCES)?;
+        let listed = list_keys(&store, SEQUENCES)?;
         let mut files: BTreeMap<&str, (Vec<&str>, Vec<&str>)> = BTreeMap::new();
-        for l in &listed {
-            let Some(rest) = l.key.strip_prefix(&format!("{SEQUENCES}/")) else {
+        for key in &listed {
+            let Some(rest) = key.strip_prefix(&format!("{SEQUENCES}/")) else {
                 continue;
             };
             let mut parts = rest.splitn(3, '/');
@@ -133,10 +136,13 @@ impl Cvc {
             if file.contains('/') || !is_image(file) {
                 continue;
             }
+            if let Some(e) = unreadable_name(&store, key) {
+                return Err(e);
+            }
             let slot = files.entry(seq).or_default();
             match kind {
-                "frames" => slot.0.push(&l.key),
-                "masks" => slot.1.push(&l.key),
+                "frames" => slot.0.push(key),
+                "masks" => slot.1.push(key),
                 _ => {}
             }
         }

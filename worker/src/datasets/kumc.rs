@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use endofm_shared::StorageUri;
 
 use super::media::read_image;
-use super::{IMAGE_EXTENSIONS, Split, invalid, read_text};
+use super::{IMAGE_EXTENSIONS, Split, invalid, list_keys, read_text, storable};
 use crate::store::Store;
 use crate::video::Frames;
 use crate::{Error, Result};
@@ -321,9 +321,10 @@ fn read_split(store: &Store, split: Split) -> Result<Vec<KumcFrame>> {
                 raw.trim()
             )));
         };
-        if video.contains(['/', '\\']) || video == ".." || video == "." {
+        if video.contains('/') || video == ".." || video == "." {
             return Err(bad(format!("`{video}` is not a video folder name")));
         }
+        storable(video).map_err(&bad)?;
         let number = |t: &str, what: &str| {
             t.parse::<usize>()
                 .ok()
@@ -365,7 +366,7 @@ fn read_split(store: &Store, split: Split) -> Result<Vec<KumcFrame>> {
             "the list names no frames".into(),
         ));
     }
-    let keys: BTreeSet<String> = store.list(&dir)?.into_iter().map(|l| l.key).collect();
+    let keys: BTreeSet<String> = list_keys(store, &dir)?.into_iter().collect();
     let mut located = Vec::with_capacity(lines.len());
     for l in lines {
         let bad = |reason: String| invalid(store, &key, Some(l.line), reason);
@@ -638,6 +639,7 @@ mod tests {
             ("v1 0 1 2\n\nv1 0 1 2\n", 3, "listed twice (line 1)"),
             ("v1 0 1 2\nv9 0 1 1\n", 2, "frame 1 of `v9` is missing"),
             ("../v1 0 1 2\n", 1, "not a video folder"),
+            ("v#1 0 1 2\n", 1, "rename it"),
         ] {
             std::fs::write(&list, text).expect("write");
             check(text, &format!("ImageSets/train.txt line {line}"), words);

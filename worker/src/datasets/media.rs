@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use endofm_shared::StorageUri;
 
-use super::{decode_image, frame_order, is_image, key_kind};
+use super::{decode_image, frame_order, is_image, key_kind, list_keys, unreadable_name};
 use crate::store::Store;
 use crate::video::{Clip, Frames};
 use crate::{Error, Result};
@@ -89,7 +89,7 @@ impl Media {
         }
         let parent_uri = with_prefix(&parsed, parent);
         let store = Store::open(&parent_uri, false)?;
-        let keys: BTreeSet<String> = store.list(name)?.into_iter().map(|l| l.key).collect();
+        let keys: BTreeSet<String> = list_keys(&store, name)?.into_iter().collect();
         match key_kind(&keys, name) {
             Some(kind) => Self::open(&store, name, kind),
             None => Err(Error::ClipDecode {
@@ -168,15 +168,16 @@ impl ImageFolder {
         } else {
             format!("{}/", key.trim_end_matches('/'))
         };
-        let mut keys: Vec<String> = store
-            .list(key)?
+        let mut keys: Vec<String> = list_keys(store, key)?
             .into_iter()
-            .map(|l| l.key)
             .filter(|k| {
                 k.strip_prefix(&prefix)
                     .is_some_and(|name| !name.contains('/') && is_image(name))
             })
             .collect();
+        if let Some(e) = keys.iter().find_map(|k| unreadable_name(store, k)) {
+            return Err(e);
+        }
         keys.sort_by_cached_key(|k| frame_order(&k[prefix.len()..]));
         let Some(first) = keys.first() else {
             return Err(Error::ClipDecode {
@@ -253,7 +254,7 @@ mod tests {
     #[test]
     fn folders_decode_in_frame_number_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let folder = dir.path().join("clip");
+        let folder = dir.path().join("cl#ip");
         std::fs::create_dir(&folder).expect("mkdir");
         for (n, v) in [(1, 10u8), (2, 20), (10, 100)] {
             write_png(&folder.join(format!("{n}.png")), 6, 4, v);
@@ -280,6 +281,15 @@ mod tests {
         let mut media = Media::open_uri(&folder.to_string_lossy()).expect("open");
         let err = media.decode_into(&[3], &mut out).expect_err("odd size");
         assert!(err.to_string().contains("11.png"), "{err}");
+        std::fs::remove_file(folder.join("11.png")).expect("rm");
+
+        // A name the storage layer escapes cannot be read back: refused, named.
+        write_png(&folder.join("12#b.png"), 6, 4, 1);
+        let err = Media::open_uri(&folder.to_string_lossy()).expect_err("escaped name");
+        assert!(
+            err.to_string().contains("12#b.png") && err.to_string().contains("rename"),
+            "{err}"
+        );
 
         let empty = dir.path().join("empty");
         std::fs::create_dir(&empty).expect("mkdir");

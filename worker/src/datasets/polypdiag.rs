@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use endofm_shared::StorageUri;
 
 use super::media::{Media, MediaKind};
-use super::{Split, invalid, key_kind, plain_relative, read_text};
+use super::{Split, invalid, key_kind, list_keys, plain_relative, read_text};
 use crate::store::Store;
 use crate::{Error, Result};
 
@@ -70,7 +70,7 @@ impl PolypDiag {
     /// [`PolypDiag::open`] on an already opened store (for stores with explicit settings).
     pub fn open_store(store: Store) -> Result<Self> {
         let uri = store.uri().clone();
-        let keys: BTreeSet<String> = store.list(VIDEOS)?.into_iter().map(|l| l.key).collect();
+        let keys: BTreeSet<String> = list_keys(&store, VIDEOS)?.into_iter().collect();
         let mut splits = BTreeMap::new();
         // name → (list key, line) of its first listing, across splits.
         let mut seen: BTreeMap<String, (String, u64)> = BTreeMap::new();
@@ -211,7 +211,9 @@ mod tests {
     fn layout(dir: &Path, train: &str, val: &str, test: Option<&str>) {
         std::fs::create_dir_all(dir.join("videos/f")).expect("mkdir");
         std::fs::create_dir_all(dir.join("splits")).expect("mkdir");
-        for name in ["a.mp4", "b.mp4", "c.mp4", "d.mp4", "e.mp4", "f/1.png"] {
+        for name in [
+            "a.mp4", "b.mp4", "c.mp4", "d.mp4", "e.mp4", "f/1.png", "g#1.mp4",
+        ] {
             std::fs::write(dir.join("videos").join(name), b"x").expect("write");
         }
         std::fs::write(dir.join("splits/train.txt"), train).expect("write");
@@ -335,6 +337,14 @@ mod tests {
                 "train.txt",
                 Some(1),
                 "relative path",
+            ),
+            (
+                "a.mp4,0\ng#1.mp4,1\n",
+                "c.mp4,1\n",
+                None,
+                "train.txt",
+                Some(2),
+                "rename it",
             ),
             (
                 "\n\n",
