@@ -25,6 +25,16 @@ fn local(dir: &Path) -> StorageUri {
 
 /// A tiny dataset written through the command line; returns its folder and JSON summary.
 fn synth(dir: &Path, kind: &str, videos: usize, seed: u64) -> (PathBuf, serde_json::Value) {
+    synth_threads(dir, kind, videos, seed, 2)
+}
+
+fn synth_threads(
+    dir: &Path,
+    kind: &str,
+    videos: usize,
+    seed: u64,
+    threads: usize,
+) -> (PathBuf, serde_json::Value) {
     let out = dir.join(format!("{kind}-{seed}"));
     let stdout = support::worker_ok(&[
         "synth",
@@ -43,7 +53,7 @@ fn synth(dir: &Path, kind: &str, videos: usize, seed: u64) -> (PathBuf, serde_js
         "--seed",
         &seed.to_string(),
         "--threads",
-        "2",
+        &threads.to_string(),
     ]);
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     (out, summary)
@@ -155,7 +165,7 @@ fn polypdiag_synth_is_balanced_disjoint_and_deterministic() {
     assert_eq!(listed, names);
 
     // Same seed: the same bytes, whatever the thread count; another seed: other videos.
-    let (b, _) = synth(&dir.path().join("again"), "polypdiag", 12, 7);
+    let (b, _) = synth_threads(&dir.path().join("again"), "polypdiag", 12, 7, 1);
     assert_eq!(files(&a), files(&b));
     let (c, _) = synth(dir.path(), "polypdiag", 12, 8);
     assert_ne!(
