@@ -8,7 +8,9 @@
 //! **Frames** ([`temporal_indices`]). A window covers `window · fps / 30` frames of the video
 //! (256 at 30 fps: `SAMPLING_RATE · NUM_FRAMES / TARGET_FPS · fps`). Its start `s` is uniform
 //! in `[0, max(N − window, 0)]` in training and 0 in evaluation. The reference decodes the
-//! frames from presentation time `s` on, i.e. from frame `f0 = ⌈s⌉`, and takes
+//! frames from presentation time `s` on, i.e. from frame `f0 = ⌈s⌉` (its timestamps are
+//! truncated to the stream's time base first, which moves `f0` down by one only when `s` lies
+//! within one time-base tick above an integer), and takes
 //! `⌊linspace(0, window − 1, T)⌋` (float32, truncated) of those, clamped to the last decoded
 //! frame: frame `min(f0 + offset, N − 1)`. For 256 at 30 fps the offsets are
 //! `0, 36, 72, 109, 145, 182, 218, 255`. A video shorter than its window has `s = 0` and its
