@@ -379,6 +379,8 @@ async fn serve(cfg: AgentConfig) -> Result<()> {
         }
     }
     if agent.registered && !agent.pending_exits.is_empty() {
+        // The last chance: the exits go even if the reports before them cannot.
+        agent.exit_holds = EXIT_HOLDS;
         agent.heartbeat().await;
     }
     Ok(())
