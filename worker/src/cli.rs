@@ -416,6 +416,10 @@ pub struct SynthArgs {
     /// pretrain: 1, polypdiag: 2, cvc and kumc: 1.5).
     #[arg(long)]
     pub polyp_scale: Option<f64>,
+    /// Downstream kinds: how much paler than the wall polyps are, 1 to 4 (polypdiag: 2, clearly
+    /// visible; cvc and kumc: 1, the renderer's natural colour).
+    #[arg(long)]
+    pub polyp_contrast: Option<f64>,
 }
 
 /// `bench allreduce --backend` values.
@@ -983,6 +987,7 @@ fn run_synth(args: SynthArgs) -> anyhow::Result<()> {
         seed: args.seed,
         threads: args.threads.unwrap_or(0),
         polyp_scale: args.polyp_scale.unwrap_or(defaults.polyp_scale),
+        polyp_contrast: args.polyp_contrast.unwrap_or(defaults.polyp_contrast),
         ..defaults
     };
     let summary = synth::datasets::write_downstream(&args.out, &spec).with_context(|| {
@@ -1001,6 +1006,9 @@ fn run_synth_pretrain(args: &SynthArgs) -> anyhow::Result<()> {
         None | Some(0) => bail!("--clips must be at least 1"),
         Some(n) => n,
     };
+    if args.polyp_contrast.is_some() {
+        bail!("--polyp-contrast is for the downstream kinds");
+    }
     if args.max_frames.is_some() {
         bail!("--max-frames is for the downstream kinds; pre-training clips have --frames frames");
     }

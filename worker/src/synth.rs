@@ -35,6 +35,11 @@ pub struct SynthParams {
     /// Factor on the polyps' footprint radius and height (1: the default mix of small and
     /// mid-sized polyps; larger values give the prominent polyps of close-up clips); 0.25 to 4.
     pub polyp_scale: f64,
+    /// How much paler than the surrounding wall a polyp is rendered (1: the renderer's natural
+    /// reddish mounds, close to the wall's colour; 2: clearly visible pale polyps, the default of
+    /// the generated classification set); 1 to 4. At 1 the draws and pixels are those of
+    /// earlier versions.
+    pub polyp_contrast: f64,
 }
 
 impl SynthParams {
@@ -47,6 +52,7 @@ impl SynthParams {
             frames,
             polyp_probability: 0.3,
             polyp_scale: 1.0,
+            polyp_contrast: 1.0,
         }
     }
 
@@ -70,6 +76,12 @@ impl SynthParams {
             return bad(format!(
                 "polyp probability must be in [0, 1], got {}",
                 self.polyp_probability
+            ));
+        }
+        if !(1.0..=4.0).contains(&self.polyp_contrast) {
+            return bad(format!(
+                "polyp contrast must be in [1, 4], got {}",
+                self.polyp_contrast
             ));
         }
         if !(0.25..=4.0).contains(&self.polyp_scale) {
@@ -423,6 +435,7 @@ mod tests {
             frames,
             polyp_probability,
             polyp_scale: 1.0,
+            polyp_contrast: 1.0,
         }
     }
 
@@ -565,6 +578,10 @@ mod tests {
             small(4, 1.5),
             SynthParams {
                 polyp_scale: 5.0,
+                ..small(4, 0.1)
+            },
+            SynthParams {
+                polyp_contrast: 0.5,
                 ..small(4, 0.1)
             },
         ] {

@@ -326,11 +326,12 @@ impl Task for ClassifyTask<'_> {
         collective: &mut dyn Collective,
     ) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
         let (sum, count) = std::mem::take(&mut self.state.epoch_loss);
-        let mut totals = Tensor::from_slice(&[sum, count as f64]).to_device(self.job.device);
+        // Float32 like every collective buffer (the loss sum needs no more precision).
+        let mut totals = Tensor::from_slice(&[sum as f32, count as f32]).to_device(self.job.device);
         if self.world > 1 {
             collective.all_reduce_sum(&mut totals)?;
         }
-        let totals: Vec<f64> = Vec::try_from(totals.to_device(Device::Cpu))?;
+        let totals: Vec<f64> = Vec::try_from(totals.to_device(Device::Cpu).to_kind(Kind::Double))?;
         let train_loss = totals[0] / totals[1].max(1.0);
         let mut record = EpochRecord {
             epoch,

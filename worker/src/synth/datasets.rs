@@ -79,6 +79,8 @@ pub struct DownstreamSpec {
     pub threads: usize,
     /// Factor on the polyps' size (see [`SynthParams::polyp_scale`]).
     pub polyp_scale: f64,
+    /// How much paler than the wall polyps are (see [`SynthParams::polyp_contrast`]).
+    pub polyp_contrast: f64,
     /// Share of the videos (per class for PolypDiag) in the validation split.
     pub val_fraction: f64,
     /// Share in the test split.
@@ -103,6 +105,10 @@ impl DownstreamSpec {
             seed: 0,
             threads: 0,
             polyp_scale,
+            polyp_contrast: match kind {
+                DownstreamKind::PolypDiag => 2.0,
+                _ => 1.0,
+            },
             val_fraction: 0.2,
             test_fraction: 0.2,
         }
@@ -150,6 +156,7 @@ impl DownstreamSpec {
         }
         SynthParams {
             polyp_scale: self.polyp_scale,
+            polyp_contrast: self.polyp_contrast,
             ..SynthParams::pretrain(self.short_side, hi)
         }
         .validate()
@@ -228,6 +235,7 @@ pub fn video_params(spec: &DownstreamSpec, frames: usize, label: i64) -> SynthPa
     SynthParams {
         polyp_probability: if label == 1 { 1.0 } else { 0.0 },
         polyp_scale: spec.polyp_scale,
+        polyp_contrast: spec.polyp_contrast,
         ..SynthParams::pretrain(spec.short_side, frames)
     }
 }
@@ -385,6 +393,7 @@ pub fn write_downstream(out: &Path, spec: &DownstreamSpec) -> Result<DownstreamS
         "width": params.width,
         "height": params.height,
         "polyp_scale": spec.polyp_scale,
+        "polyp_contrast": spec.polyp_contrast,
         "videos": records,
     });
     let mut json = serde_json::to_vec_pretty(&labels).map_err(|e| Error::Input {

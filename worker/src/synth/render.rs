@@ -247,11 +247,17 @@ impl Scene {
                         z: cam.z + uniform(&mut rng, 0.8, 2.2),
                         radius,
                         height: radius * uniform(&mut rng, 0.5, 1.1),
-                        tint: [
-                            uniform(&mut rng, 0.95, 1.1),
-                            uniform(&mut rng, 0.7, 1.0),
-                            uniform(&mut rng, 0.75, 1.0),
-                        ],
+                        tint: {
+                            let tint = [
+                                uniform(&mut rng, 0.95, 1.1),
+                                uniform(&mut rng, 0.7, 1.0),
+                                uniform(&mut rng, 0.75, 1.0),
+                            ];
+                            // Contrast > 1 pales the mound (green and blue lifted most), so it
+                            // stands out from the reddish wall; 1 leaves the tint as drawn.
+                            let c = params.polyp_contrast as f32 - 1.0;
+                            [tint[0] * (1.0 + 0.2 * c), tint[1] * (1.0 + 0.7 * c), tint[2] * (1.0 + 0.7 * c)]
+                        },
                     }
                 })
                 .collect()
