@@ -420,6 +420,13 @@ pub struct SynthArgs {
     /// visible; cvc and kumc: 1, the renderer's natural colour).
     #[arg(long)]
     pub polyp_contrast: Option<f64>,
+    /// polypdiag: share of a positive video's frames that must show its polyp (0.5).
+    #[arg(long)]
+    pub min_polyp_share: Option<f64>,
+    /// polypdiag: the polyp area, as a fraction of the frame, a frame needs to count as showing
+    /// it (0: any pixel; 0.02 makes every counted polyp plainly visible).
+    #[arg(long)]
+    pub min_polyp_area: Option<f64>,
 }
 
 /// `bench allreduce --backend` values.
@@ -988,6 +995,8 @@ fn run_synth(args: SynthArgs) -> anyhow::Result<()> {
         threads: args.threads.unwrap_or(0),
         polyp_scale: args.polyp_scale.unwrap_or(defaults.polyp_scale),
         polyp_contrast: args.polyp_contrast.unwrap_or(defaults.polyp_contrast),
+        min_polyp_share: args.min_polyp_share.unwrap_or(defaults.min_polyp_share),
+        min_polyp_area: args.min_polyp_area.unwrap_or(defaults.min_polyp_area),
         ..defaults
     };
     let summary = synth::datasets::write_downstream(&args.out, &spec).with_context(|| {
@@ -1006,8 +1015,8 @@ fn run_synth_pretrain(args: &SynthArgs) -> anyhow::Result<()> {
         None | Some(0) => bail!("--clips must be at least 1"),
         Some(n) => n,
     };
-    if args.polyp_contrast.is_some() {
-        bail!("--polyp-contrast is for the downstream kinds");
+    if args.polyp_contrast.is_some() || args.min_polyp_share.is_some() || args.min_polyp_area.is_some() {
+        bail!("--polyp-contrast, --min-polyp-share and --min-polyp-area are for the downstream kinds");
     }
     if args.max_frames.is_some() {
         bail!("--max-frames is for the downstream kinds; pre-training clips have --frames frames");

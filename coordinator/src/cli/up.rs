@@ -75,6 +75,11 @@ pub struct UpArgs {
     /// Videos of the generated PolypDiag-layout dataset (default: the generator's).
     #[arg(long)]
     ft_videos: Option<usize>,
+    /// Fine-tuning settings (--pipeline): a JSON object of `[finetune]` fields (lr, frames,
+    /// window, crop, ...) laid over --ft-epochs/--ft-batch and the defaults; validated by the
+    /// coordinator at submit like any spec.
+    #[arg(long)]
+    ft_config: Option<PathBuf>,
 }
 
 /// Child processes killed when dropped.
@@ -253,7 +258,31 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     let token = super::user_token();
     if let Some(downstream) = downstream {
-        let specs = pipeline_specs(&args, spec, &downstream, &run_dir, threads);
+        let overrides = match &args.ft_config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --ft-config {}", path.display()))?;
+                let value: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("--ft-config {} is not JSON", path.display()))?;
+                anyhow::ensure!(
+                    value.is_object(),
+                    "--ft-config {}: expected a JSON object of fine-tuning settings",
+                    path.display()
+                );
+                Some(value)
+            }
+            None => None,
+        };
+        let mut specs = pipeline_specs(&args, spec, &downstream, &run_dir, threads);
+        if let Some(serde_json::Value::Object(over)) = overrides {
+            for job in [&mut specs.finetune, &mut specs.evaluate] {
+                if let Some(serde_json::Value::Object(table)) = job.get_mut("finetune") {
+                    for (k, v) in &over {
+                        table.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
         let code = rt.block_on(run_pipeline(&url, token.as_deref(), specs))?;
         drop(cluster);
         return Ok(code);

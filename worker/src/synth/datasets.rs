@@ -81,6 +81,12 @@ pub struct DownstreamSpec {
     pub polyp_scale: f64,
     /// How much paler than the wall polyps are (see [`SynthParams::polyp_contrast`]).
     pub polyp_contrast: f64,
+    /// Label-1 videos qualify when at least this share of their frames shows a polyp covering
+    /// at least [`DownstreamSpec::min_polyp_area`] of the frame (0.5: half the frames).
+    pub min_polyp_share: f64,
+    /// The polyp area (fraction of the frame's pixels) a frame needs to count as showing one
+    /// (0: any visible pixel).
+    pub min_polyp_area: f64,
     /// Share of the videos (per class for PolypDiag) in the validation split.
     pub val_fraction: f64,
     /// Share in the test split.
@@ -109,6 +115,8 @@ impl DownstreamSpec {
                 DownstreamKind::PolypDiag => 2.0,
                 _ => 1.0,
             },
+            min_polyp_share: 0.5,
+            min_polyp_area: 0.0,
             val_fraction: 0.2,
             test_fraction: 0.2,
         }
@@ -126,6 +134,15 @@ impl DownstreamSpec {
             return bad(
                 "frames",
                 format!("range {lo}..={hi} is empty or starts at 0"),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.min_polyp_share) || !(0.0..0.5).contains(&self.min_polyp_area) {
+            return bad(
+                "polyp visibility",
+                format!(
+                    "share of frames {} must be in [0, 1] and area {} in [0, 0.5)",
+                    self.min_polyp_share, self.min_polyp_area
+                ),
             );
         }
         let fractions = [self.val_fraction, self.test_fraction];
@@ -290,14 +307,20 @@ fn plan(spec: &DownstreamSpec) -> Vec<Planned> {
         .collect()
 }
 
-/// Renders a planned video: the first candidate seed whose clip qualifies (a polyp in at
-/// least half the frames for label 1; any clip for label 0, which cannot show one).
+/// Renders a planned video: the first candidate seed whose clip qualifies (for label 1, a
+/// polyp of at least `min_polyp_area` in at least `min_polyp_share` of the frames; any clip
+/// for label 0, which cannot show one).
 fn render_planned(spec: &DownstreamSpec, p: &Planned) -> Result<(u64, Frames, Labels)> {
     let params = video_params(spec, p.frames, p.label);
     for attempt in 0..MAX_ATTEMPTS {
         let seed = clip_seed(p.base_seed, attempt);
         let (frames, labels) = render_clip(&params, seed)?;
-        let enough = labels.polyp_frames() * 2 >= p.frames;
+        let pixels = labels.masks.h * labels.masks.w;
+        let need = (spec.min_polyp_area * pixels as f64).max(1.0);
+        let showing = (0..labels.masks.t)
+            .filter(|&i| labels.masks.frame(i).iter().filter(|&&m| m != 0).count() as f64 >= need)
+            .count();
+        let enough = showing as f64 >= spec.min_polyp_share * p.frames as f64;
         if (p.label == 0 && !labels.polyp) || (p.label == 1 && enough) {
             return Ok((seed, frames, labels));
         }
@@ -305,8 +328,8 @@ fn render_planned(spec: &DownstreamSpec, p: &Planned) -> Result<(u64, Frames, La
     Err(Error::Input {
         name: "synthetic dataset".into(),
         reason: format!(
-            "no seed of {MAX_ATTEMPTS} showed a polyp in half of the {} frames of {}; try a larger --polyp-scale or more frames",
-            p.frames, p.name
+            "no seed of {MAX_ATTEMPTS} showed a polyp of {} % of the frame in {} % of the {} frames of {}; try a larger --polyp-scale, or lower --min-polyp-share / --min-polyp-area",
+            spec.min_polyp_area * 100.0, spec.min_polyp_share * 100.0, p.frames, p.name
         ),
     })
 }
@@ -394,6 +417,8 @@ pub fn write_downstream(out: &Path, spec: &DownstreamSpec) -> Result<DownstreamS
         "height": params.height,
         "polyp_scale": spec.polyp_scale,
         "polyp_contrast": spec.polyp_contrast,
+        "min_polyp_share": spec.min_polyp_share,
+        "min_polyp_area": spec.min_polyp_area,
         "videos": records,
     });
     let mut json = serde_json::to_vec_pretty(&labels).map_err(|e| Error::Input {
