@@ -423,8 +423,8 @@ pub struct SynthArgs {
     /// polypdiag: share of a positive video's frames that must show its polyp (0.5).
     #[arg(long)]
     pub min_polyp_share: Option<f64>,
-    /// polypdiag: the polyp area, as a fraction of the frame, a frame needs to count as showing
-    /// it (0: any pixel; 0.02 makes every counted polyp plainly visible).
+    /// polypdiag: the polyp area a frame needs to count as showing it, as a fraction of the
+    /// frame's central square (what centre crops keep); 0: any pixel, 0.04: plainly visible.
     #[arg(long)]
     pub min_polyp_area: Option<f64>,
 }

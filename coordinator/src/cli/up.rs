@@ -62,12 +62,12 @@ pub struct UpArgs {
     /// network on the test split: three jobs, each waiting for the one before.
     #[arg(long)]
     pipeline: bool,
-    /// Fine-tuning epochs (--pipeline).
-    #[arg(long, default_value_t = 2)]
-    ft_epochs: usize,
-    /// Videos per rank per fine-tuning step (--pipeline).
-    #[arg(long, default_value_t = 2)]
-    ft_batch: usize,
+    /// Fine-tuning epochs (--pipeline; default 2, or --ft-config's).
+    #[arg(long)]
+    ft_epochs: Option<usize>,
+    /// Videos per rank per fine-tuning step (--pipeline; default 2, or --ft-config's).
+    #[arg(long)]
+    ft_batch: Option<usize>,
     /// PolypDiag-layout dataset (path or URI) for --pipeline; default: one generated into the
     /// run folder's parent.
     #[arg(long)]
@@ -76,7 +76,7 @@ pub struct UpArgs {
     #[arg(long)]
     ft_videos: Option<usize>,
     /// Fine-tuning settings (--pipeline): a JSON object of `[finetune]` fields (lr, frames,
-    /// window, crop, ...) laid over --ft-epochs/--ft-batch and the defaults; validated by the
+    /// window, crop, ...) laid over the defaults, under --ft-epochs/--ft-batch; validated by the
     /// coordinator at submit like any spec.
     #[arg(long)]
     ft_config: Option<PathBuf>,
@@ -274,7 +274,17 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             None => None,
         };
         let mut specs = pipeline_specs(&args, spec, &downstream, &run_dir, threads);
-        if let Some(serde_json::Value::Object(over)) = overrides {
+        let mut over = match overrides {
+            Some(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        if let Some(e) = args.ft_epochs {
+            over.insert("epochs".into(), json!(e));
+        }
+        if let Some(b) = args.ft_batch {
+            over.insert("batch_per_rank".into(), json!(b));
+        }
+        {
             for job in [&mut specs.finetune, &mut specs.evaluate] {
                 if let Some(serde_json::Value::Object(table)) = job.get_mut("finetune") {
                     for (k, v) in &over {
@@ -382,7 +392,7 @@ fn pipeline_specs(
         "model": {"preset": args.preset},
         "resources": resources,
         "max_restarts": 2,
-        "finetune": {"epochs": args.ft_epochs, "batch_per_rank": args.ft_batch},
+        "finetune": {"epochs": 2, "batch_per_rank": 2},
     });
     let evaluate = json!({
         "name": format!("up-{}-evaluate-classify", args.preset),
@@ -394,7 +404,7 @@ fn pipeline_specs(
         "model": {"preset": args.preset},
         "resources": resources,
         "max_restarts": 2,
-        "finetune": {"batch_per_rank": args.ft_batch},
+        "finetune": {"batch_per_rank": 2},
     });
     PipelineSpecs {
         pretrain,

@@ -84,8 +84,8 @@ pub struct DownstreamSpec {
     /// Label-1 videos qualify when at least this share of their frames shows a polyp covering
     /// at least [`DownstreamSpec::min_polyp_area`] of the frame (0.5: half the frames).
     pub min_polyp_share: f64,
-    /// The polyp area (fraction of the frame's pixels) a frame needs to count as showing one
-    /// (0: any visible pixel).
+    /// The polyp area a frame needs to count as showing one, as a fraction of the frame's
+    /// central square (side = the short side, what centre crops keep); 0: any visible pixel.
     pub min_polyp_area: f64,
     /// Share of the videos (per class for PolypDiag) in the validation split.
     pub val_fraction: f64,
@@ -315,10 +315,20 @@ fn render_planned(spec: &DownstreamSpec, p: &Planned) -> Result<(u64, Frames, La
     for attempt in 0..MAX_ATTEMPTS {
         let seed = clip_seed(p.base_seed, attempt);
         let (frames, labels) = render_clip(&params, seed)?;
-        let pixels = labels.masks.h * labels.masks.w;
-        let need = (spec.min_polyp_area * pixels as f64).max(1.0);
+        // Area counted in the frame's central square (side = the short side): the part every
+        // centre crop of an evaluation transform keeps.
+        let (h, w) = (labels.masks.h, labels.masks.w);
+        let side = h.min(w);
+        let (x0, y0) = ((w - side) / 2, (h - side) / 2);
+        let need = (spec.min_polyp_area * (side * side) as f64).max(1.0);
         let showing = (0..labels.masks.t)
-            .filter(|&i| labels.masks.frame(i).iter().filter(|&&m| m != 0).count() as f64 >= need)
+            .filter(|&i| {
+                let m = labels.masks.frame(i);
+                let inside: usize = (y0..y0 + side)
+                    .map(|y| m[y * w + x0..y * w + x0 + side].iter().filter(|&&v| v != 0).count())
+                    .sum();
+                inside as f64 >= need
+            })
             .count();
         let enough = showing as f64 >= spec.min_polyp_share * p.frames as f64;
         if (p.label == 0 && !labels.polyp) || (p.label == 1 && enough) {
