@@ -213,15 +213,23 @@ fn finetuning_learns_clear_polyps_and_reports_it() {
     assert_eq!(one.len(), 1);
     let p = one[0]["probability"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&p));
+    // A longer clip (150 frames) has three windows of 64 frames.
+    let long = tmp.path().join("long");
+    worker_ok(&[
+        "synth", "--kind", "pretrain", "--out", long.to_str().unwrap(), "--clips", "1",
+        "--frames", "150", "--size", "96",
+    ]);
+    let clip = long.join("synth/00000.mp4");
     let windows = json_lines(&worker_ok(&[
         "predict",
         "--weights",
         out.to_str().unwrap(),
         "--video",
-        video.to_str().unwrap(),
+        clip.to_str().unwrap(),
         "--window",
     ]));
-    assert!(windows.len() >= 2, "{windows:?}");
+    let starts: Vec<u64> = windows.iter().map(|w| w["start_frame"].as_u64().unwrap()).collect();
+    assert_eq!(starts, vec![0, 64, 128], "{windows:?}");
     assert_eq!(windows[0]["start_frame"], 0);
 }
 
