@@ -1196,9 +1196,21 @@ fn run_model(cmd: ModelCommand) -> anyhow::Result<()> {
             if let Some(task) = downstream::task_of(&dir)? {
                 return verify_downstream(&dir, task, device, &exec);
             }
+            if dir.file("trajectory.safetensors").is_file() {
+                bail!(
+                    "{}: multi-step trajectory replay is not implemented in this version (it checks forward passes, one training step and the fine-tuning classifier)",
+                    reference.display()
+                );
+            }
+            let forward = dir.file("forward.safetensors");
+            if !forward.is_file() && !dir.file("train_step.safetensors").is_file() {
+                bail!(
+                    "{}: no check to run (expected forward.safetensors, train_step.safetensors, or vectors.safetensors with a task in config.json)",
+                    reference.display()
+                );
+            }
             let model = dir.model(device)?;
             let mut ok = true;
-            let forward = dir.file("forward.safetensors");
             if forward.is_file() {
                 for case in verify::check_forward(&model, &forward, exec.precision, &tol)? {
                     ok &= case.pass;

@@ -170,7 +170,10 @@ threads_per_rank = 1
     assert!(worst < 1e-4, "two ranks vs one: worst relative difference {worst}");
 
     // A job that fails takes its dependants with it, which never run.
-    let broken = c.submit(&tiny_spec("broken", &dir.join("broken"), "/nonexistent/corpus", 1, "max_restarts = 0", ""));
+    let broken = c.submit(
+        &tiny_spec("broken", &dir.join("broken"), "/nonexistent/corpus", 1, "", "")
+            .replace("max_restarts = 3", "max_restarts = 0"),
+    );
     let dep = c.submit(&finetune_spec("dep", &dir.join("dep"), 1, 4, &format!(r#"init = "job:{broken}""#)));
     let (_, job) = c.wait(&dep, LONG);
     assert_eq!(state(&job), "failed", "{job}");
