@@ -352,6 +352,24 @@ impl Core {
                     format!("`{id}` is an evaluate job; it writes no weights to start from"),
                 ));
             }
+            // What each kind can start from: pre-training and fine-tuning from pre-training
+            // weights (or a fine-tuned backbone for fine-tuning), evaluation from a fine-tuned
+            // model only.
+            let fits = match spec.kind {
+                JobKind::Pretrain => from.spec.kind == JobKind::Pretrain,
+                JobKind::Finetune => true,
+                JobKind::Evaluate => from.spec.kind == JobKind::Finetune,
+            };
+            if !fits {
+                return Err(Error::invalid(
+                    "init",
+                    format!(
+                        "`{id}` is a {} job; a {} job cannot start from its weights",
+                        from.spec.kind.name(),
+                        spec.kind.name()
+                    ),
+                ));
+            }
             if from.state == State::Succeeded && from.last_checkpoint.is_none() {
                 return Err(Error::invalid(
                     "init",

@@ -1060,6 +1060,12 @@ fn reference_forward(
     precision: Precision,
 ) -> anyhow::Result<std::collections::BTreeMap<String, tch::Tensor>> {
     let dir = ReferenceDir::open(reference)?;
+    if dir.file("trajectory.safetensors").is_file() {
+        bail!(
+            "{}: a pre-training trajectory has no eval-mode cases to run (and trajectory replay is not implemented in this version)",
+            reference.display()
+        );
+    }
     match downstream::task_of(&dir)? {
         Some(TaskKind::Classify) => Ok(downstream::classify_forward(&dir, device, precision)?),
         Some(task) => bail!(

@@ -244,7 +244,9 @@ pub fn load_backbone(vs: &tch::nn::VarStore, init: &InitSource, from: InitFrom) 
             let path = if wanted.is_file() {
                 wanted
             } else if dir.join("model.safetensors").is_file() {
-                dir.join("model.safetensors")
+                let path = dir.join("model.safetensors");
+                backbone_from(vs, weights::read(&path)?, &path)?;
+                return Ok(format!("{} (a fine-tuned model's backbone)", path.display()));
             } else {
                 return Err(Error::Input {
                     name: "--init".into(),
@@ -358,12 +360,32 @@ pub fn locate_model(text: &str) -> Result<LocalModel> {
     let weights_path = tmp.path().join("model.safetensors");
     write(&weights_path, &store.get(&format!("{prefix}model.safetensors"))?)?;
     let info_key = format!("{prefix}info.json");
+    let manifest_key = format!("{prefix}manifest.json");
     let info = if store.exists(&info_key)? {
         let bytes = store.get(&info_key)?;
         Some(serde_json::from_slice(&bytes).map_err(|e| Error::Input {
             name: store.describe(&info_key),
             reason: format!("not a valid model description: {e}"),
         })?)
+    } else if store.exists(&manifest_key)? {
+        // A fine-tuning checkpoint folder: its manifest records the network and settings.
+        let bytes = store.get(&manifest_key)?;
+        let m: crate::run::Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Input {
+            name: store.describe(&manifest_key),
+            reason: format!("not a valid checkpoint manifest: {e}"),
+        })?;
+        let task: TaskKind = m.field("task").map_err(|_| Error::Input {
+            name: "--weights".into(),
+            reason: format!("{text} is not a fine-tuning checkpoint (its manifest names no task)"),
+        })?;
+        Some(ModelInfo {
+            task,
+            model: m.model.clone(),
+            num_labels: 2,
+            finetune: m.field("finetune")?,
+            epoch: None,
+            selected_by: None,
+        })
     } else {
         None
     };

@@ -50,9 +50,38 @@ fn classify_file(path: &Path, shown: &str) -> Result<InitSource> {
     }
 }
 
+/// The newest committed checkpoint folder (`checkpoints/step-N` with a manifest) of a run's
+/// local output location, if it has one.
+fn newest_checkpoint(run: &Path) -> Option<PathBuf> {
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(run.join("checkpoints"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("manifest.json").is_file())
+        .collect();
+    steps.sort();
+    steps.pop()
+}
+
 impl InitSource {
-    /// Classifies a local path given on the command line.
+    /// The source as the user gave it (a path or URI), for records and comparisons.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Folder(p) | Self::Weights(p) | Self::Pickle(p) => p.display().to_string(),
+            Self::Remote(uri) => uri.to_string(),
+        }
+    }
+
+    /// Classifies a local path given on the command line. A run's output location stands for
+    /// its newest committed checkpoint.
     pub fn parse(path: &Path) -> Result<Self> {
+        if path.is_dir()
+            && !FOLDER_FILES.iter().any(|f| path.join(f).is_file())
+            && let Some(newest) = newest_checkpoint(path)
+        {
+            tracing::info!(run = %path.display(), checkpoint = %newest.display(), "initialising from the run's newest checkpoint");
+            return Ok(Self::Folder(newest));
+        }
         if path.is_dir() {
             if !FOLDER_FILES.iter().any(|f| path.join(f).is_file()) {
                 return Err(refuse(format!(

@@ -195,37 +195,55 @@ pub fn drive<T: Task>(
     let started = Instant::now();
     let rank = collective.rank();
     let world = collective.world_size();
-    if rank == 0 {
-        out.put(
-            "config.json",
-            Bytes::from(serde_json::to_vec_pretty(&settings.resolved_config).unwrap_or_default()),
-        )?;
-    }
+    let _lock = if rank == 0 { lock_output(&settings.out)? } else { None };
     let ipe = task.iters_per_epoch();
     let mut start_step = 0;
     match checkpoint::latest(out)? {
         Some(m) => {
+            // The task first: it knows whether the checkpoints are of its kind at all.
+            task.check_resume(&m)?;
             if m.model != settings.model {
                 return Err(refuse(
                     &settings.out,
                     "holds checkpoints of another model configuration".into(),
                 ));
             }
-            if m.corpus != settings.corpus || m.world_size != world || m.iters_per_epoch != ipe {
+            if m.corpus != settings.corpus {
                 return Err(refuse(
                     &settings.out,
                     format!(
-                        "holds checkpoints of a run on other data or another world size ({} inputs, {} ranks)",
-                        m.corpus.clips, m.world_size
+                        "holds checkpoints of a run on other data ({} inputs listed there, {} here)",
+                        m.corpus.clips, settings.corpus.clips
                     ),
                 ));
             }
-            task.check_resume(&m)?;
+            if m.world_size != world {
+                return Err(refuse(
+                    &settings.out,
+                    format!("holds checkpoints of a run on {} ranks, this one has {world}", m.world_size),
+                ));
+            }
+            if m.iters_per_epoch != ipe {
+                return Err(refuse(
+                    &settings.out,
+                    format!(
+                        "holds checkpoints of a run with {} steps per epoch, this one has {ipe} (another batch size)",
+                        m.iters_per_epoch
+                    ),
+                ));
+            }
             checkpoint::restore(out, &m, task)?;
             start_step = m.step;
             tracing::info!(step = start_step, epoch = m.epoch, out = %settings.out, "resuming from checkpoint");
         }
         None => task.initialise()?,
+    }
+    // Written once the output is known to be this run's (a refused run changes nothing).
+    if rank == 0 {
+        out.put(
+            "config.json",
+            Bytes::from(serde_json::to_vec_pretty(&settings.resolved_config).unwrap_or_default()),
+        )?;
     }
 
     let total = task.total_steps();
@@ -382,6 +400,38 @@ pub fn drive<T: Task>(
     Ok(summary)
 }
 
+/// Holds an exclusive advisory lock on `<out>/run.lock` for a local output location, so that a
+/// second run into the same folder is refused instead of interleaving checkpoints. The lock
+/// dies with the process (no stale lock after a crash). Object stores have no such lock.
+fn lock_output(out: &StorageUri) -> Result<Option<std::fs::File>> {
+    let StorageUri::Local { path } = out else {
+        return Ok(None);
+    };
+    let file_path = path.join("run.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&file_path)
+        .map_err(|source| Error::Io {
+            action: "opening the run lock",
+            path: file_path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Input {
+            name: "--out".into(),
+            reason: format!("{out} is in use by another run (it holds {})", file_path.display()),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(Error::Io {
+            action: "locking",
+            path: file_path,
+            source,
+        }),
+    }
+}
+
 fn progress_bar(end: usize, start: usize) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(end as u64);
     bar.set_style(
@@ -465,4 +515,21 @@ pub fn stop_on_signals() -> Result<Arc<AtomicBool>> {
 /// Whether to draw a progress bar by default (stderr is a terminal).
 pub fn progress_default() -> bool {
     std::io::stderr().is_terminal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_run_into_the_same_local_output_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = StorageUri::parse(dir.path().to_str().unwrap()).unwrap();
+        let first = lock_output(&uri).unwrap();
+        assert!(first.is_some());
+        let err = lock_output(&uri).unwrap_err().to_string();
+        assert!(err.contains("in use by another run"), "{err}");
+        drop(first);
+        assert!(lock_output(&uri).unwrap().is_some(), "released with its holder");
+    }
 }

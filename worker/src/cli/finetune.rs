@@ -239,6 +239,14 @@ pub fn run_finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
         eprintln!("report: {}", outcome.report);
     }
     print_json(&serde_json::to_value(&outcome)?);
+    if let Some(run) = outcome.run.as_ref().filter(|r| r.interrupted) {
+        bail!(
+            "stopped on request after step {} of {} (checkpoint {}); rerun the same command to resume",
+            run.steps,
+            run.total_steps,
+            run.checkpoint
+        );
+    }
     Ok(())
 }
 

@@ -20,6 +20,7 @@ use crate::data::CorpusFingerprint;
 use crate::datasets::classify::{ClassifyEval, ClassifyLoader, iters_per_epoch};
 use crate::datasets::{PolypDiag, Split};
 use crate::eval::metrics::{BinaryMetrics, BinaryPrediction};
+use crate::init::InitSource;
 use crate::eval::plots::write_report_plots;
 use crate::eval::report::{EpochRecord, REPORT_FILE, Report, Selection, SplitMetrics};
 use crate::model::{Classifier, LoadMode, weights};
@@ -88,6 +89,10 @@ impl Checkpointable for ClassifyTask<'_> {
         state.sgd_steps = self.sgd.steps;
         extra.insert("state".into(), serde_json::to_value(&state).unwrap_or_default());
         extra.insert("init".into(), serde_json::json!(self.init));
+        extra.insert(
+            "init_source".into(),
+            serde_json::json!(self.job.init.as_ref().map(InitSource::describe)),
+        );
         Snapshot {
             files: vec![
                 ("model.safetensors".into(), host_vars(self.model.var_store())),
@@ -249,15 +254,39 @@ impl Task for ClassifyTask<'_> {
                 self.job.out
             ),
         })?;
+        let refuse = |what: String| Error::Input {
+            name: "--out".into(),
+            reason: format!(
+                "{} holds checkpoints of a {task} run with {what}; use a new output location or the same settings",
+                self.job.out
+            ),
+        };
+        if task != TaskKind::Classify {
+            return Err(refuse("another task".into()));
+        }
         let cfg: FinetuneConfig = m.field("finetune")?;
-        if task != TaskKind::Classify || trained_fields(&cfg) != trained_fields(&self.job.cfg) {
-            return Err(Error::Input {
-                name: "--out".into(),
-                reason: format!(
-                    "{} holds checkpoints of a {task} run with other settings; use a new output location or the same settings",
-                    self.job.out
-                ),
-            });
+        let (theirs, ours) = (
+            serde_json::to_value(trained_fields(&cfg)).unwrap_or_default(),
+            serde_json::to_value(trained_fields(&self.job.cfg)).unwrap_or_default(),
+        );
+        if theirs != ours {
+            let changed: Vec<String> = ours
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| theirs.get(k.as_str()) != Some(*v))
+                .map(|(k, v)| format!("{k} {} (here {v})", theirs.get(k.as_str()).cloned().unwrap_or_default()))
+                .collect();
+            return Err(refuse(format!("other settings: {}", changed.join(", "))));
+        }
+        let init: Option<String> = m.field("init_source").unwrap_or(None);
+        let here = self.job.init.as_ref().map(InitSource::describe);
+        if init != here {
+            return Err(refuse(format!(
+                "another initialisation: {} (here {})",
+                init.as_deref().unwrap_or("random"),
+                here.as_deref().unwrap_or("random")
+            )));
         }
         Ok(())
     }
@@ -431,9 +460,22 @@ pub fn resolve_precision(p: TrainPrecision, device: Device) -> Result<Precision>
 }
 
 /// Opens the dataset and checks every split a run reads (train, and val/test when listed).
+/// Opens the dataset and checks every video of every split opens and has frames, so a bad
+/// validation or test video is found before training, not after it.
 fn open_dataset(data: &endofm_shared::StorageUri) -> Result<Arc<PolypDiag>> {
     let ds = PolypDiag::open(data)?;
     ds.split(Split::Train)?;
+    for split in ds.splits().collect::<Vec<_>>() {
+        for entry in ds.split(split)? {
+            let info = ds.open_media(entry)?.info();
+            if info.frames == 0 {
+                return Err(Error::Input {
+                    name: ds.describe(entry),
+                    reason: format!("has no frames ({split} split)"),
+                });
+            }
+        }
+    }
     Ok(Arc::new(ds))
 }
 
@@ -489,7 +531,7 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
             "world_size": world,
             "model": model_cfg,
             "finetune": job.cfg,
-            "init": job.init.as_ref().map(|i| format!("{i:?}")),
+            "init": job.init.as_ref().map(InitSource::describe),
         }),
         max_steps: job.max_steps,
         checkpoint_every: job.cfg.checkpoint_every,
@@ -675,7 +717,13 @@ fn load_classifier(
             }
             (info.model.clone(), FinetuneConfig::from_json_str(&ft.to_string(), "finetune settings")?)
         }
-        (None, Some(model)) => (model.clone(), super::finetune_config(model, overrides)?),
+        (None, Some(model)) => {
+            tracing::warn!(
+                weights = weights_text,
+                "the weights do not record their fine-tuning settings (no info.json): frames, window and crop are the defaults for this network; give the fine-tuning output or its best/ folder to use the settings it was trained with"
+            );
+            (model.clone(), super::finetune_config(model, overrides)?)
+        }
         (None, None) => {
             return Err(Error::Input {
                 name: "--weights".into(),
@@ -699,6 +747,15 @@ pub fn evaluate(job: &EvaluateJob, collective: &mut dyn Collective) -> Result<Ou
     dataset.split(job.split)?;
     let dataset = Arc::new(dataset);
     let out = Store::open(&job.out, true)?;
+    if out.exists(&format!("{BEST}/info.json"))? || !out.list(crate::run::checkpoint::DIR)?.is_empty() {
+        return Err(Error::Input {
+            name: "--out".into(),
+            reason: format!(
+                "{} is a training output (its report.json would be replaced); give the evaluation its own location",
+                job.out
+            ),
+        });
+    }
     let precision = precision_for(cfg.precision, job.device)?;
     let (preds, loss) = score_split(
         &model,
@@ -770,7 +827,7 @@ pub fn predict(
         out.push(Prediction {
             video: video.to_string(),
             start_frame: clips.starts[i],
-            frames: clips.span,
+            frames: clips.span.min(clips.frames.saturating_sub(clips.starts[i])),
             probability: p,
             label: CLASS_NAMES[usize::from(p > 0.5)].to_string(),
         });

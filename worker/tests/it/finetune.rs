@@ -266,7 +266,12 @@ fn resumed_finetuning_equals_the_uninterrupted_run() {
         "--preset", "tiny", "--config", other.to_str().unwrap(), "--progress", "never",
     ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("other settings"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("other settings: epochs 2 (here 3)"), "{err}");
+    // The refused run changed nothing there.
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(split.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["finetune"]["epochs"], 2);
 }
 
 #[test]
@@ -297,6 +302,14 @@ fn backbone_comes_from_a_pretraining_checkpoint_and_mismatches_are_named() {
     let d_teacher = (&tuned[key] - &teacher[key]).abs().max().double_value(&[]);
     let d_student = (&tuned[key] - &student[key]).abs().max().double_value(&[]);
     assert!(d_teacher < 1e-2 && d_student > 1e-2, "{d_teacher} {d_student}");
+    // Resuming that output without its --init is refused, naming both.
+    let o = worker(&[
+        "finetune", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "--preset", "tiny", "--config", cfg.to_str().unwrap(), "--progress", "never",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("another initialisation") && err.contains("random"), "{err}");
 
     // A checkpoint of another width: the error names the key and both shapes.
     let wide = tmp.path().join("wide");
@@ -337,6 +350,20 @@ fn bad_datasets_are_refused_naming_the_file() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("train.txt"), "{err}");
     assert!(!tmp.path().join("o/checkpoints").exists(), "nothing trained");
+    // A broken test-split video is found before training, not after it.
+    std::fs::write(&list, &text).unwrap();
+    let test_list = std::fs::read_to_string(data.join("splits/test.txt")).unwrap();
+    let name = test_list.lines().next().unwrap().split(',').next().unwrap();
+    std::fs::write(data.join("videos").join(name), b"not a video").unwrap();
+    let o = worker(&[
+        "finetune", "--data", data.to_str().unwrap(), "--out",
+        tmp.path().join("o2").to_str().unwrap(), "--preset", "tiny", "--config",
+        cfg.to_str().unwrap(), "--progress", "never",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(name), "{err}");
+    assert!(!tmp.path().join("o2/checkpoints").exists(), "nothing trained");
     // An unknown task is refused by name.
     let o = worker(&["finetune", "--task", "detection", "--data", "x", "--out", "y", "--preset", "tiny"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("detection"));
