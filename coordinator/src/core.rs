@@ -873,10 +873,9 @@ impl Core {
                 Some(pb::rank_report::Report::Checkpoint(c)) if running => {
                     // Same step, another location: the final word on that state (a
                     // fine-tuning job reports its chosen model, `best/`, after its last step).
-                    let newer = job
-                        .last_checkpoint
-                        .as_ref()
-                        .is_none_or(|old| c.step > old.step || (c.step == old.step && c.uri != old.uri));
+                    let newer = job.last_checkpoint.as_ref().is_none_or(|old| {
+                        c.step > old.step || (c.step == old.step && c.uri != old.uri)
+                    });
                     if newer {
                         if let Some(job) = self.jobs.get_mut(&r.job_id) {
                             job.last_checkpoint = Some(CheckpointRec {

@@ -187,10 +187,7 @@ impl FinetuneConfig {
         check(self.lr.is_finite() && self.lr > 0.0, "lr", || {
             format!("{} must be a positive number", self.lr)
         })?;
-        for (field, v) in [
-            ("weight_decay", self.weight_decay),
-            ("min_lr", self.min_lr),
-        ] {
+        for (field, v) in [("weight_decay", self.weight_decay), ("min_lr", self.min_lr)] {
             check(v.is_finite() && v >= 0.0, field, || {
                 format!("{v} must be zero or positive")
             })?;
@@ -198,9 +195,11 @@ impl FinetuneConfig {
         check((0.0..1.0).contains(&self.momentum), "momentum", || {
             format!("{} is outside [0, 1)", self.momentum)
         })?;
-        check((0.0..1.0).contains(&self.drop_path_rate), "drop_path_rate", || {
-            format!("{} is outside [0, 1)", self.drop_path_rate)
-        })?;
+        check(
+            (0.0..1.0).contains(&self.drop_path_rate),
+            "drop_path_rate",
+            || format!("{} is outside [0, 1)", self.drop_path_rate),
+        )?;
         check(self.std.is_finite() && self.std > 0.0, "std", || {
             format!("{} must be a positive number", self.std)
         })?;
@@ -262,11 +261,17 @@ mod tests {
     fn defaults_are_the_published_script_and_valid() {
         let c = FinetuneConfig::default();
         c.validate().unwrap();
-        assert_eq!((c.epochs, c.batch_per_rank, c.frames, c.window), (20, 4, 8, 256));
+        assert_eq!(
+            (c.epochs, c.batch_per_rank, c.frames, c.window),
+            (20, 4, 8, 256)
+        );
         assert_eq!(c.scaled_lr(1), 1.5625e-5);
         let s = c.sized_for(112);
         s.validate().unwrap();
-        assert_eq!((s.crop, s.train_short_min, s.train_short_max, s.test_short), (112, 128, 160, 128));
+        assert_eq!(
+            (s.crop, s.train_short_min, s.train_short_max, s.test_short),
+            (112, 128, 160, 128)
+        );
     }
 
     #[test]
@@ -279,10 +284,17 @@ mod tests {
             (r#"{"train_short_max": 100}"#, "`train_short_max`"),
             (r#"{"epochz": 1}"#, "epochz"),
         ] {
-            let err = FinetuneConfig::from_json_str(doc, "t").unwrap_err().to_string();
+            let err = FinetuneConfig::from_json_str(doc, "t")
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(field), "{doc}: {err}");
         }
         assert_eq!(TaskKind::parse("segment").unwrap(), TaskKind::Segment);
-        assert!(TaskKind::parse("detection").unwrap_err().to_string().contains("`task`"));
+        assert!(
+            TaskKind::parse("detection")
+                .unwrap_err()
+                .to_string()
+                .contains("`task`")
+        );
     }
 }

@@ -723,8 +723,8 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
             };
             let device = exec.setup()?;
             let model = preset.parse::<Preset>()?.config();
-            let precision: endofm_shared::TrainPrecision =
-                serde_json::from_value(json!(precision)).context("--precision (auto, fp32, bf16)")?;
+            let precision: endofm_shared::TrainPrecision = serde_json::from_value(json!(precision))
+                .context("--precision (auto, fp32, bf16)")?;
             let opts = crate::bench::finetune::FinetuneStepOptions {
                 task: TaskKind::parse(&task)?,
                 preset,
@@ -983,7 +983,9 @@ fn run_synth(args: SynthArgs) -> anyhow::Result<()> {
     }
     let defaults = synth::datasets::DownstreamSpec::new(kind);
     let min_frames = args.frames.unwrap_or(defaults.frames[0]);
-    let max_frames = args.max_frames.unwrap_or(defaults.frames[1].max(min_frames));
+    let max_frames = args
+        .max_frames
+        .unwrap_or(defaults.frames[1].max(min_frames));
     if max_frames < min_frames {
         bail!("--max-frames {max_frames} is below --frames {min_frames}");
     }
@@ -1015,8 +1017,13 @@ fn run_synth_pretrain(args: &SynthArgs) -> anyhow::Result<()> {
         None | Some(0) => bail!("--clips must be at least 1"),
         Some(n) => n,
     };
-    if args.polyp_contrast.is_some() || args.min_polyp_share.is_some() || args.min_polyp_area.is_some() {
-        bail!("--polyp-contrast, --min-polyp-share and --min-polyp-area are for the downstream kinds");
+    if args.polyp_contrast.is_some()
+        || args.min_polyp_share.is_some()
+        || args.min_polyp_area.is_some()
+    {
+        bail!(
+            "--polyp-contrast, --min-polyp-share and --min-polyp-area are for the downstream kinds"
+        );
     }
     if args.max_frames.is_some() {
         bail!("--max-frames is for the downstream kinds; pre-training clips have --frames frames");

@@ -47,7 +47,10 @@ pub struct FinetuneRunConfig {
 /// The fine-tuning defaults for `model`, with the fields of `overrides` (a JSON object of
 /// [`FinetuneConfig`] fields) laid over them. Sizes follow the model's input size unless
 /// `overrides` gives `crop`. The result is validated.
-pub fn finetune_config(model: &ModelConfig, overrides: Option<&serde_json::Value>) -> Result<FinetuneConfig> {
+pub fn finetune_config(
+    model: &ModelConfig,
+    overrides: Option<&serde_json::Value>,
+) -> Result<FinetuneConfig> {
     let base = FinetuneConfig::default().sized_for(model.img_size);
     let mut value = serde_json::to_value(&base).map_err(|e| Error::Input {
         name: "finetune".into(),
@@ -66,7 +69,10 @@ pub fn finetune_config(model: &ModelConfig, overrides: Option<&serde_json::Value
             }
         }
     }
-    Ok(FinetuneConfig::from_json_str(&value.to_string(), "finetune settings")?)
+    Ok(FinetuneConfig::from_json_str(
+        &value.to_string(),
+        "finetune settings",
+    )?)
 }
 
 /// Everything a fine-tuning run needs.
@@ -116,7 +122,10 @@ pub struct Outcome {
 }
 
 /// Runs (or resumes) fine-tuning on this rank.
-pub fn run(job: &FinetuneJob, collective: &mut dyn crate::collective::Collective) -> Result<Outcome> {
+pub fn run(
+    job: &FinetuneJob,
+    collective: &mut dyn crate::collective::Collective,
+) -> Result<Outcome> {
     match job.task {
         TaskKind::Classify => classify::finetune(job, collective),
         other => Err(not_implemented(other)),
@@ -246,7 +255,10 @@ pub fn load_backbone(vs: &tch::nn::VarStore, init: &InitSource, from: InitFrom) 
             } else if dir.join("model.safetensors").is_file() {
                 let path = dir.join("model.safetensors");
                 backbone_from(vs, weights::read(&path)?, &path)?;
-                return Ok(format!("{} (a fine-tuned model's backbone)", path.display()));
+                return Ok(format!(
+                    "{} (a fine-tuned model's backbone)",
+                    path.display()
+                ));
             } else {
                 return Err(Error::Input {
                     name: "--init".into(),
@@ -317,17 +329,17 @@ pub fn locate_model(text: &str) -> Result<LocalModel> {
         reason,
     };
     let uri = StorageUri::parse(text)?;
-    if text.ends_with(".safetensors") {
-        if let StorageUri::Local { path } = &uri {
-            if !path.is_file() {
-                return Err(refuse(format!("{} does not exist", path.display())));
-            }
-            return Ok(LocalModel {
-                weights: path.clone(),
-                info: None,
-                _tmp: None,
-            });
+    if text.ends_with(".safetensors")
+        && let StorageUri::Local { path } = &uri
+    {
+        if !path.is_file() {
+            return Err(refuse(format!("{} does not exist", path.display())));
         }
+        return Ok(LocalModel {
+            weights: path.clone(),
+            info: None,
+            _tmp: None,
+        });
     }
     let tmp = tempfile::tempdir().map_err(|source| Error::Io {
         action: "creating a temporary directory",
@@ -358,7 +370,10 @@ pub fn locate_model(text: &str) -> Result<LocalModel> {
         (store, prefix)
     };
     let weights_path = tmp.path().join("model.safetensors");
-    write(&weights_path, &store.get(&format!("{prefix}model.safetensors"))?)?;
+    write(
+        &weights_path,
+        &store.get(&format!("{prefix}model.safetensors"))?,
+    )?;
     let info_key = format!("{prefix}info.json");
     let manifest_key = format!("{prefix}manifest.json");
     let info = if store.exists(&info_key)? {
@@ -429,7 +444,10 @@ pub struct EvaluateJob {
 
 /// Evaluates a fine-tuned model on one split (every rank scores its share; rank 0 writes the
 /// report).
-pub fn evaluate(job: &EvaluateJob, collective: &mut dyn crate::collective::Collective) -> Result<Outcome> {
+pub fn evaluate(
+    job: &EvaluateJob,
+    collective: &mut dyn crate::collective::Collective,
+) -> Result<Outcome> {
     match job.task {
         TaskKind::Classify => classify::evaluate(job, collective),
         other => Err(not_implemented(other)),

@@ -128,8 +128,14 @@ impl InitSource {
         })?;
         let text = uri.to_string();
         let name = text.rsplit('/').next().unwrap_or_default().to_string();
-        let source = if name.ends_with(".safetensors") || name.ends_with(".pth") || name.ends_with(".pt") || name.ends_with(".ckpt") {
-            let parent = text[..text.len() - name.len()].trim_end_matches('/').to_string();
+        let source = if name.ends_with(".safetensors")
+            || name.ends_with(".pth")
+            || name.ends_with(".pt")
+            || name.ends_with(".ckpt")
+        {
+            let parent = text[..text.len() - name.len()]
+                .trim_end_matches('/')
+                .to_string();
             let store = Store::open(&StorageUri::parse(&parent)?, false)?;
             let bytes = store.get(&name)?;
             let local = tmp.path().join(&name);
@@ -186,17 +192,38 @@ mod tests {
         let err = InitSource::parse(dir.path()).unwrap_err().to_string();
         assert!(err.contains("has none of"), "{err}");
         std::fs::write(dir.path().join("model.safetensors"), b"x").unwrap();
-        assert!(matches!(InitSource::parse(dir.path()).unwrap(), InitSource::Folder(_)));
+        assert!(matches!(
+            InitSource::parse(dir.path()).unwrap(),
+            InitSource::Folder(_)
+        ));
         let f = dir.path().join("w.pth");
         std::fs::write(&f, b"x").unwrap();
-        assert!(matches!(InitSource::parse(&f).unwrap(), InitSource::Pickle(_)));
+        assert!(matches!(
+            InitSource::parse(&f).unwrap(),
+            InitSource::Pickle(_)
+        ));
         let f = dir.path().join("w.bin");
         std::fs::write(&f, b"x").unwrap();
-        assert!(InitSource::parse(&f).unwrap_err().to_string().contains("expected"));
-        assert!(InitSource::parse_uri("job:job-3").unwrap_err().to_string().contains("coordinator"));
-        let missing = InitSource::parse(&dir.path().join("nope")).unwrap_err().to_string();
+        assert!(
+            InitSource::parse(&f)
+                .unwrap_err()
+                .to_string()
+                .contains("expected")
+        );
+        assert!(
+            InitSource::parse_uri("job:job-3")
+                .unwrap_err()
+                .to_string()
+                .contains("coordinator")
+        );
+        let missing = InitSource::parse(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains("does not exist"), "{missing}");
         let local = InitSource::parse_uri(dir.path().to_str().unwrap()).unwrap();
-        assert!(matches!(local.localise().unwrap().source, InitSource::Folder(_)));
+        assert!(matches!(
+            local.localise().unwrap().source,
+            InitSource::Folder(_)
+        ));
     }
 }

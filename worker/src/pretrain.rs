@@ -130,7 +130,6 @@ fn load_init(trainer: &mut SslTrainer, init: &InitSource) -> Result<()> {
     Ok(())
 }
 
-
 /// Pre-training as a [`Task`]: the trainer, the corpus and (once started) its loader.
 struct SslTask<'a> {
     job: &'a PretrainJob,
@@ -192,7 +191,12 @@ impl Checkpointable for SslTrainer {
         {
             let (student, teacher) = self.networks_mut();
             for (name, net) in [(SSL_FILES[0], student), (SSL_FILES[1], teacher)] {
-                weights::load_tensors(net.var_store(), c.read(name)?, &c.origin(name), LoadMode::Strict)?;
+                weights::load_tensors(
+                    net.var_store(),
+                    c.read(name)?,
+                    &c.origin(name),
+                    LoadMode::Strict,
+                )?;
             }
         }
         let opt = c.read(SSL_FILES[2])?;
@@ -488,7 +492,11 @@ mod tests {
         }
         writer.finish().unwrap();
         drop(first);
-        assert_eq!(committed(&store).unwrap(), vec![3, 4], "keeps the newest two");
+        assert_eq!(
+            committed(&store).unwrap(),
+            vec![3, 4],
+            "keeps the newest two"
+        );
 
         let m = latest(&store).unwrap().unwrap();
         assert_eq!(m.step, 4);
@@ -500,13 +508,24 @@ mod tests {
             resumed.step(&views(step), step, &mut Solo).unwrap();
         }
         assert!(
-            resumed.student_flat().buffer().equal(straight.student_flat().buffer()),
+            resumed
+                .student_flat()
+                .buffer()
+                .equal(straight.student_flat().buffer()),
             "student differs"
         );
         assert!(
-            resumed.teacher_flat().buffer().equal(straight.teacher_flat().buffer()),
+            resumed
+                .teacher_flat()
+                .buffer()
+                .equal(straight.teacher_flat().buffer()),
             "teacher differs"
         );
-        assert!(resumed.objective().center().equal(straight.objective().center()));
+        assert!(
+            resumed
+                .objective()
+                .center()
+                .equal(straight.objective().center())
+        );
     }
 }

@@ -195,7 +195,11 @@ pub fn drive<T: Task>(
     let started = Instant::now();
     let rank = collective.rank();
     let world = collective.world_size();
-    let _lock = if rank == 0 { lock_output(&settings.out)? } else { None };
+    let _lock = if rank == 0 {
+        lock_output(&settings.out)?
+    } else {
+        None
+    };
     let ipe = task.iters_per_epoch();
     let mut start_step = 0;
     match checkpoint::latest(out)? {
@@ -220,7 +224,10 @@ pub fn drive<T: Task>(
             if m.world_size != world {
                 return Err(refuse(
                     &settings.out,
-                    format!("holds checkpoints of a run on {} ranks, this one has {world}", m.world_size),
+                    format!(
+                        "holds checkpoints of a run on {} ranks, this one has {world}",
+                        m.world_size
+                    ),
                 ));
             }
             if m.iters_per_epoch != ipe {
@@ -352,8 +359,11 @@ pub fn drive<T: Task>(
             }
         }
         let every = settings.checkpoint_every;
-        let stopping =
-            agree_stop(collective, settings.stop.load(Ordering::SeqCst), settings.device)? && done < end;
+        let stopping = agree_stop(
+            collective,
+            settings.stop.load(Ordering::SeqCst),
+            settings.device,
+        )? && done < end;
         if let Some(w) = writer.as_mut()
             && ((every > 0 && done % every == 0)
                 || done == end
@@ -422,7 +432,10 @@ fn lock_output(out: &StorageUri) -> Result<Option<std::fs::File>> {
         Ok(()) => Ok(Some(file)),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::Input {
             name: "--out".into(),
-            reason: format!("{out} is in use by another run (it holds {})", file_path.display()),
+            reason: format!(
+                "{out} is in use by another run (it holds {})",
+                file_path.display()
+            ),
         }),
         Err(std::fs::TryLockError::Error(source)) => Err(Error::Io {
             action: "locking",
@@ -470,14 +483,14 @@ fn append_digest(dir: &Path, rank: usize, step: usize, task: &dyn Checkpointable
     };
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for t in tensors.values() {
-        let values: Vec<f32> = match Vec::<f32>::try_from(t.to_kind(tch::Kind::Float).flatten(0, -1))
-        {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(error = %e, "parameter digest skipped");
-                return;
-            }
-        };
+        let values: Vec<f32> =
+            match Vec::<f32>::try_from(t.to_kind(tch::Kind::Float).flatten(0, -1)) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "parameter digest skipped");
+                    return;
+                }
+            };
         for v in values {
             for b in v.to_bits().to_le_bytes() {
                 hash ^= u64::from(b);
@@ -530,6 +543,9 @@ mod tests {
         let err = lock_output(&uri).unwrap_err().to_string();
         assert!(err.contains("in use by another run"), "{err}");
         drop(first);
-        assert!(lock_output(&uri).unwrap().is_some(), "released with its holder");
+        assert!(
+            lock_output(&uri).unwrap().is_some(),
+            "released with its holder"
+        );
     }
 }

@@ -22,11 +22,26 @@ fn polypdiag() -> PathBuf {
         let out = Command::new(bin("endofm-worker").unwrap())
             .args(["synth", "--kind", "polypdiag", "--out"])
             .arg(&dir)
-            .args(["--videos", "12", "--size", "80", "--frames", "24", "--max-frames", "32", "--seed", "4"])
+            .args([
+                "--videos",
+                "12",
+                "--size",
+                "80",
+                "--frames",
+                "24",
+                "--max-frames",
+                "32",
+                "--seed",
+                "4",
+            ])
             .env("RUST_LOG", "warn")
             .output()
             .expect("running synth");
-        assert!(out.status.success(), "synth failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "synth failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         dir
     })
     .clone()
@@ -86,7 +101,10 @@ fn last_model(out: &Path) -> Vec<u8> {
 /// Largest |a − b| over every tensor of two safetensors files, relative to max |b|.
 fn worst_rel(a: &[u8], b: &[u8]) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+    let (pa, pb) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
     std::fs::write(&pa, a).unwrap();
     std::fs::write(&pb, b).unwrap();
     let code = r#"
@@ -97,8 +115,17 @@ assert a.keys() == b.keys()
 print(max(((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max().clamp(min=1e-12)).item() for k in a))
 "#;
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    let out = Command::new(python).args(["-c", code]).arg(&pa).arg(&pb).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(python)
+        .args(["-c", code])
+        .arg(&pa)
+        .arg(&pb)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
@@ -111,7 +138,11 @@ fn pipeline_of_dependent_jobs_and_two_ranks_equal_one() {
 
     // References to jobs that do not exist are refused at submit.
     let path = dir.join("bad.toml");
-    std::fs::write(&path, finetune_spec("bad", &dir.join("bad"), 1, 4, r#"init = "job:job-999""#)).unwrap();
+    std::fs::write(
+        &path,
+        finetune_spec("bad", &dir.join("bad"), 1, 4, r#"init = "job:job-999""#),
+    )
+    .unwrap();
     let out = c.cli(&["submit", path.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("job-999"));
@@ -126,7 +157,13 @@ fn pipeline_of_dependent_jobs_and_two_ranks_equal_one() {
         "",
     ));
     let two = dir.join("ft-two");
-    let ft = c.submit(&finetune_spec("ft", &two, 2, 2, &format!(r#"init = "job:{pre}""#)));
+    let ft = c.submit(&finetune_spec(
+        "ft",
+        &two,
+        2,
+        2,
+        &format!(r#"init = "job:{pre}""#),
+    ));
     let eval_spec = format!(
         r#"name = "eval"
 kind = "evaluate"
@@ -156,28 +193,64 @@ threads_per_rank = 1
     assert!(dir.join("eval/report.json").is_file());
     let ft_job = c.status(&ft);
     assert_eq!(state(&ft_job), "succeeded", "{ft_job}");
-    assert!(ft_job["init_resolved"].as_str().unwrap_or("").contains("pre"), "{ft_job}");
+    assert!(
+        ft_job["init_resolved"]
+            .as_str()
+            .unwrap_or("")
+            .contains("pre"),
+        "{ft_job}"
+    );
     assert!(two.join("report.json").is_file() && two.join("best/model.safetensors").is_file());
     // The evaluation read the fine-tuned model chosen on validation.
-    assert!(c.status(&ev)["init_resolved"].as_str().unwrap_or("").contains("best"));
+    assert!(
+        c.status(&ev)["init_resolved"]
+            .as_str()
+            .unwrap_or("")
+            .contains("best")
+    );
 
     // One rank with the whole global batch ends at the same parameters.
     let one = dir.join("ft-one");
-    let ft1 = c.submit(&finetune_spec("ft1", &one, 1, 4, &format!(r#"init = "job:{pre}""#)));
+    let ft1 = c.submit(&finetune_spec(
+        "ft1",
+        &one,
+        1,
+        4,
+        &format!(r#"init = "job:{pre}""#),
+    ));
     let (code, job) = c.wait(&ft1, LONG);
     assert_eq!(code, 0, "{job}");
     let worst = worst_rel(&last_model(&two), &last_model(&one));
-    assert!(worst < 1e-4, "two ranks vs one: worst relative difference {worst}");
+    assert!(
+        worst < 1e-4,
+        "two ranks vs one: worst relative difference {worst}"
+    );
 
     // A job that fails takes its dependants with it, which never run.
     let broken = c.submit(
-        &tiny_spec("broken", &dir.join("broken"), "/nonexistent/corpus", 1, "", "")
-            .replace("max_restarts = 3", "max_restarts = 0"),
+        &tiny_spec(
+            "broken",
+            &dir.join("broken"),
+            "/nonexistent/corpus",
+            1,
+            "",
+            "",
+        )
+        .replace("max_restarts = 3", "max_restarts = 0"),
     );
-    let dep = c.submit(&finetune_spec("dep", &dir.join("dep"), 1, 4, &format!(r#"init = "job:{broken}""#)));
+    let dep = c.submit(&finetune_spec(
+        "dep",
+        &dir.join("dep"),
+        1,
+        4,
+        &format!(r#"init = "job:{broken}""#),
+    ));
     let (_, job) = c.wait(&dep, LONG);
     assert_eq!(state(&job), "failed", "{job}");
-    assert!(!dir.join("dep").exists(), "the dependent job must never run");
+    assert!(
+        !dir.join("dep").exists(),
+        "the dependent job must never run"
+    );
     let events = c.events(&dep).join("\n");
     assert!(events.contains(&broken), "{events}");
 }

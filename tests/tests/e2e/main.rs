@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)] // tests fail by panicking
 
 mod cluster;
+mod finetune;
 mod programs;
 mod service;
-mod finetune;
 mod up;

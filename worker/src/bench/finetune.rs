@@ -69,7 +69,10 @@ pub struct FinetuneStepResult {
 }
 
 /// Runs the benchmark.
-pub fn finetune_step(model: &ModelConfig, opts: &FinetuneStepOptions) -> Result<FinetuneStepResult> {
+pub fn finetune_step(
+    model: &ModelConfig,
+    opts: &FinetuneStepOptions,
+) -> Result<FinetuneStepResult> {
     if opts.task != TaskKind::Classify {
         return Err(crate::finetune::not_implemented(opts.task));
     }
@@ -92,7 +95,15 @@ pub fn finetune_step(model: &ModelConfig, opts: &FinetuneStepOptions) -> Result<
     let mut times = Vec::with_capacity(opts.steps);
     for step in 0..=opts.steps {
         let started = Instant::now();
-        train_step(&net, &mut sgd, precision, (&videos, &labels), step as u64, lr, &mut Solo)?;
+        train_step(
+            &net,
+            &mut sgd,
+            precision,
+            (&videos, &labels),
+            step as u64,
+            lr,
+            &mut Solo,
+        )?;
         if let Device::Cuda(index) = opts.device {
             tch::Cuda::synchronize(index as i64);
         }

@@ -159,7 +159,10 @@ fn model_of(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result<Op
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading model configuration {}", path.display()))?;
-            Some(ModelConfig::from_json_str(&text, &path.display().to_string())?)
+            Some(ModelConfig::from_json_str(
+                &text,
+                &path.display().to_string(),
+            )?)
         }
         (None, None) => None,
     })
@@ -205,7 +208,10 @@ pub fn finetune_job(args: &FinetuneArgs) -> anyhow::Result<FinetuneJob> {
         }
     }
     let cfg = finetune::finetune_config(&model, Some(&serde_json::Value::Object(over)))?;
-    debug_assert!(matches!(cfg.init_from, InitFrom::Teacher | InitFrom::Student));
+    debug_assert!(matches!(
+        cfg.init_from,
+        InitFrom::Teacher | InitFrom::Student
+    ));
     let device = parse_device(&args.device)?;
     threads(args.threads)?;
     let progress = match args.progress.as_str() {
@@ -221,7 +227,11 @@ pub fn finetune_job(args: &FinetuneArgs) -> anyhow::Result<FinetuneJob> {
         preset: args.preset.clone(),
         model,
         cfg,
-        init: args.init.as_deref().map(InitSource::parse_uri).transpose()?,
+        init: args
+            .init
+            .as_deref()
+            .map(InitSource::parse_uri)
+            .transpose()?,
         max_steps: args.max_steps,
         device,
         data_threads: args.data_threads.unwrap_or_else(cores).max(1),

@@ -20,9 +20,9 @@ use crate::data::CorpusFingerprint;
 use crate::datasets::classify::{ClassifyEval, ClassifyLoader, iters_per_epoch};
 use crate::datasets::{PolypDiag, Split};
 use crate::eval::metrics::{BinaryMetrics, BinaryPrediction};
-use crate::init::InitSource;
 use crate::eval::plots::write_report_plots;
 use crate::eval::report::{EpochRecord, REPORT_FILE, Report, Selection, SplitMetrics};
+use crate::init::InitSource;
 use crate::model::{Classifier, LoadMode, weights};
 use crate::precision::{Precision, with_precision};
 use crate::run::checkpoint::{Checkpointable, Committed, Manifest, Snapshot, host_vars, read_file};
@@ -87,7 +87,10 @@ impl Checkpointable for ClassifyTask<'_> {
         );
         let mut state = self.state.clone();
         state.sgd_steps = self.sgd.steps;
-        extra.insert("state".into(), serde_json::to_value(&state).unwrap_or_default());
+        extra.insert(
+            "state".into(),
+            serde_json::to_value(&state).unwrap_or_default(),
+        );
         extra.insert("init".into(), serde_json::json!(self.init));
         extra.insert(
             "init_source".into(),
@@ -95,7 +98,10 @@ impl Checkpointable for ClassifyTask<'_> {
         );
         Snapshot {
             files: vec![
-                ("model.safetensors".into(), host_vars(self.model.var_store())),
+                (
+                    "model.safetensors".into(),
+                    host_vars(self.model.var_store()),
+                ),
                 ("optimizer.safetensors".into(), self.sgd.state()),
             ],
             extra,
@@ -275,7 +281,12 @@ impl Task for ClassifyTask<'_> {
                 .into_iter()
                 .flatten()
                 .filter(|(k, v)| theirs.get(k.as_str()) != Some(*v))
-                .map(|(k, v)| format!("{k} {} (here {v})", theirs.get(k.as_str()).cloned().unwrap_or_default()))
+                .map(|(k, v)| {
+                    format!(
+                        "{k} {} (here {v})",
+                        theirs.get(k.as_str()).cloned().unwrap_or_default()
+                    )
+                })
                 .collect();
             return Err(refuse(format!("other settings: {}", changed.join(", "))));
         }
@@ -318,7 +329,10 @@ impl Task for ClassifyTask<'_> {
         })?;
         let b = loader.next_batch()?;
         Ok((
-            (b.videos.to_device(self.job.device), b.labels.to_device(self.job.device)),
+            (
+                b.videos.to_device(self.job.device),
+                b.labels.to_device(self.job.device),
+            ),
             b.wait_s,
         ))
     }
@@ -369,7 +383,7 @@ impl Task for ClassifyTask<'_> {
         };
         let last = epoch + 1 == self.epochs();
         let has_val = self.dataset.split(Split::Val).is_ok();
-        if has_val && ((epoch + 1) % self.job.cfg.val_every == 0 || last) {
+        if has_val && ((epoch + 1).is_multiple_of(self.job.cfg.val_every) || last) {
             let (preds, loss) = score_split(
                 &self.model,
                 &self.dataset,
@@ -416,8 +430,13 @@ impl Task for ClassifyTask<'_> {
             .state
             .best
             .filter(|(_, v)| v.is_finite())
-            .map_or(String::new(), |(e, v)| format!(" best val F1 {v:.3} (epoch {e})"));
-        format!("loss {:.4} {:.2} videos/s{best}", line.loss, line.samples_per_s)
+            .map_or(String::new(), |(e, v)| {
+                format!(" best val F1 {v:.3} (epoch {e})")
+            });
+        format!(
+            "loss {:.4} {:.2} videos/s{best}",
+            line.loss, line.samples_per_s
+        )
     }
 }
 
@@ -508,7 +527,11 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
         .flat_map(|s| {
             dataset
                 .split(s)
-                .map(|e| e.iter().map(|v| format!("{s}/{},{}", v.name, v.label)).collect::<Vec<_>>())
+                .map(|e| {
+                    e.iter()
+                        .map(|v| format!("{s}/{},{}", v.name, v.label))
+                        .collect::<Vec<_>>()
+                })
                 .unwrap_or_default()
         })
         .collect();
@@ -582,7 +605,11 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
         std::path::Path::new(&out.describe(&format!("{BEST}/model.safetensors"))),
         LoadMode::Strict,
     )?;
-    let mut report = Report::new(TaskKind::Classify, task.init.clone(), settings.resolved_config.clone());
+    let mut report = Report::new(
+        TaskKind::Classify,
+        task.init.clone(),
+        settings.resolved_config.clone(),
+    );
     report.history = task.state.history.clone();
     let has_val = dataset.split(Split::Val).is_ok();
     if has_val {
@@ -710,12 +737,17 @@ fn load_classifier(
                 });
             }
             let mut ft = serde_json::to_value(&info.finetune).unwrap_or_default();
-            if let (Some(serde_json::Value::Object(over)), serde_json::Value::Object(map)) = (overrides, &mut ft) {
+            if let (Some(serde_json::Value::Object(over)), serde_json::Value::Object(map)) =
+                (overrides, &mut ft)
+            {
                 for (k, v) in over {
                     map.insert(k.clone(), v.clone());
                 }
             }
-            (info.model.clone(), FinetuneConfig::from_json_str(&ft.to_string(), "finetune settings")?)
+            (
+                info.model.clone(),
+                FinetuneConfig::from_json_str(&ft.to_string(), "finetune settings")?,
+            )
         }
         (None, Some(model)) => {
             tracing::warn!(
@@ -741,13 +773,19 @@ fn load_classifier(
 /// Scores a fine-tuned classifier on one split and writes `report.json` (+ confusion matrix and
 /// ROC plots) to the job's output location.
 pub fn evaluate(job: &EvaluateJob, collective: &mut dyn Collective) -> Result<Outcome> {
-    let (model, cfg, described) =
-        load_classifier(&job.weights, job.model.as_ref(), job.overrides.as_ref(), job.device)?;
+    let (model, cfg, described) = load_classifier(
+        &job.weights,
+        job.model.as_ref(),
+        job.overrides.as_ref(),
+        job.device,
+    )?;
     let dataset = PolypDiag::open(&job.data)?;
     dataset.split(job.split)?;
     let dataset = Arc::new(dataset);
     let out = Store::open(&job.out, true)?;
-    if out.exists(&format!("{BEST}/info.json"))? || !out.list(crate::run::checkpoint::DIR)?.is_empty() {
+    if out.exists(&format!("{BEST}/info.json"))?
+        || !out.list(crate::run::checkpoint::DIR)?.is_empty()
+    {
         return Err(Error::Input {
             name: "--out".into(),
             reason: format!(
@@ -816,13 +854,19 @@ pub fn predict(
     let (model, cfg, _) = load_classifier(weights_text, fallback, None, device)?;
     let clips = crate::datasets::classify::predict_windows(video, &cfg)?;
     let precision = precision_for(cfg.precision, device)?;
-    let count = if windows { clips.starts.len() } else { 1.min(clips.starts.len()) };
+    let count = if windows {
+        clips.starts.len()
+    } else {
+        1.min(clips.starts.len())
+    };
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
         let x = clips.clips.narrow(0, i as i64, 1).to_device(device);
-        let logits = with_precision(precision, device, || tch::no_grad(|| model.forward_t(&x, false).1))?
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu);
+        let logits = with_precision(precision, device, || {
+            tch::no_grad(|| model.forward_t(&x, false).1)
+        })?
+        .to_kind(Kind::Float)
+        .to_device(Device::Cpu);
         let p = logits.softmax(-1, Kind::Float).double_value(&[0, 1]);
         out.push(Prediction {
             video: video.to_string(),
@@ -853,8 +897,16 @@ mod tests {
         let mut losses = Vec::new();
         for step in 0..40 {
             losses.push(
-                train_step(&model, &mut sgd, Precision::Fp32, (&x, &y), step, 0.05, &mut Solo)
-                    .unwrap(),
+                train_step(
+                    &model,
+                    &mut sgd,
+                    Precision::Fp32,
+                    (&x, &y),
+                    step,
+                    0.05,
+                    &mut Solo,
+                )
+                .unwrap(),
             );
         }
         let last = *losses.last().unwrap();

@@ -78,7 +78,7 @@ impl Sgd {
         for (_, p) in &self.params {
             let n = p.numel() as i64;
             let mut g = p.grad();
-            let _ = g.copy_(&buffer.narrow(0, offset, n).view_as(p));
+            g.copy_(&buffer.narrow(0, offset, n).view_as(p));
             offset += n;
         }
         Ok(())
@@ -188,10 +188,18 @@ mod tests {
         let state = sgd.state();
         assert!((state["momentum_buffer.p"].double_value(&[0]) - 2.9).abs() < 1e-6);
         let mut other = Sgd::new(vec![("p".into(), p.shallow_clone())], 0.9, 0.0);
-        other.load_state(&state, std::path::Path::new("x"), 2).unwrap();
-        let bad: BTreeMap<String, Tensor> =
-            [("momentum_buffer.p".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu)))].into();
-        let err = other.load_state(&bad, std::path::Path::new("x"), 2).unwrap_err().to_string();
+        other
+            .load_state(&state, std::path::Path::new("x"), 2)
+            .unwrap();
+        let bad: BTreeMap<String, Tensor> = [(
+            "momentum_buffer.p".to_string(),
+            Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+        )]
+        .into();
+        let err = other
+            .load_state(&bad, std::path::Path::new("x"), 2)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("momentum_buffer.p"), "{err}");
     }
 }

@@ -132,10 +132,19 @@ mod tests {
         assert_eq!(w.size(), vec![2, cfg.embed_dim as i64]);
         let std = w.std(true).double_value(&[]);
         assert!((0.005..0.02).contains(&std), "linear std {std}");
-        assert_eq!(vars["linear.bias"].abs().sum(tch::Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(
+            vars["linear.bias"]
+                .abs()
+                .sum(tch::Kind::Float)
+                .double_value(&[]),
+            0.0
+        );
         let x = Tensor::zeros([2, 3, 2, 32, 32], (tch::Kind::Float, Device::Cpu));
         let (f, l) = model.forward_t(&x, false);
-        assert_eq!((f.size(), l.size()), (vec![2, cfg.embed_dim as i64], vec![2, 2]));
+        assert_eq!(
+            (f.size(), l.size()),
+            (vec![2, cfg.embed_dim as i64], vec![2, 2])
+        );
         assert!(Classifier::new(&cfg, 1, Device::Cpu).is_err());
     }
 }

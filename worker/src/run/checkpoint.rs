@@ -64,10 +64,14 @@ pub struct Manifest {
 impl Manifest {
     /// A task field, deserialised; a missing or malformed field is an error naming it.
     pub fn field<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T> {
-        let value = self.extra.get(name).cloned().ok_or_else(|| Error::Storage {
-            uri: format!("checkpoint manifest (step {})", self.step),
-            reason: format!("has no `{name}` field"),
-        })?;
+        let value = self
+            .extra
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::Storage {
+                uri: format!("checkpoint manifest (step {})", self.step),
+                reason: format!("has no `{name}` field"),
+            })?;
         serde_json::from_value(value).map_err(|e| Error::Storage {
             uri: format!("checkpoint manifest (step {})", self.step),
             reason: format!("field `{name}`: {e}"),
@@ -163,7 +167,12 @@ pub fn encode(tensors: &BTreeMap<String, Tensor>) -> Result<Bytes> {
     Ok(Bytes::from(bytes))
 }
 
-fn write_snapshot(store: &Store, snap: Snapshot, mut manifest: Manifest, keep: usize) -> Result<String> {
+fn write_snapshot(
+    store: &Store,
+    snap: Snapshot,
+    mut manifest: Manifest,
+    keep: usize,
+) -> Result<String> {
     let dir = folder(manifest.step);
     manifest.files.clear();
     for (name, tensors) in &snap.files {
@@ -475,6 +484,11 @@ mod tests {
         let mut c = Counter(Tensor::from_slice(&[0f32]));
         restore(&store, &m, &mut c).unwrap();
         assert_eq!(c.0.double_value(&[0]), 3.0);
-        assert!(m.field::<u64>("missing").unwrap_err().to_string().contains("missing"));
+        assert!(
+            m.field::<u64>("missing")
+                .unwrap_err()
+                .to_string()
+                .contains("missing")
+        );
     }
 }

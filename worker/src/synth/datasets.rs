@@ -136,7 +136,9 @@ impl DownstreamSpec {
                 format!("range {lo}..={hi} is empty or starts at 0"),
             );
         }
-        if !(0.0..=1.0).contains(&self.min_polyp_share) || !(0.0..0.5).contains(&self.min_polyp_area) {
+        if !(0.0..=1.0).contains(&self.min_polyp_share)
+            || !(0.0..0.5).contains(&self.min_polyp_area)
+        {
             return bad(
                 "polyp visibility",
                 format!(
@@ -325,7 +327,12 @@ fn render_planned(spec: &DownstreamSpec, p: &Planned) -> Result<(u64, Frames, La
             .filter(|&i| {
                 let m = labels.masks.frame(i);
                 let inside: usize = (y0..y0 + side)
-                    .map(|y| m[y * w + x0..y * w + x0 + side].iter().filter(|&&v| v != 0).count())
+                    .map(|y| {
+                        m[y * w + x0..y * w + x0 + side]
+                            .iter()
+                            .filter(|&&v| v != 0)
+                            .count()
+                    })
                     .sum();
                 inside as f64 >= need
             })
@@ -339,7 +346,10 @@ fn render_planned(spec: &DownstreamSpec, p: &Planned) -> Result<(u64, Frames, La
         name: "synthetic dataset".into(),
         reason: format!(
             "no seed of {MAX_ATTEMPTS} showed a polyp of {} % of the frame in {} % of the {} frames of {}; try a larger --polyp-scale, or lower --min-polyp-share / --min-polyp-area",
-            spec.min_polyp_area * 100.0, spec.min_polyp_share * 100.0, p.frames, p.name
+            spec.min_polyp_area * 100.0,
+            spec.min_polyp_share * 100.0,
+            p.frames,
+            p.name
         ),
     })
 }

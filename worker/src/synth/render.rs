@@ -256,7 +256,11 @@ impl Scene {
                             // Contrast > 1 pales the mound (green and blue lifted most), so it
                             // stands out from the reddish wall; 1 leaves the tint as drawn.
                             let c = params.polyp_contrast as f32 - 1.0;
-                            [tint[0] * (1.0 + 0.2 * c), tint[1] * (1.0 + 0.7 * c), tint[2] * (1.0 + 0.7 * c)]
+                            [
+                                tint[0] * (1.0 + 0.2 * c),
+                                tint[1] * (1.0 + 0.7 * c),
+                                tint[2] * (1.0 + 0.7 * c),
+                            ]
                         },
                     }
                 })

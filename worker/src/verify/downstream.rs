@@ -73,7 +73,11 @@ pub fn backbone_config(dir: &ReferenceDir, section: &Value) -> Result<ModelConfi
     let count = |key: &str| -> Result<usize> {
         let v = num(key)?;
         if v < 0.0 || v.fract() != 0.0 {
-            return Err(bad(dir, &format!("backbone.{key}"), format!("{v} is not a count")));
+            return Err(bad(
+                dir,
+                &format!("backbone.{key}"),
+                format!("{v} is not a count"),
+            ));
         }
         Ok(v as usize)
     };
@@ -93,7 +97,9 @@ pub fn backbone_config(dir: &ReferenceDir, section: &Value) -> Result<ModelConfi
         patch_size: section
             .get("patch_size")
             .map_or(Ok(16), |_| count("patch_size"))?,
-        mlp_ratio: section.get("mlp_ratio").map_or(Ok(4.0), |_| num("mlp_ratio"))?,
+        mlp_ratio: section
+            .get("mlp_ratio")
+            .map_or(Ok(4.0), |_| num("mlp_ratio"))?,
         qkv_bias: section
             .get("qkv_bias")
             .and_then(Value::as_bool)
@@ -103,7 +109,9 @@ pub fn backbone_config(dir: &ReferenceDir, section: &Value) -> Result<ModelConfi
             .map_or(Ok(1e-6), |_| num("layer_norm_eps"))?,
         img_size: count("img_size")?,
         num_frames: count("num_frames")?,
-        in_chans: section.get("in_chans").map_or(Ok(3), |_| count("in_chans"))?,
+        in_chans: section
+            .get("in_chans")
+            .map_or(Ok(3), |_| count("in_chans"))?,
         drop_path_rate: section
             .get("drop_path_rate")
             .map_or(Ok(0.0), |_| num("drop_path_rate"))?,
@@ -112,7 +120,11 @@ pub fn backbone_config(dir: &ReferenceDir, section: &Value) -> Result<ModelConfi
     if let Some(grid) = section.get("pos_embed_grid") {
         let grid = grid.as_u64().unwrap_or(0) as usize;
         if grid == 0 {
-            return Err(bad(dir, "backbone.pos_embed_grid", "not a positive integer"));
+            return Err(bad(
+                dir,
+                "backbone.pos_embed_grid",
+                "not a positive integer",
+            ));
         }
         // The position table is sized from img_size / patch_size; a table of another grid is
         // the same network at another nominal image size.
@@ -218,10 +230,17 @@ pub fn classify_forward(
         let x = &vectors[&key];
         model.backbone().check_input(&key, x)?;
         let x = x.to_device(device);
-        let (features, logits) =
-            with_precision(precision, device, || tch::no_grad(|| model.forward_t(&x, false)))?;
-        out.insert(format!("{name}.features"), features.to_kind(Kind::Float).to_device(Device::Cpu));
-        out.insert(format!("{name}.logits"), logits.to_kind(Kind::Float).to_device(Device::Cpu));
+        let (features, logits) = with_precision(precision, device, || {
+            tch::no_grad(|| model.forward_t(&x, false))
+        })?;
+        out.insert(
+            format!("{name}.features"),
+            features.to_kind(Kind::Float).to_device(Device::Cpu),
+        );
+        out.insert(
+            format!("{name}.logits"),
+            logits.to_kind(Kind::Float).to_device(Device::Cpu),
+        );
     }
     Ok(out)
 }
@@ -281,7 +300,11 @@ pub fn compare_grads(
         } else {
             let diff = (&ours - &r).abs().max().double_value(&[]);
             let bound = GRAD_REL * r.abs().max().double_value(&[]) + GRAD_ABS;
-            if diff.is_nan() { f64::INFINITY } else { diff / bound }
+            if diff.is_nan() {
+                f64::INFINITY
+            } else {
+                diff / bound
+            }
         };
         checked += 1;
         if ratio > worst.1 || worst.0.is_empty() {
@@ -342,9 +365,15 @@ pub fn check_classify(dir: &ReferenceDir, device: Device) -> Result<Vec<Check>> 
         let (_, logits) = model.forward_t(&x, true);
         let loss = logits.cross_entropy_for_logits(&labels);
         loss.backward();
-        checks.push(output_check("train.logits", &logits, need(dir, &vectors, "train.logits")?));
+        checks.push(output_check(
+            "train.logits",
+            &logits,
+            need(dir, &vectors, "train.logits")?,
+        ));
         let ours = loss.double_value(&[]);
-        let reference = need(dir, &vectors, "train.loss")?.reshape([-1]).double_value(&[0]);
+        let reference = need(dir, &vectors, "train.loss")?
+            .reshape([-1])
+            .double_value(&[0]);
         let e = (ours - reference).abs() / reference.abs().max(f64::MIN_POSITIVE);
         checks.push(Check {
             check: "train.loss".into(),

@@ -30,9 +30,10 @@ fn classify_reference_parity_and_a_perturbed_copy_fails() {
         assert_eq!(c["result"]["pass"], true, "{c}");
     }
     assert!(
-        checks
-            .iter()
-            .any(|c| c["result"]["check"].as_str().unwrap().starts_with("train.grads")),
+        checks.iter().any(|c| c["result"]["check"]
+            .as_str()
+            .unwrap()
+            .starts_with("train.grads")),
         "{out}"
     );
 
@@ -49,7 +50,12 @@ fn classify_reference_parity_and_a_perturbed_copy_fails() {
     ]);
     let ours = endofm_worker::model::weights::read(&fwd).unwrap();
     let reference = endofm_worker::model::weights::read(&dir.join("vectors.safetensors")).unwrap();
-    for key in ["fwd0.features", "fwd0.logits", "fwd1.features", "fwd1.logits"] {
+    for key in [
+        "fwd0.features",
+        "fwd0.logits",
+        "fwd1.features",
+        "fwd1.logits",
+    ] {
         let e = endofm_worker::verify::rel_err(&ours[key], &reference[key]);
         assert!(e < 1e-4, "{key}: {e}");
     }
@@ -144,8 +150,20 @@ fn finetuning_learns_clear_polyps_and_reports_it() {
         200,
         31,
         &[
-            "--size", "96", "--frames", "40", "--max-frames", "56", "--polyp-scale", "4",
-            "--polyp-contrast", "3", "--min-polyp-share", "1", "--min-polyp-area", "0.04",
+            "--size",
+            "96",
+            "--frames",
+            "40",
+            "--max-frames",
+            "56",
+            "--polyp-scale",
+            "4",
+            "--polyp-contrast",
+            "3",
+            "--min-polyp-share",
+            "1",
+            "--min-polyp-area",
+            "0.04",
         ],
     );
     let out = tmp.path().join("run");
@@ -165,15 +183,27 @@ fn finetuning_learns_clear_polyps_and_reports_it() {
 
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    assert_eq!(report["splits"]["test"]["metrics"]["f1"].as_f64().unwrap(), f1);
+    assert_eq!(
+        report["splits"]["test"]["metrics"]["f1"].as_f64().unwrap(),
+        f1
+    );
     assert_eq!(report["selection"]["split"], "val");
     assert_eq!(report["history"].as_array().unwrap().len(), 30);
     for plot in report["plots"].as_array().unwrap() {
         let path = out.join(plot.as_str().unwrap());
         let img = image::open(&path).unwrap();
-        assert!(img.width() > 200 && img.height() > 200, "{}", path.display());
+        assert!(
+            img.width() > 200 && img.height() > 200,
+            "{}",
+            path.display()
+        );
     }
-    for f in ["plots/training.png", "plots/confusion_test.png", "plots/roc_test.png", "best/info.json"] {
+    for f in [
+        "plots/training.png",
+        "plots/confusion_test.png",
+        "plots/roc_test.png",
+        "best/info.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
 
@@ -216,8 +246,17 @@ fn finetuning_learns_clear_polyps_and_reports_it() {
     // A longer clip (150 frames) has three windows of 64 frames.
     let long = tmp.path().join("long");
     worker_ok(&[
-        "synth", "--kind", "pretrain", "--out", long.to_str().unwrap(), "--clips", "1",
-        "--frames", "150", "--size", "96",
+        "synth",
+        "--kind",
+        "pretrain",
+        "--out",
+        long.to_str().unwrap(),
+        "--clips",
+        "1",
+        "--frames",
+        "150",
+        "--size",
+        "96",
     ]);
     let clip = long.join("synth/00000.mp4");
     let windows = json_lines(&worker_ok(&[
@@ -228,7 +267,10 @@ fn finetuning_learns_clear_polyps_and_reports_it() {
         clip.to_str().unwrap(),
         "--window",
     ]));
-    let starts: Vec<u64> = windows.iter().map(|w| w["start_frame"].as_u64().unwrap()).collect();
+    let starts: Vec<u64> = windows
+        .iter()
+        .map(|w| w["start_frame"].as_u64().unwrap())
+        .collect();
     assert_eq!(starts, vec![0, 64, 128], "{windows:?}");
     assert_eq!(windows[0]["start_frame"], 0);
 }
@@ -262,8 +304,17 @@ fn resumed_finetuning_equals_the_uninterrupted_run() {
     // Another setting in the same output location is refused, naming it.
     let other = config(tmp.path(), 3, 0.5, "");
     let out = worker(&[
-        "finetune", "--data", data.to_str().unwrap(), "--out", split.to_str().unwrap(),
-        "--preset", "tiny", "--config", other.to_str().unwrap(), "--progress", "never",
+        "finetune",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        split.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--config",
+        other.to_str().unwrap(),
+        "--progress",
+        "never",
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -283,13 +334,24 @@ fn backbone_comes_from_a_pretraining_checkpoint_and_mismatches_are_named() {
     std::fs::create_dir(&ckpt).unwrap();
     for (name, seed) in [("student", "1"), ("teacher", "2")] {
         worker_ok(&[
-            "model", "init", "--preset", "tiny", "--seed", seed, "--out",
+            "model",
+            "init",
+            "--preset",
+            "tiny",
+            "--seed",
+            seed,
+            "--out",
             ckpt.join(format!("{name}.safetensors")).to_str().unwrap(),
         ]);
     }
     let cfg = config(tmp.path(), 1, 0.1, "");
     let out = tmp.path().join("from-teacher");
-    finetune(&data, &out, &cfg, &["--init", ckpt.to_str().unwrap(), "--max-steps", "1"]);
+    finetune(
+        &data,
+        &out,
+        &cfg,
+        &["--init", ckpt.to_str().unwrap(), "--max-steps", "1"],
+    );
     // The first checkpoint's backbone differs from the teacher only by one SGD step: check a
     // table the step barely moves is the teacher's, not the student's.
     let teacher = endofm_worker::model::weights::read(&ckpt.join("teacher.safetensors")).unwrap();
@@ -301,15 +363,30 @@ fn backbone_comes_from_a_pretraining_checkpoint_and_mismatches_are_named() {
     let key = "backbone.patch_embed.proj.weight";
     let d_teacher = (&tuned[key] - &teacher[key]).abs().max().double_value(&[]);
     let d_student = (&tuned[key] - &student[key]).abs().max().double_value(&[]);
-    assert!(d_teacher < 1e-2 && d_student > 1e-2, "{d_teacher} {d_student}");
+    assert!(
+        d_teacher < 1e-2 && d_student > 1e-2,
+        "{d_teacher} {d_student}"
+    );
     // Resuming that output without its --init is refused, naming both.
     let o = worker(&[
-        "finetune", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
-        "--preset", "tiny", "--config", cfg.to_str().unwrap(), "--progress", "never",
+        "finetune",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--progress",
+        "never",
     ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("another initialisation") && err.contains("random"), "{err}");
+    assert!(
+        err.contains("another initialisation") && err.contains("random"),
+        "{err}"
+    );
 
     // A checkpoint of another width: the error names the key and both shapes.
     let wide = tmp.path().join("wide");
@@ -319,18 +396,35 @@ fn backbone_comes_from_a_pretraining_checkpoint_and_mismatches_are_named() {
     other.embed_dim = 96;
     std::fs::write(&vit, serde_json::to_string(&other).unwrap()).unwrap();
     worker_ok(&[
-        "model", "init", "--config", vit.to_str().unwrap(), "--out",
+        "model",
+        "init",
+        "--config",
+        vit.to_str().unwrap(),
+        "--out",
         wide.join("teacher.safetensors").to_str().unwrap(),
     ]);
     let out2 = tmp.path().join("bad");
     let o = worker(&[
-        "finetune", "--data", data.to_str().unwrap(), "--out", out2.to_str().unwrap(),
-        "--preset", "tiny", "--config", cfg.to_str().unwrap(), "--init", wide.to_str().unwrap(),
-        "--progress", "never",
+        "finetune",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--init",
+        wide.to_str().unwrap(),
+        "--progress",
+        "never",
     ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("backbone.") && err.contains("192") && err.contains("96"), "{err}");
+    assert!(
+        err.contains("backbone.") && err.contains("192") && err.contains("96"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -342,29 +436,61 @@ fn bad_datasets_are_refused_naming_the_file() {
     let text = std::fs::read_to_string(&list).unwrap();
     std::fs::write(&list, format!("{text}0000.mp4,7\n")).unwrap();
     let o = worker(&[
-        "finetune", "--data", data.to_str().unwrap(), "--out",
-        tmp.path().join("o").to_str().unwrap(), "--preset", "tiny", "--config",
-        cfg.to_str().unwrap(), "--progress", "never",
+        "finetune",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        tmp.path().join("o").to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--progress",
+        "never",
     ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("train.txt"), "{err}");
-    assert!(!tmp.path().join("o/checkpoints").exists(), "nothing trained");
+    assert!(
+        !tmp.path().join("o/checkpoints").exists(),
+        "nothing trained"
+    );
     // A broken test-split video is found before training, not after it.
     std::fs::write(&list, &text).unwrap();
     let test_list = std::fs::read_to_string(data.join("splits/test.txt")).unwrap();
     let name = test_list.lines().next().unwrap().split(',').next().unwrap();
     std::fs::write(data.join("videos").join(name), b"not a video").unwrap();
     let o = worker(&[
-        "finetune", "--data", data.to_str().unwrap(), "--out",
-        tmp.path().join("o2").to_str().unwrap(), "--preset", "tiny", "--config",
-        cfg.to_str().unwrap(), "--progress", "never",
+        "finetune",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        tmp.path().join("o2").to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--progress",
+        "never",
     ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(name), "{err}");
-    assert!(!tmp.path().join("o2/checkpoints").exists(), "nothing trained");
+    assert!(
+        !tmp.path().join("o2/checkpoints").exists(),
+        "nothing trained"
+    );
     // An unknown task is refused by name.
-    let o = worker(&["finetune", "--task", "detection", "--data", "x", "--out", "y", "--preset", "tiny"]);
+    let o = worker(&[
+        "finetune",
+        "--task",
+        "detection",
+        "--data",
+        "x",
+        "--out",
+        "y",
+        "--preset",
+        "tiny",
+    ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("detection"));
 }
