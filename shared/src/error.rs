@@ -39,6 +39,16 @@ pub enum Error {
     },
 }
 
+/// `Ok(())` when `ok`, else [`Error::InvalidConfig`] for `field` with the reason `reason` gives
+/// (computed only on failure).
+pub fn check(ok: bool, field: &str, reason: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(field, reason()))
+    }
+}
+
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 

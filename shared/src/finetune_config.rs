@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::check;
 use crate::{Error, Result, TrainPrecision};
 
 /// A downstream task of the paper.
@@ -152,14 +153,6 @@ impl Default for FinetuneConfig {
             keep_checkpoints: 2,
             log_every: 1,
         }
-    }
-}
-
-fn check(ok: bool, field: &str, reason: impl FnOnce() -> String) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(field, reason()))
     }
 }
 

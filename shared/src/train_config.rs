@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::check;
 use crate::{Error, Result};
 
 /// Numeric precision of training.
@@ -93,14 +94,6 @@ impl Default for PretrainConfig {
             keep_checkpoints: 3,
             log_every: 1,
         }
-    }
-}
-
-fn check(ok: bool, field: &str, reason: impl FnOnce() -> String) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(field, reason()))
     }
 }
 

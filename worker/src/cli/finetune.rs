@@ -69,25 +69,17 @@ pub struct FinetuneArgs {
     pub progress: String,
 }
 
-/// `evaluate` arguments.
+/// Which fine-tuned model, and where it runs (shared by `evaluate` and `predict`).
 #[derive(Debug, Args)]
-pub struct EvaluateArgs {
+pub struct ModelArgs {
     /// The downstream task.
     #[arg(long, default_value = "classify")]
     pub task: String,
     /// The fine-tuned model: a fine-tuning output location (its best/), a folder with
-    /// model.safetensors (+ info.json), or a .safetensors file (then --preset/--config).
+    /// model.safetensors (+ info.json, or a checkpoint's manifest.json), or a .safetensors file
+    /// (then --preset/--config).
     #[arg(long)]
     pub weights: String,
-    /// Dataset root.
-    #[arg(long)]
-    pub data: String,
-    /// Split to score: train, val or test.
-    #[arg(long, default_value = "test")]
-    pub split: String,
-    /// Where report.json and plots go (default: ./evaluation-<split>).
-    #[arg(long)]
-    pub out: Option<String>,
     /// Backbone preset when the weights do not say.
     #[arg(long)]
     pub preset: Option<String>,
@@ -100,6 +92,37 @@ pub struct EvaluateArgs {
     /// libtorch intra-op threads.
     #[arg(long)]
     pub threads: Option<i32>,
+}
+
+impl ModelArgs {
+    /// The task (implemented ones only), the device (threads applied) and the fallback network.
+    fn resolve(&self) -> anyhow::Result<(TaskKind, tch::Device, Option<ModelConfig>)> {
+        let task = task_of(&self.task)?;
+        let device = parse_device(&self.device)?;
+        threads(self.threads)?;
+        Ok((
+            task,
+            device,
+            model_of(self.preset.as_deref(), self.config.as_ref())?,
+        ))
+    }
+}
+
+/// `evaluate` arguments.
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Dataset root.
+    #[arg(long)]
+    pub data: String,
+    /// Split to score: train, val or test.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Where report.json and plots go (default: ./evaluation-<split>); not a training output.
+    #[arg(long)]
+    pub out: Option<String>,
     /// Decode threads.
     #[arg(long)]
     pub data_threads: Option<usize>,
@@ -108,30 +131,15 @@ pub struct EvaluateArgs {
 /// `predict` arguments.
 #[derive(Debug, Args)]
 pub struct PredictArgs {
-    /// The downstream task.
-    #[arg(long, default_value = "classify")]
-    pub task: String,
-    /// The fine-tuned model (as for `evaluate`).
-    #[arg(long)]
-    pub weights: String,
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// A video file or frame folder, local or a URI.
     #[arg(long)]
     pub video: String,
     /// One probability per consecutive time window, as JSON lines.
     #[arg(long)]
     pub window: bool,
-    /// Backbone preset when the weights do not say.
-    #[arg(long)]
-    pub preset: Option<String>,
-    /// Model configuration file when the weights do not say.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Device.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// libtorch intra-op threads.
-    #[arg(long)]
-    pub threads: Option<i32>,
 }
 
 fn task_of(text: &str) -> anyhow::Result<TaskKind> {
@@ -262,18 +270,16 @@ pub fn run_finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
 
 /// Runs `evaluate`.
 pub fn run_evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
-    let task = task_of(&args.task)?;
+    let (task, device, model) = args.model.resolve()?;
     let split = Split::parse(&args.split)?;
-    let device = parse_device(&args.device)?;
-    threads(args.threads)?;
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| format!("evaluation-{}", split.name()));
     let job = EvaluateJob {
         task,
-        weights: args.weights.clone(),
-        model: model_of(args.preset.as_deref(), args.config.as_ref())?,
+        weights: args.model.weights.clone(),
+        model,
         overrides: None,
         data: StorageUri::parse(&args.data).context("--data")?,
         split,
@@ -289,12 +295,9 @@ pub fn run_evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
 
 /// Runs `predict`: one JSON object, or with --window one JSON line per window.
 pub fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
-    task_of(&args.task)?;
-    let device = parse_device(&args.device)?;
-    threads(args.threads)?;
-    let model = model_of(args.preset.as_deref(), args.config.as_ref())?;
+    let (_, device, model) = args.model.resolve()?;
     let predictions = finetune::classify::predict(
-        &args.weights,
+        &args.model.weights,
         model.as_ref(),
         &args.video,
         args.window,

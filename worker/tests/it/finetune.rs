@@ -110,7 +110,9 @@ fn config(dir: &Path, epochs: usize, lr: f64, extra: &str) -> PathBuf {
 }
 
 fn write_config(dir: &Path, text: &str) -> PathBuf {
-    let path = dir.join(format!("ft-{}.json", text.len()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("ft-{n}.json"));
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -138,6 +140,30 @@ fn finetune(data: &Path, out: &Path, cfg: &Path, more: &[&str]) -> Value {
     args.extend_from_slice(more);
     let text = worker_ok(&args);
     json_lines(&text).pop().unwrap()
+}
+
+/// Runs `finetune` (tiny preset, `cfg`) expecting a refusal; returns its stderr.
+fn finetune_refused(data: &Path, out: &Path, cfg: &Path, more: &[&str]) -> String {
+    let mut args = vec![
+        "finetune",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--progress",
+        "never",
+    ];
+    args.extend_from_slice(more);
+    let o = worker(&args);
+    assert!(
+        !o.status.success(),
+        "finetune {more:?} should have been refused"
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]
@@ -303,21 +329,7 @@ fn resumed_finetuning_equals_the_uninterrupted_run() {
     );
     // Another setting in the same output location is refused, naming it.
     let other = config(tmp.path(), 3, 0.5, "");
-    let out = worker(&[
-        "finetune",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        split.to_str().unwrap(),
-        "--preset",
-        "tiny",
-        "--config",
-        other.to_str().unwrap(),
-        "--progress",
-        "never",
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = finetune_refused(&data, &split, &other, &[]);
     assert!(err.contains("other settings: epochs 2 (here 3)"), "{err}");
     // The refused run changed nothing there.
     let config: Value =
@@ -368,21 +380,7 @@ fn backbone_comes_from_a_pretraining_checkpoint_and_mismatches_are_named() {
         "{d_teacher} {d_student}"
     );
     // Resuming that output without its --init is refused, naming both.
-    let o = worker(&[
-        "finetune",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--preset",
-        "tiny",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--progress",
-        "never",
-    ]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = finetune_refused(&data, &out, &cfg, &[]);
     assert!(
         err.contains("another initialisation") && err.contains("random"),
         "{err}"
@@ -404,23 +402,7 @@ fn backbone_comes_from_a_pretraining_checkpoint_and_mismatches_are_named() {
         wide.join("teacher.safetensors").to_str().unwrap(),
     ]);
     let out2 = tmp.path().join("bad");
-    let o = worker(&[
-        "finetune",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out2.to_str().unwrap(),
-        "--preset",
-        "tiny",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--init",
-        wide.to_str().unwrap(),
-        "--progress",
-        "never",
-    ]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = finetune_refused(&data, &out2, &cfg, &["--init", wide.to_str().unwrap()]);
     assert!(
         err.contains("backbone.") && err.contains("192") && err.contains("96"),
         "{err}"
@@ -435,21 +417,7 @@ fn bad_datasets_are_refused_naming_the_file() {
     let list = data.join("splits/train.txt");
     let text = std::fs::read_to_string(&list).unwrap();
     std::fs::write(&list, format!("{text}0000.mp4,7\n")).unwrap();
-    let o = worker(&[
-        "finetune",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        tmp.path().join("o").to_str().unwrap(),
-        "--preset",
-        "tiny",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--progress",
-        "never",
-    ]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = finetune_refused(&data, &tmp.path().join("o"), &cfg, &[]);
     assert!(err.contains("train.txt"), "{err}");
     assert!(
         !tmp.path().join("o/checkpoints").exists(),
@@ -460,21 +428,7 @@ fn bad_datasets_are_refused_naming_the_file() {
     let test_list = std::fs::read_to_string(data.join("splits/test.txt")).unwrap();
     let name = test_list.lines().next().unwrap().split(',').next().unwrap();
     std::fs::write(data.join("videos").join(name), b"not a video").unwrap();
-    let o = worker(&[
-        "finetune",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        tmp.path().join("o2").to_str().unwrap(),
-        "--preset",
-        "tiny",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--progress",
-        "never",
-    ]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = finetune_refused(&data, &tmp.path().join("o2"), &cfg, &[]);
     assert!(err.contains(name), "{err}");
     assert!(
         !tmp.path().join("o2/checkpoints").exists(),
