@@ -493,6 +493,18 @@ async fn run_pipeline(
         if let Some(r) = &job.result {
             eprintln!("result of {} ({}): {}", job.id, job.kind, result_line(r));
             eprintln!("report: {}", r.report);
+            let plots = out.join("plots");
+            if plots.is_dir() {
+                let mut names: Vec<String> = std::fs::read_dir(&plots)
+                    .map(|d| {
+                        d.flatten()
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                names.sort();
+                eprintln!("plots: {} ({})", plots.display(), names.join(", "));
+            }
         }
     }
     Ok(code)
