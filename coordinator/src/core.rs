@@ -364,9 +364,13 @@ impl Core {
                 return Err(Error::invalid(
                     "init",
                     format!(
-                        "`{id}` is a {} job; a {} job cannot start from its weights",
+                        "`{id}` is a {} job; {} job cannot start from its weights",
                         from.spec.kind.name(),
-                        spec.kind.name()
+                        match spec.kind {
+                            JobKind::Evaluate => "an evaluate",
+                            JobKind::Pretrain => "a pretrain",
+                            JobKind::Finetune => "a finetune",
+                        }
                     ),
                 ));
             }
@@ -1850,9 +1854,21 @@ mod tests {
         let mut c = core();
         let now = Instant::now();
         let pre = submit(&mut c, spec(1, 0, 0), now);
+        // An evaluation needs a fine-tuned model: a pre-training job is refused at submit.
+        let refused = c
+            .submit(
+                downstream("evaluate", Some(&format!("job:{}", pre.id)), &[]),
+                now,
+            )
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("is a pretrain job"),
+            "{refused}"
+        );
         let ev = submit(
             &mut c,
-            downstream("evaluate", Some(&format!("job:{}", pre.id)), &[]),
+            downstream("finetune", Some(&format!("job:{}", pre.id)), &[]),
             now,
         );
         c.cancel(&pre.id, "", now);
