@@ -181,6 +181,14 @@ pub struct PretrainArgs {
     /// Initial weights for a fresh run: a checkpoint folder, a .safetensors file or a .pth.
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// Where and how the run executes.
+    #[command(flatten)]
+    pub exec: RunExec,
+}
+
+/// Where and how a training run executes (`pretrain`, `finetune`).
+#[derive(Debug, Args)]
+pub struct RunExec {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -193,6 +201,27 @@ pub struct PretrainArgs {
     /// Progress bar: auto (on a terminal), always, never.
     #[arg(long, default_value = "auto")]
     pub progress: String,
+}
+
+impl RunExec {
+    /// Parses the device, applies the thread count; returns (device, data threads, progress).
+    pub fn apply(&self) -> anyhow::Result<(Device, usize, bool)> {
+        let device = parse_device(&self.device)?;
+        if let Some(n) = self.threads {
+            if n < 1 {
+                bail!("--threads must be at least 1, got {n}");
+            }
+            tch::set_num_threads(n);
+        }
+        let progress = match self.progress.as_str() {
+            "auto" => crate::run::progress_default(),
+            "always" => true,
+            "never" => false,
+            other => bail!("unknown --progress `{other}` (auto, always, never)"),
+        };
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Ok((device, self.data_threads.unwrap_or(cores).max(1), progress))
+    }
 }
 
 /// Builds the run from flags, config file and defaults.
@@ -234,20 +263,7 @@ pub fn pretrain_job(args: &PretrainArgs) -> anyhow::Result<crate::pretrain::Pret
     train.validate()?;
     let views = run.views.unwrap_or_else(|| views_for(&model));
     views.validate()?;
-    let device = parse_device(&args.device)?;
-    if let Some(n) = args.threads {
-        if n < 1 {
-            bail!("--threads must be at least 1, got {n}");
-        }
-        tch::set_num_threads(n);
-    }
-    let progress = match args.progress.as_str() {
-        "auto" => crate::pretrain::progress_default(),
-        "always" => true,
-        "never" => false,
-        other => bail!("unknown --progress `{other}` (auto, always, never)"),
-    };
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let (device, data_threads, progress) = args.exec.apply()?;
     Ok(PretrainJob {
         data: StorageUri::parse(&args.data).context("--data")?,
         list: args.list.clone(),
@@ -259,7 +275,7 @@ pub fn pretrain_job(args: &PretrainArgs) -> anyhow::Result<crate::pretrain::Pret
         max_steps: args.max_steps,
         init: args.init.as_deref().map(InitSource::parse).transpose()?,
         device,
-        data_threads: args.data_threads.unwrap_or(cores).max(1),
+        data_threads,
         progress,
         stop: crate::pretrain::stop_on_signals()?,
         observer: None,

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use endofm_shared::{InitFrom, ModelConfig, Preset, StorageUri, TaskKind};
 
-use super::{parse_device, print_json};
+use super::{RunExec, parse_device, print_json};
 use crate::datasets::Split;
 use crate::finetune::{self, EvaluateJob, FinetuneJob, FinetuneRunConfig};
 use crate::init::InitSource;
@@ -55,18 +55,9 @@ pub struct FinetuneArgs {
     /// Stop after this many steps in total (the schedule still spans every epoch).
     #[arg(long)]
     pub max_steps: Option<usize>,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// libtorch intra-op threads.
-    #[arg(long)]
-    pub threads: Option<i32>,
-    /// Decode/augment threads (default: the machine's cores).
-    #[arg(long)]
-    pub data_threads: Option<usize>,
-    /// Progress bar: auto (on a terminal), always, never.
-    #[arg(long, default_value = "auto")]
-    pub progress: String,
+    /// Where and how the run executes.
+    #[command(flatten)]
+    pub exec: RunExec,
 }
 
 /// Which fine-tuned model, and where it runs (shared by `evaluate` and `predict`).
@@ -220,14 +211,7 @@ pub fn finetune_job(args: &FinetuneArgs) -> anyhow::Result<FinetuneJob> {
         cfg.init_from,
         InitFrom::Teacher | InitFrom::Student
     ));
-    let device = parse_device(&args.device)?;
-    threads(args.threads)?;
-    let progress = match args.progress.as_str() {
-        "auto" => crate::run::progress_default(),
-        "always" => true,
-        "never" => false,
-        other => bail!("unknown --progress `{other}` (auto, always, never)"),
-    };
+    let (device, data_threads, progress) = args.exec.apply()?;
     Ok(FinetuneJob {
         task,
         data: StorageUri::parse(&args.data).context("--data")?,
@@ -242,7 +226,7 @@ pub fn finetune_job(args: &FinetuneArgs) -> anyhow::Result<FinetuneJob> {
             .transpose()?,
         max_steps: args.max_steps,
         device,
-        data_threads: args.data_threads.unwrap_or_else(cores).max(1),
+        data_threads,
         progress,
         stop: crate::run::stop_on_signals()?,
         observer: None,
