@@ -178,11 +178,24 @@ pub fn finetune_job(args: &FinetuneArgs) -> anyhow::Result<FinetuneJob> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading run configuration {}", path.display()))?;
-            serde_json::from_str(&text)
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("invalid run configuration {}", path.display()))?;
+            if !value.is_object() {
+                bail!(
+                    "run configuration {}: expected a JSON object {{\"model\": {{...}}, \"finetune\": {{...}}}}",
+                    path.display()
+                );
+            }
+            serde_json::from_value(value)
                 .with_context(|| format!("invalid run configuration {}", path.display()))?
         }
         None => FinetuneRunConfig::default(),
     };
+    if let Some(lr) = args.lr
+        && !(lr.is_finite() && lr > 0.0)
+    {
+        bail!("--lr {lr}: must be a finite positive number");
+    }
     let model = match (&args.preset, run.model.take()) {
         (Some(_), Some(_)) => bail!("give the model either with --preset or in --config, not both"),
         (Some(name), None) => name.parse::<Preset>()?.config(),
