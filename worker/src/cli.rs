@@ -207,20 +207,18 @@ impl RunExec {
     /// Parses the device, applies the thread count; returns (device, data threads, progress).
     pub fn apply(&self) -> anyhow::Result<(Device, usize, bool)> {
         let device = parse_device(&self.device)?;
-        if let Some(n) = self.threads {
-            if n < 1 {
-                bail!("--threads must be at least 1, got {n}");
-            }
-            tch::set_num_threads(n);
-        }
+        set_threads(self.threads)?;
         let progress = match self.progress.as_str() {
             "auto" => crate::run::progress_default(),
             "always" => true,
             "never" => false,
             other => bail!("unknown --progress `{other}` (auto, always, never)"),
         };
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Ok((device, self.data_threads.unwrap_or(cores).max(1), progress))
+        Ok((
+            device,
+            self.data_threads.unwrap_or_else(cores).max(1),
+            progress,
+        ))
     }
 }
 
@@ -516,14 +514,25 @@ pub struct Exec {
 impl Exec {
     /// Applies the thread count and parses the device.
     pub fn setup(&self) -> anyhow::Result<Device> {
-        if let Some(n) = self.threads {
-            if n < 1 {
-                bail!("--threads must be at least 1, got {n}");
-            }
-            tch::set_num_threads(n);
-        }
+        set_threads(self.threads)?;
         parse_device(&self.device)
     }
+}
+
+/// Applies `--threads` (libtorch intra-op threads) when given; refuses 0 or less.
+pub(crate) fn set_threads(n: Option<i32>) -> anyhow::Result<()> {
+    if let Some(n) = n {
+        if n < 1 {
+            bail!("--threads must be at least 1, got {n}");
+        }
+        tch::set_num_threads(n);
+    }
+    Ok(())
+}
+
+/// The machine's cores (the default number of data threads).
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// Parses `cpu`, `cuda`, `cuda:N`; refuses CUDA when no GPU is visible.

@@ -23,6 +23,7 @@ use tch::{Device, Tensor};
 use endofm_shared::{FinetuneConfig, InitFrom, ModelConfig, StorageUri, TaskKind};
 
 use crate::init::InitSource;
+use crate::model::timesformer::{resize_pos_table, resize_time_table};
 use crate::model::{LoadMode, weights};
 use crate::run::{RunObserver, Summary};
 use crate::store::Store;
@@ -213,26 +214,15 @@ fn adapt_table(key: &str, t: Tensor, want: &[i64], origin: &Path) -> Result<Tens
     if have.len() != 3 || want.len() != 3 || have[0] != 1 || have[2] != want[2] {
         return Err(mismatch());
     }
-    let d = want[2];
     let resized = match key {
-        "backbone.time_embed" => t
-            .transpose(1, 2)
-            .upsample_nearest1d([want[1]], None)
-            .transpose(1, 2),
+        "backbone.time_embed" => resize_time_table(&t, want[1]),
         "backbone.pos_embed" => {
             let side_have = ((have[1] - 1) as f64).sqrt().round() as i64;
             let side_want = ((want[1] - 1) as f64).sqrt().round() as i64;
             if side_have * side_have != have[1] - 1 || side_want * side_want != want[1] - 1 {
                 return Err(mismatch());
             }
-            let grid = t
-                .narrow(1, 1, have[1] - 1)
-                .transpose(1, 2)
-                .reshape([1, d, side_have, side_have])
-                .upsample_nearest2d([side_want, side_want], None, None)
-                .flatten(2, 3)
-                .transpose(1, 2);
-            Tensor::cat(&[t.narrow(1, 0, 1), grid], 1)
+            resize_pos_table(&t, side_want, side_want)
         }
         _ => return Err(mismatch()),
     };
@@ -278,11 +268,7 @@ pub fn load_backbone(vs: &tch::nn::VarStore, init: &InitSource, from: InitFrom) 
             Ok(path.display().to_string())
         }
         InitSource::Pickle(path) => {
-            let tmp = tempfile::tempdir().map_err(|source| Error::Io {
-                action: "creating a temporary directory",
-                path: std::env::temp_dir(),
-                source,
-            })?;
+            let tmp = crate::init::temp_dir()?;
             crate::convert::import(&crate::convert::python(None), path, tmp.path(), false)?;
             load_backbone(vs, &InitSource::Folder(tmp.path().to_path_buf()), from)?;
             Ok(describe(path))
@@ -341,39 +327,29 @@ pub fn locate_model(text: &str) -> Result<LocalModel> {
             _tmp: None,
         });
     }
-    let tmp = tempfile::tempdir().map_err(|source| Error::Io {
-        action: "creating a temporary directory",
-        path: std::env::temp_dir(),
-        source,
-    })?;
-    let (store, prefix) = if text.ends_with(".safetensors") {
+    let tmp = crate::init::temp_dir()?;
+    let weights_path = tmp.path().join("model.safetensors");
+    if text.ends_with(".safetensors") {
         let (parent, name) = text.rsplit_once('/').unwrap_or((".", text));
         let store = Store::open(&StorageUri::parse(parent)?, false)?;
-        let local = tmp.path().join("model.safetensors");
-        write(&local, &store.get(name)?)?;
+        crate::init::download(&store, name, &weights_path)?;
         return Ok(LocalModel {
-            weights: local,
+            weights: weights_path,
             info: None,
             _tmp: Some(tmp),
         });
+    }
+    let store = Store::open(&uri, false)?;
+    let prefix = if store.exists(&format!("{BEST}/model.safetensors"))? {
+        format!("{BEST}/")
+    } else if store.exists("model.safetensors")? {
+        String::new()
     } else {
-        let store = Store::open(&uri, false)?;
-        let prefix = if store.exists(&format!("{BEST}/model.safetensors"))? {
-            format!("{BEST}/")
-        } else if store.exists("model.safetensors")? {
-            String::new()
-        } else {
-            return Err(refuse(format!(
-                "{text} holds neither model.safetensors nor {BEST}/model.safetensors (a fine-tuning output location)"
-            )));
-        };
-        (store, prefix)
+        return Err(refuse(format!(
+            "{text} holds neither model.safetensors nor {BEST}/model.safetensors (a fine-tuning output location)"
+        )));
     };
-    let weights_path = tmp.path().join("model.safetensors");
-    write(
-        &weights_path,
-        &store.get(&format!("{prefix}model.safetensors"))?,
-    )?;
+    crate::init::download(&store, &format!("{prefix}model.safetensors"), &weights_path)?;
     let info_key = format!("{prefix}info.json");
     let manifest_key = format!("{prefix}manifest.json");
     let info = if store.exists(&info_key)? {
@@ -408,14 +384,6 @@ pub fn locate_model(text: &str) -> Result<LocalModel> {
         weights: weights_path,
         info,
         _tmp: Some(tmp),
-    })
-}
-
-fn write(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).map_err(|source| Error::Io {
-        action: "writing",
-        path: path.to_path_buf(),
-        source,
     })
 }
 

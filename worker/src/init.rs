@@ -121,11 +121,7 @@ impl InitSource {
                 _tmp: None,
             });
         };
-        let tmp = tempfile::tempdir().map_err(|source| Error::Io {
-            action: "creating a temporary directory",
-            path: std::env::temp_dir(),
-            source,
-        })?;
+        let tmp = temp_dir()?;
         let text = uri.to_string();
         let name = text.rsplit('/').next().unwrap_or_default().to_string();
         let source = if name.ends_with(".safetensors")
@@ -137,16 +133,15 @@ impl InitSource {
                 .trim_end_matches('/')
                 .to_string();
             let store = Store::open(&StorageUri::parse(&parent)?, false)?;
-            let bytes = store.get(&name)?;
             let local = tmp.path().join(&name);
-            write(&local, &bytes)?;
+            download(&store, &name, &local)?;
             classify_file(&local, &text)?
         } else {
             let store = Store::open(uri, false)?;
             let mut found = 0;
             for f in FOLDER_FILES {
                 if store.exists(f)? {
-                    write(&tmp.path().join(f), &store.get(f)?)?;
+                    download(&store, f, &tmp.path().join(f))?;
                     found += 1;
                 }
             }
@@ -166,10 +161,21 @@ impl InitSource {
     }
 }
 
-fn write(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).map_err(|source| Error::Io {
+/// A new temporary folder (removed when dropped).
+pub(crate) fn temp_dir() -> Result<tempfile::TempDir> {
+    tempfile::tempdir().map_err(|source| Error::Io {
+        action: "creating a temporary directory",
+        path: std::env::temp_dir(),
+        source,
+    })
+}
+
+/// Copies the object `key` of `store` to the local file `dest`.
+pub(crate) fn download(store: &Store, key: &str, dest: &Path) -> Result<()> {
+    let bytes = store.get(key)?;
+    std::fs::write(dest, &bytes).map_err(|source| Error::Io {
         action: "writing",
-        path: path.to_path_buf(),
+        path: dest.to_path_buf(),
         source,
     })
 }

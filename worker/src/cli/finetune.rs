@@ -8,7 +8,7 @@ use serde_json::json;
 
 use endofm_shared::{InitFrom, ModelConfig, Preset, StorageUri, TaskKind};
 
-use super::{RunExec, parse_device, print_json};
+use super::{RunExec, cores, parse_device, print_json, set_threads};
 use crate::datasets::Split;
 use crate::finetune::{self, EvaluateJob, FinetuneJob, FinetuneRunConfig};
 use crate::init::InitSource;
@@ -90,7 +90,7 @@ impl ModelArgs {
     fn resolve(&self) -> anyhow::Result<(TaskKind, tch::Device, Option<ModelConfig>)> {
         let task = task_of(&self.task)?;
         let device = parse_device(&self.device)?;
-        threads(self.threads)?;
+        set_threads(self.threads)?;
         Ok((
             task,
             device,
@@ -141,16 +141,6 @@ fn task_of(text: &str) -> anyhow::Result<TaskKind> {
     Ok(task)
 }
 
-fn threads(n: Option<i32>) -> anyhow::Result<()> {
-    if let Some(n) = n {
-        if n < 1 {
-            bail!("--threads must be at least 1, got {n}");
-        }
-        tch::set_num_threads(n);
-    }
-    Ok(())
-}
-
 fn model_of(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result<Option<ModelConfig>> {
     Ok(match (preset, config) {
         (Some(_), Some(_)) => bail!("give --preset or --config, not both"),
@@ -165,10 +155,6 @@ fn model_of(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result<Op
         }
         (None, None) => None,
     })
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// Builds the fine-tuning run from flags, configuration file and defaults.

@@ -38,7 +38,8 @@ pub const NUM_LABELS: usize = 2;
 /// The validation metric models are chosen by.
 pub const SELECT_BY: &str = "f1";
 
-fn precision_for(p: TrainPrecision, device: Device) -> Result<Precision> {
+/// The precision a fine-tuning setting resolves to on `device` (fp16 refused: no loss scaler).
+pub fn resolve_precision(p: TrainPrecision, device: Device) -> Result<Precision> {
     match crate::train::step::resolve_precision(p, device)? {
         Precision::Fp16 => Err(endofm_shared::Error::invalid(
             "precision",
@@ -217,13 +218,9 @@ impl ClassifyTask<'_> {
     }
 
     fn write_best(&self, epoch: usize, value: f64) -> Result<()> {
-        let mut vars = BTreeMap::new();
-        for (k, v) in host_vars(self.model.var_store()) {
-            vars.insert(k, v);
-        }
         self.out.put(
             &format!("{BEST}/model.safetensors"),
-            crate::run::checkpoint::encode(&vars)?,
+            crate::run::checkpoint::encode(&host_vars(self.model.var_store()))?,
         )?;
         let info = ModelInfo {
             task: TaskKind::Classify,
@@ -473,11 +470,6 @@ pub fn optimizer_for(model: &Classifier, cfg: &FinetuneConfig) -> Sgd {
     Sgd::new(params, cfg.momentum, cfg.weight_decay)
 }
 
-/// The precision a fine-tuning setting resolves to on `device` (fp16 refused).
-pub fn resolve_precision(p: TrainPrecision, device: Device) -> Result<Precision> {
-    precision_for(p, device)
-}
-
 /// Opens the dataset and checks every split a run reads (train, and val/test when listed).
 /// Opens the dataset and checks every video of every split opens and has frames, so a bad
 /// validation or test video is found before training, not after it.
@@ -505,7 +497,7 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
     let mut model_cfg = job.model.clone();
     model_cfg.drop_path_rate = job.cfg.drop_path_rate;
     model_cfg.validate()?;
-    let precision = precision_for(job.cfg.precision, job.device)?;
+    let precision = resolve_precision(job.cfg.precision, job.device)?;
     let rank = collective.rank();
     let world = collective.world_size();
     let dataset = open_dataset(&job.data)?;
@@ -538,7 +530,9 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
     let out = Store::open(&job.out, true)?;
     // Initialisation is seeded so every rank starts from the same classifier.
     let model = {
-        let _guard = SeedGuard::new(job.cfg.seed);
+        // The training loop never reads libtorch's global generator (drop-path uses per-step
+        // streams), so seeding it here only fixes the initialisation.
+        tch::manual_seed(job.cfg.seed as i64);
         Classifier::new(&model_cfg, NUM_LABELS, job.device)?
     };
     let sgd = optimizer_for(&model, &job.cfg);
@@ -709,17 +703,6 @@ fn publish(report: &mut Report, out: &Store, rank: usize) -> Result<Outcome> {
     })
 }
 
-/// Seeds libtorch's generator for the scope (initialisation draws), restoring nothing: the
-/// training loop never reads the global generator (drop-path uses per-step streams).
-struct SeedGuard;
-
-impl SeedGuard {
-    fn new(seed: u64) -> Self {
-        tch::manual_seed(seed as i64);
-        Self
-    }
-}
-
 /// Builds the classifier a located model describes (or `fallback`), with its weights.
 fn load_classifier(
     weights_text: &str,
@@ -794,7 +777,7 @@ pub fn evaluate(job: &EvaluateJob, collective: &mut dyn Collective) -> Result<Ou
             ),
         });
     }
-    let precision = precision_for(cfg.precision, job.device)?;
+    let precision = resolve_precision(cfg.precision, job.device)?;
     let (preds, loss) = score_split(
         &model,
         &dataset,
@@ -853,7 +836,7 @@ pub fn predict(
 ) -> Result<Vec<Prediction>> {
     let (model, cfg, _) = load_classifier(weights_text, fallback, None, device)?;
     let clips = crate::datasets::classify::predict_windows(video, &cfg)?;
-    let precision = precision_for(cfg.precision, device)?;
+    let precision = resolve_precision(cfg.precision, device)?;
     let count = if windows {
         clips.starts.len()
     } else {

@@ -86,6 +86,37 @@ pub fn with_drop_path_seed<T>(seed: u64, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// The spatial position table `(1, 1 + s², D)` (a square grid after the CLS entry) for a
+/// `gh × gw` patch grid: the reference's nearest-neighbour resize of the grid, CLS entry
+/// untouched; the table itself when it already fits.
+pub fn resize_pos_table(table: &Tensor, gh: i64, gw: i64) -> Tensor {
+    let (n, d) = (table.size()[1], table.size()[2]);
+    if 1 + gh * gw == n {
+        return table.shallow_clone();
+    }
+    let side = ((n - 1) as f64).sqrt() as i64;
+    let grid = table
+        .narrow(1, 1, n - 1)
+        .transpose(1, 2)
+        .reshape([1, d, side, side])
+        .upsample_nearest2d([gh, gw], None, None)
+        .flatten(2, 3)
+        .transpose(1, 2);
+    Tensor::cat(&[table.narrow(1, 0, 1), grid], 1)
+}
+
+/// The time table `(1, T₀, D)` for `t` frames: nearest-neighbour resize (8 → 2 keeps frames 0
+/// and 4); the table itself when it already fits.
+pub fn resize_time_table(table: &Tensor, t: i64) -> Tensor {
+    if t == table.size()[1] {
+        return table.shallow_clone();
+    }
+    table
+        .transpose(1, 2)
+        .upsample_nearest1d([t], None)
+        .transpose(1, 2)
+}
+
 /// Multi-head self-attention with one fused qkv projection (fused scaled-dot-product kernel).
 #[derive(Debug)]
 pub struct Attention {
@@ -403,33 +434,11 @@ impl TimeSformer {
         let (gh, gw) = (tokens.size()[2], tokens.size()[3]);
         let tokens = tokens.flatten(2, 3).transpose(1, 2); // (B·T, gh·gw, D)
 
-        let n_table = self.pos_embed.size()[1];
-        let pos = if 1 + gh * gw == n_table {
-            self.pos_embed.shallow_clone()
-        } else {
-            // The reference resizes the square table to the new grid, CLS entry untouched.
-            let side = ((n_table - 1) as f64).sqrt() as i64;
-            let grid = self
-                .pos_embed
-                .narrow(1, 1, n_table - 1)
-                .transpose(1, 2)
-                .reshape([1, d, side, side])
-                .upsample_nearest2d([gh, gw], None, None)
-                .flatten(2, 3)
-                .transpose(1, 2);
-            Tensor::cat(&[self.pos_embed.narrow(1, 0, 1), grid], 1)
-        };
+        let pos = resize_pos_table(&self.pos_embed, gh, gw);
         let cls_pos = (&self.cls_token + pos.narrow(1, 0, 1)).expand([b, 1, d], false);
         let patches = tokens + pos.narrow(1, 1, gh * gw); // (B·T, hw, D)
 
-        let time = if t == self.time_embed.size()[1] {
-            self.time_embed.shallow_clone()
-        } else {
-            self.time_embed
-                .transpose(1, 2)
-                .upsample_nearest1d([t], None)
-                .transpose(1, 2)
-        };
+        let time = resize_time_table(&self.time_embed, t);
         let patches = patches.reshape([b, t, gh * gw, d]).transpose(1, 2) + time.unsqueeze(0); // (B, hw, T, D)
         let patches = patches.reshape([b, gh * gw * t, d]);
         (Tensor::cat(&[cls_pos, patches], 1), t, gw)
