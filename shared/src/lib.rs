@@ -1,6 +1,7 @@
 //! Types shared by every endofm program (coordinator, CLI, worker): the model configuration with
 //! its named presets, the error type, and telemetry set-up. Never depends on libtorch.
 
+pub mod detect_config;
 pub mod error;
 pub mod finetune_config;
 pub mod job_spec;
@@ -10,6 +11,7 @@ pub mod storage;
 pub mod telemetry;
 pub mod train_config;
 
+pub use detect_config::{DetectConfig, DetectorConfig, IouLossKind};
 pub use error::{Error, Result};
 pub use finetune_config::{FinetuneConfig, InitFrom, TaskKind};
 pub use job_spec::{DeviceKind, JobKind, JobSpec, ViewSizes};
