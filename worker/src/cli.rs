@@ -17,7 +17,7 @@ use crate::convert;
 use crate::infer::{self, Precision};
 use crate::model::{EndoFm, LoadMode, weights};
 use crate::synth;
-use crate::verify::{self, ReferenceDir, Tolerances, downstream};
+use crate::verify::{self, ReferenceDir, Tolerances, downstream, trajectory};
 
 /// Command line of `endofm-worker`.
 #[derive(Debug, Parser)]
@@ -607,6 +607,23 @@ pub enum ModelCommand {
         /// (optionally) train_step.safetensors.
         #[arg(long)]
         reference: PathBuf,
+        /// Execution options.
+        #[command(flatten)]
+        exec: Exec,
+    },
+    /// Replay a pre-training trajectory (a reference directory with `trajectory` in its
+    /// config.json and trajectory.safetensors) from its weights.safetensors through the step
+    /// `pretrain` runs, with the config's hyper-parameters; writes `loss`, `lr`, `wd`,
+    /// `momentum`, `teacher_temp` (one value per iteration), `final.student.<key>`,
+    /// `final.teacher.<key>` and `final.center`. fp32 only. On a CPU with ≥ 2 threads a narrow
+    /// network runs the two-thread step (ENDOFM_ONE_THREAD_STEP=1: intra-op threads).
+    Replay {
+        /// The trajectory's reference directory.
+        #[arg(long)]
+        reference: PathBuf,
+        /// Output safetensors file.
+        #[arg(long)]
+        output: PathBuf,
         /// Execution options.
         #[command(flatten)]
         exec: Exec,
@@ -1234,21 +1251,34 @@ fn run_model(cmd: ModelCommand) -> anyhow::Result<()> {
             if let Some(task) = downstream::task_of(&dir)? {
                 return verify_downstream(&dir, task, device, &exec);
             }
-            if dir.file("trajectory.safetensors").is_file() {
+            let forward = dir.file("forward.safetensors");
+            let trajectory = trajectory::Trajectory::present(&dir);
+            if !forward.is_file() && !dir.file("train_step.safetensors").is_file() && !trajectory
+            {
                 bail!(
-                    "{}: multi-step trajectory replay is not implemented in this version (it checks forward passes, one training step and the fine-tuning classifier)",
+                    "{}: no check to run (expected forward.safetensors, train_step.safetensors, trajectory.safetensors, or vectors.safetensors with a task in config.json)",
                     reference.display()
                 );
             }
-            let forward = dir.file("forward.safetensors");
-            if !forward.is_file() && !dir.file("train_step.safetensors").is_file() {
-                bail!(
-                    "{}: no check to run (expected forward.safetensors, train_step.safetensors, or vectors.safetensors with a task in config.json)",
-                    reference.display()
+            let mut ok = true;
+            if trajectory {
+                if exec.precision != Precision::Fp32 {
+                    bail!("trajectory checks run in fp32 (their tolerances are fp32 ones)");
+                }
+                let started = std::time::Instant::now();
+                let report = trajectory::check(&dir, device, None)?;
+                ok &= report.pass;
+                print_json(
+                    &json!({"check": "trajectory", "device": exec.device, "precision": exec.precision, "seconds": started.elapsed().as_secs_f64(), "result": report}),
                 );
+                if !forward.is_file() && !dir.file("train_step.safetensors").is_file() {
+                    if !ok {
+                        bail!("reference check failed: see the JSON line above");
+                    }
+                    return Ok(());
+                }
             }
             let model = dir.model(device)?;
-            let mut ok = true;
             if forward.is_file() {
                 for case in verify::check_forward(&model, &forward, exec.precision, &tol)? {
                     ok &= case.pass;
@@ -1267,6 +1297,36 @@ fn run_model(cmd: ModelCommand) -> anyhow::Result<()> {
             if !ok {
                 bail!("reference check failed: see the JSON lines above");
             }
+            Ok(())
+        }
+        ModelCommand::Replay {
+            reference,
+            output,
+            exec,
+        } => {
+            let device = exec.setup()?;
+            if exec.precision != Precision::Fp32 {
+                bail!("model replay runs in fp32 (the trajectory's tolerances are fp32 ones)");
+            }
+            let dir = ReferenceDir::open(&reference)?;
+            if !trajectory::Trajectory::present(&dir) {
+                bail!(
+                    "{}: no {} to replay",
+                    reference.display(),
+                    trajectory::TRAJECTORY_FILE
+                );
+            }
+            let traj = trajectory::Trajectory::open(&dir)?;
+            let started = std::time::Instant::now();
+            let replay = trajectory::replay(&traj, device, None)?;
+            weights::write(&output, &replay.tensors())?;
+            print_json(&json!({
+                "output": output,
+                "steps": traj.steps,
+                "step_path": if replay.two_threads { "two-thread" } else { "intra-op" },
+                "loss": replay.loss,
+                "seconds": started.elapsed().as_secs_f64(),
+            }));
             Ok(())
         }
         ModelCommand::Import {

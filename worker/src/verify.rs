@@ -4,6 +4,7 @@
 //! `max |ours − ref| / max |ref|`, per tensor.
 
 pub mod downstream;
+pub mod trajectory;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
