@@ -8,8 +8,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::text::{clip, echo};
 use crate::{
     Error, FinetuneConfig, ModelConfig, Preset, PretrainConfig, Result, StorageUri, TaskKind,
+    TrainPrecision,
 };
 
 /// What a job does.
@@ -279,12 +281,24 @@ struct Given {
 /// The largest world size a spec may ask for.
 pub const MAX_WORLD_SIZE: u32 = 4096;
 
+/// Longest `name` (bytes).
+pub const MAX_NAME_BYTES: usize = 200;
+
+/// Longest location (`data.uri`, `output`, `init`) and `data.list` (bytes).
+pub const MAX_URI_BYTES: usize = 1024;
+
+/// Longest parse error message passed on (the parsers quote the offending source line).
+const PARSE_MESSAGE_CHARS: usize = 400;
+
 impl JobSpec {
     /// Parses a TOML document (refusing unknown fields), fills defaults and validates.
     pub fn from_toml(text: &str) -> Result<Self> {
         let spec: Self = toml::from_str(text).map_err(|e| Error::SpecParse {
             format: "TOML",
-            message: e.to_string().trim().replace('\n', " "),
+            message: clip(
+                &e.to_string().trim().replace('\n', " "),
+                PARSE_MESSAGE_CHARS,
+            ),
         })?;
         let doc = toml::from_str::<toml::Table>(text).ok();
         let keys = |table: &str| match doc.as_ref().and_then(|d| d.get(table)) {
@@ -301,7 +315,7 @@ impl JobSpec {
     pub fn from_json(text: &str) -> Result<Self> {
         let spec: Self = serde_json::from_str(text).map_err(|e| Error::SpecParse {
             format: "JSON",
-            message: e.to_string(),
+            message: clip(&e.to_string(), PARSE_MESSAGE_CHARS),
         })?;
         let doc = serde_json::from_str::<serde_json::Value>(text).ok();
         let keys = |table: &str| {
@@ -424,14 +438,15 @@ impl JobSpec {
             },
             other => other,
         };
-        if self.name.len() > 200 {
-            return Err(Error::invalid("name", "longer than 200 characters"));
-        }
+        self.validate_bounds()?;
         StorageUri::parse(&self.data.uri).map_err(|e| prefixed("data", e))?;
         if self.data.list.trim().is_empty() || self.data.list.contains("..") {
             return Err(Error::invalid(
                 "data.list",
-                format!("`{}` is not a file name inside the corpus", self.data.list),
+                format!(
+                    "`{}` is not a file name inside the corpus",
+                    echo(&self.data.list)
+                ),
             ));
         }
         if !(1..=64).contains(&self.data.threads) {
@@ -448,7 +463,7 @@ impl JobSpec {
             self.model.preset.parse::<Preset>().map_err(|e| match e {
                 Error::UnknownPreset { name, known } => Error::invalid(
                     "model.preset",
-                    format!("unknown preset `{name}` (known: {known})"),
+                    format!("unknown preset `{}` (known: {known})", echo(&name)),
                 ),
                 other => other,
             })?;
@@ -486,7 +501,8 @@ impl JobSpec {
             return Err(Error::invalid(
                 "init",
                 format!(
-                    "`{INIT_JOB_PREFIX}{id}` does not name a job id (expected `{INIT_JOB_PREFIX}job-<N>`)"
+                    "`{INIT_JOB_PREFIX}{}` does not name a job id (expected `{INIT_JOB_PREFIX}job-<N>`)",
+                    echo(id)
                 ),
             ));
         }
@@ -533,6 +549,105 @@ impl JobSpec {
                 .validate()
                 .map_err(|e| prefixed("finetune", e))?;
         }
+        self.validate_across_fields()
+    }
+
+    /// Sizes of the free-form fields, checked before anything quotes them.
+    fn validate_bounds(&self) -> Result<()> {
+        if self.name.len() > MAX_NAME_BYTES {
+            return Err(Error::invalid(
+                "name",
+                format!(
+                    "is {} bytes; at most {MAX_NAME_BYTES} are allowed",
+                    self.name.len()
+                ),
+            ));
+        }
+        if self.name.chars().any(char::is_control) {
+            return Err(Error::invalid("name", "contains control characters"));
+        }
+        let mut places = vec![
+            ("data.uri", self.data.uri.as_str()),
+            ("data.list", self.data.list.as_str()),
+            ("output", self.output.as_str()),
+            ("model.preset", self.model.preset.as_str()),
+        ];
+        if let Some(init) = &self.init {
+            places.push(("init", init));
+        }
+        if let Some(split) = &self.split {
+            places.push(("split", split));
+        }
+        for (i, id) in self.after.iter().enumerate().take(MAX_AFTER + 1) {
+            if id.len() > MAX_URI_BYTES {
+                return Err(Error::invalid(
+                    format!("after[{i}]"),
+                    format!("is {} bytes; a job id is short (`job-<N>`)", id.len()),
+                ));
+            }
+        }
+        for (field, value) in places {
+            if value.len() > MAX_URI_BYTES {
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "is {} bytes; at most {MAX_URI_BYTES} are allowed",
+                        value.len()
+                    ),
+                ));
+            }
+            if value.chars().any(char::is_control) {
+                return Err(Error::invalid(field, "contains control characters"));
+            }
+        }
+        Ok(())
+    }
+
+    /// What only shows across fields: locations the agents cannot resolve alike (relative
+    /// paths), an output that is the corpus, and a precision the device cannot run.
+    fn validate_across_fields(&self) -> Result<()> {
+        let mut places = vec![("data.uri", &self.data.uri), ("output", &self.output)];
+        if let Some(init) = &self.init
+            && self.init_job().is_none()
+        {
+            places.push(("init", init));
+        }
+        for (field, uri) in places {
+            if let Ok(StorageUri::Local { path }) = StorageUri::parse(uri)
+                && !path.is_absolute()
+            {
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "`{}` is a relative path, which every agent would resolve against its own working directory; give an absolute path (or file:///..., s3://...)",
+                        echo(uri)
+                    ),
+                ));
+            }
+        }
+        if let (Ok(data), Ok(out)) = (
+            StorageUri::parse(&self.data.uri),
+            StorageUri::parse(&self.output),
+        ) && same_location(&data, &out)
+        {
+            return Err(Error::invalid(
+                "output",
+                format!(
+                    "`{}` is the corpus location (data.uri): checkpoints would be written among the clips; use a location of its own",
+                    echo(&self.output)
+                ),
+            ));
+        }
+        let (table, precision) = match self.kind {
+            JobKind::Pretrain => ("train", self.train.precision),
+            JobKind::Finetune | JobKind::Evaluate => ("finetune", self.finetune.precision),
+        };
+        if precision == TrainPrecision::Fp16 && self.resources.device == DeviceKind::Cpu {
+            return Err(Error::invalid(
+                format!("{table}.precision"),
+                "fp16 autocast needs CUDA, and resources.device is \"cpu\": use \"bf16\" or \"fp32\" on CPUs, or device = \"cuda\"",
+            ));
+        }
         Ok(())
     }
 
@@ -551,7 +666,7 @@ impl JobSpec {
             if !is_job_id(id) {
                 return Err(Error::invalid(
                     format!("after[{i}]"),
-                    format!("`{id}` is not a job id (expected `job-<N>`)"),
+                    format!("`{}` is not a job id (expected `job-<N>`)", echo(id)),
                 ));
             }
             if self.after[..i].contains(id) {
@@ -639,7 +754,7 @@ impl JobSpec {
                     if !EVAL_SPLITS.contains(&split) {
                         return Err(Error::invalid(
                             "split",
-                            format!("`{split}` is not a split (train, val or test)"),
+                            format!("`{}` is not a split (train, val or test)", echo(split)),
                         ));
                     }
                 }
@@ -676,13 +791,30 @@ impl JobSpec {
                 return Err(Error::invalid(
                     field,
                     format!(
-                        "local path `{uri}` is outside the allowed roots ({}); use an absolute path below one of them or an object-store URI",
+                        "local path `{}` is outside the allowed roots ({}); use an absolute path below one of them or an object-store URI",
+                        echo(&uri),
                         list.join(", ")
                     ),
                 ));
             }
         }
         Ok(())
+    }
+
+    /// Whether this job's output and `other`'s are the same place or one lies inside the other
+    /// (then two running jobs would write into one folder). Local paths are compared after
+    /// resolving `.`/`..`; object-store locations by bucket and prefix.
+    pub fn output_overlaps(&self, other: &JobSpec) -> bool {
+        match (location_key(&self.output), location_key(&other.output)) {
+            (Some(a), Some(b)) => {
+                let inside = |x: &str, y: &str| {
+                    x.strip_prefix(y)
+                        .is_some_and(|rest| rest.starts_with('/') || y.ends_with('/'))
+                };
+                a == b || inside(&a, &b) || inside(&b, &a)
+            }
+            _ => false,
+        }
     }
 
     /// The spec as JSON with every default filled in, without the other kind's
@@ -699,6 +831,23 @@ impl JobSpec {
         }
         value.to_string()
     }
+}
+
+/// A location as one comparable string: `scheme://bucket/prefix`, or a local path with `.`
+/// and `..` resolved and no trailing slash; `None` when it does not parse.
+fn location_key(uri: &str) -> Option<String> {
+    match StorageUri::parse(uri).ok()? {
+        StorageUri::Local { path } => {
+            let normal = normalise(&path)?;
+            Some(normal.display().to_string())
+        }
+        other => Some(other.to_string()),
+    }
+}
+
+/// Whether two locations are the same place (local paths compared after resolving `.`/`..`).
+fn same_location(a: &StorageUri, b: &StorageUri) -> bool {
+    location_key(&a.to_string()).is_some_and(|k| Some(k) == location_key(&b.to_string()))
 }
 
 /// Resolves `.` and `..` lexically; `None` when `..` climbs above the root.
@@ -748,7 +897,6 @@ mod tests {
         assert!(spec("/data/corpus", "/etc").check_local_roots(&[]).is_ok());
         for (data, out, field) in [
             ("/data/../etc", "/runs/a", "data.uri"),
-            ("relative/corpus", "/runs/a", "data.uri"),
             ("/data/c", "/tmp/x", "output"),
         ] {
             match spec(data, out).check_local_roots(&roots) {
@@ -1010,5 +1158,113 @@ device = "cpu"
             Err(Error::InvalidConfig { field, .. }) => assert_eq!(field, "init"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Issue 11 item 6: specs that cannot run are refused at submission, across fields.
+    #[test]
+    fn specs_that_cannot_run_are_refused_across_fields() {
+        let cases = [
+            // fp16 needs CUDA, for either kind's precision.
+            (
+                format!("{MINIMAL}\n[train]\nprecision = \"fp16\"\n"),
+                "train.precision",
+            ),
+            (
+                format!("{FINETUNE}precision = \"fp16\"\n"),
+                "finetune.precision",
+            ),
+            // Relative locations would be resolved against each agent's working directory.
+            (
+                MINIMAL.replace("s3://corpus/endo", "corpus/endo"),
+                "data.uri",
+            ),
+            (MINIMAL.replace("s3://runs/tiny", "./runs/tiny"), "output"),
+            (format!("init = \"weights.safetensors\"\n{MINIMAL}"), "init"),
+            // The output is the corpus.
+            (
+                MINIMAL.replace("s3://runs/tiny", "s3://corpus/endo/"),
+                "output",
+            ),
+            (
+                MINIMAL
+                    .replace("s3://corpus/endo", "/data/c")
+                    .replace("s3://runs/tiny", "/data/x/../c"),
+                "output",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = JobSpec::from_toml(&text).expect_err(field);
+            let message = err.to_string();
+            assert_eq!(field_of(err), field, "{text}");
+            assert!(message.len() < 400, "{message}");
+        }
+        // The same settings on CUDA, or bf16 on a CPU, are fine.
+        let cuda = MINIMAL.replace("device = \"cpu\"", "device = \"cuda\"");
+        assert!(JobSpec::from_toml(&format!("{cuda}\n[train]\nprecision = \"fp16\"\n")).is_ok());
+        assert!(JobSpec::from_toml(&format!("{MINIMAL}\n[train]\nprecision = \"bf16\"\n")).is_ok());
+        assert!(JobSpec::from_toml(&format!("init = \"job:job-1\"\n{MINIMAL}")).is_ok());
+    }
+
+    /// Issue 11 item 6: every free-form field is bounded, and no refusal echoes more than a
+    /// bounded part of what the user sent.
+    #[test]
+    fn free_form_fields_are_bounded_and_never_echoed_whole() {
+        let huge = "x".repeat(100_000);
+        let cases = [
+            (format!("name = \"{huge}\"\n{MINIMAL}"), "name"),
+            (
+                MINIMAL.replace("s3://corpus/endo", &format!("s3://corpus/{huge}")),
+                "data.uri",
+            ),
+            (
+                MINIMAL.replace("s3://runs/tiny", &format!("/runs/{huge}")),
+                "output",
+            ),
+            (
+                MINIMAL.replace("[data]\n", &format!("[data]\nlist = \"{huge}\"\n")),
+                "data.list",
+            ),
+            (
+                MINIMAL.replace("\"tiny\"", &format!("\"{huge}\"")),
+                "model.preset",
+            ),
+            (format!("init = \"/w/{huge}\"\n{MINIMAL}"), "init"),
+            (format!("after = [\"{huge}\"]\n{MINIMAL}"), "after[0]"),
+            (format!("split = \"{huge}\"\n{EVALUATE}"), "split"),
+            (format!("name = \"a\\u0000b\"\n{MINIMAL}"), "name"),
+        ];
+        for (text, field) in cases {
+            let err = JobSpec::from_toml(&text).expect_err(field);
+            let message = err.to_string();
+            assert!(message.len() < 600, "{field}: {} bytes", message.len());
+            assert_eq!(field_of(err), field);
+        }
+        // Parser errors quote the source: bounded too (an unknown key, a bad line).
+        for text in [
+            format!("{huge} = 1\n{MINIMAL}"),
+            format!("{MINIMAL}\nbad line {huge}\n"),
+        ] {
+            let message = JobSpec::from_toml(&text).expect_err("parse").to_string();
+            assert!(message.len() < 600, "{} bytes", message.len());
+        }
+        let message = JobSpec::from_json(&format!("{{\"{huge}\": 1}}"))
+            .expect_err("json")
+            .to_string();
+        assert!(message.len() < 600, "{} bytes", message.len());
+    }
+
+    /// Issue 11 item 7: outputs that are the same place or nested overlap.
+    #[test]
+    fn overlapping_outputs_are_recognised() {
+        let at =
+            |out: &str| JobSpec::from_toml(&MINIMAL.replace("s3://runs/tiny", out)).expect(out);
+        assert!(at("s3://runs/tiny").output_overlaps(&at("s3://runs/tiny/")));
+        assert!(at("s3://runs/tiny").output_overlaps(&at("s3://runs/tiny/sub")));
+        assert!(at("s3://runs").output_overlaps(&at("s3://runs/tiny")));
+        assert!(!at("s3://runs/tiny").output_overlaps(&at("s3://runs/tiny2")));
+        assert!(!at("s3://runs/tiny").output_overlaps(&at("gs://runs/tiny")));
+        assert!(at("/out/a").output_overlaps(&at("file:///out/a")));
+        assert!(at("/out/a").output_overlaps(&at("/out/b/../a/c")));
+        assert!(!at("/out/a").output_overlaps(&at("/out/ab")));
     }
 }

@@ -3,16 +3,19 @@
 
 pub mod detect_config;
 pub mod error;
+pub mod failure;
 pub mod finetune_config;
 pub mod job_spec;
 pub mod model_config;
 pub mod prom_text;
 pub mod storage;
 pub mod telemetry;
+pub mod text;
 pub mod train_config;
 
 pub use detect_config::{DetectConfig, DetectorConfig, IouLossKind};
 pub use error::{Error, Result};
+pub use failure::FailureClass;
 pub use finetune_config::{FinetuneConfig, InitFrom, TaskKind};
 pub use job_spec::{DeviceKind, JobKind, JobSpec, ViewSizes};
 pub use model_config::{HeadConfig, ModelConfig, ParamCounts, Preset};
