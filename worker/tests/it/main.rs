@@ -14,4 +14,5 @@ mod parity;
 mod pretrain;
 mod s3;
 mod support;
+mod trajectory;
 mod weights;
