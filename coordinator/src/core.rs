@@ -17,6 +17,15 @@
 //!   never form a cycle. A job with a dependency that has not succeeded stays queued without
 //!   blocking anyone; once a dependency ends otherwise, the job fails without running, and so
 //!   do the jobs waiting for it, in the same state change.
+//! - A live (queued or running) job owns its output: a submission whose output is the same
+//!   place, or lies inside it or around it, is refused unless it waits for the owner (`after`).
+//! - A failed attempt is classified ([`FailureClass`]): a deterministic failure (non-finite
+//!   loss, invalid input) ends the job at once; any other is restarted after an exponential
+//!   backoff while restarts are left. A job waiting out its backoff holds nothing up.
+//! - Leases never expire for the coordinator's own stall: after a gap in its lease timer
+//!   (SIGSTOP, a frozen VM), every worker's lease starts again from the end of the gap.
+//! - Every stored message is bounded ([`endofm_shared::text`]): events and job messages quote
+//!   user and rank text cut to a known length.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -24,7 +33,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use endofm_proto::v1 as pb;
-use endofm_shared::{DeviceKind, JobKind, JobSpec};
+use endofm_shared::text::{MESSAGE_CHARS, clip, echo};
+use endofm_shared::{DeviceKind, FailureClass, JobKind, JobSpec};
 use tokio::sync::{Notify, broadcast};
 
 use crate::metrics::Metrics;
@@ -45,6 +55,10 @@ pub struct Timing {
     pub lease: Duration,
     /// A stop order still unanswered after this long is sent again.
     pub stop_resend: Duration,
+    /// Wait before the first restart of a failed attempt; doubled for every further restart.
+    pub restart_backoff: Duration,
+    /// The longest wait between restarts.
+    pub restart_backoff_max: Duration,
 }
 
 impl Default for Timing {
@@ -53,6 +67,49 @@ impl Default for Timing {
             heartbeat_interval: Duration::from_millis(1000),
             lease: Duration::from_secs(10),
             stop_resend: Duration::from_secs(5),
+            restart_backoff: Duration::from_secs(5),
+            restart_backoff_max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Timing {
+    /// The wait before restart number `restart` (1 for the first): `restart_backoff ·
+    /// 2^(restart-1)`, at most `restart_backoff_max`.
+    pub fn backoff(&self, restart: u32) -> Duration {
+        let factor = 2u32.saturating_pow(restart.saturating_sub(1).min(20));
+        self.restart_backoff
+            .saturating_mul(factor)
+            .min(self.restart_backoff_max.max(self.restart_backoff))
+    }
+
+    /// A pause of the lease timer longer than this is the coordinator's own stall: every lease
+    /// restarts from its end.
+    pub fn clock_gap(&self) -> Duration {
+        (self.lease / 4).max(Duration::from_millis(200))
+    }
+}
+
+/// Longest checkpoint location a report may carry (bytes); longer ones are ignored.
+const MAX_REPORTED_URI: usize = 4096;
+/// Most metrics a result report may carry.
+const MAX_RESULT_METRICS: usize = 512;
+/// Longest hostname kept for a worker (characters).
+const MAX_HOSTNAME: usize = 255;
+
+/// Why a submission is refused (nothing changes then).
+#[derive(Debug)]
+pub enum SubmitRefusal {
+    /// The spec names something that does not exist or cannot be used (a dependency).
+    Invalid(endofm_shared::Error),
+    /// The spec conflicts with a live job (its output belongs to that job).
+    Conflict(endofm_shared::Error),
+}
+
+impl std::fmt::Display for SubmitRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubmitRefusal::Invalid(e) | SubmitRefusal::Conflict(e) => write!(f, "{e}"),
         }
     }
 }
@@ -124,6 +181,24 @@ fn key_of(r: &pb::RankRef) -> RankKey {
     (r.job_id.clone(), r.generation, r.rank)
 }
 
+/// A rank's exit as the core handles it.
+#[derive(Debug, Clone)]
+struct Exit {
+    success: bool,
+    class: FailureClass,
+    message: String,
+}
+
+impl Exit {
+    fn failed(class: FailureClass, message: &str) -> Self {
+        Self {
+            success: false,
+            class,
+            message: message.to_string(),
+        }
+    }
+}
+
 /// Why a rendezvous or report call is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -162,6 +237,10 @@ pub struct Core {
     metrics: Metrics,
     /// Whether a queued job may stop lower-priority running jobs to get its devices.
     preemption: bool,
+    /// Restarted jobs waiting out their backoff: not placed before this instant.
+    not_before: HashMap<String, Instant>,
+    /// When the lease timer last ran (to notice the coordinator's own stalls).
+    last_tick: Option<Instant>,
 }
 
 impl Core {
@@ -186,11 +265,20 @@ impl Core {
             epoch: 0,
             metrics,
             preemption: false,
+            not_before: HashMap::new(),
+            last_tick: None,
         };
         let mut running = Vec::new();
+        let wall = now_ms();
         for job in loaded.jobs {
             match job.state {
-                State::Queued => core.enqueue(job.queue_key(), now),
+                State::Queued => {
+                    core.enqueue(job.queue_key(), now);
+                    if job.not_before_ms > wall {
+                        let wait = Duration::from_millis((job.not_before_ms - wall) as u64);
+                        core.not_before.insert(job.id.clone(), now + wait);
+                    }
+                }
                 State::Running => running.push(job.id.clone()),
                 _ => {}
             }
@@ -276,11 +364,19 @@ impl Core {
         self.queue.insert(key);
     }
 
+    /// Marks a job for the next batch. Every change to a job passes here, so this is where its
+    /// message is bounded before it is stored.
     fn touch(&mut self, id: &str) {
+        if let Some(job) = self.jobs.get_mut(id)
+            && job.message.chars().nth(MESSAGE_CHARS).is_some()
+        {
+            job.message = clip(&job.message, MESSAGE_CHARS);
+        }
         self.dirty_jobs.insert(id.to_string());
         self.epoch += 1;
     }
 
+    /// Appends an event (its message bounded to [`MESSAGE_CHARS`]).
     fn event(&mut self, id: &str, kind: &str, message: String, generation: u64, rank: i32) {
         let Some(job) = self.jobs.get_mut(id) else {
             return;
@@ -290,7 +386,7 @@ impl Core {
             seq: job.events,
             unix_ms: now_ms(),
             kind: kind.to_string(),
-            message,
+            message: clip(&message, MESSAGE_CHARS),
             generation,
             rank,
         };
@@ -386,11 +482,41 @@ impl Core {
         Ok(())
     }
 
+    /// Refuses a spec whose output belongs to a live (queued or running) job: the same place,
+    /// or one inside the other. A job that waits for the owner (`after`, `init = "job:<id>"`)
+    /// may share it: the two never run at once (this is how to queue behind a job).
+    pub fn check_output(&self, spec: &JobSpec) -> Result<(), endofm_shared::Error> {
+        let deps = spec.dependencies();
+        let mut owners: Vec<&JobRec> = self
+            .jobs
+            .values()
+            .filter(|j| !j.state.is_final() && !deps.contains(&j.id))
+            .filter(|j| j.spec.output_overlaps(spec))
+            .collect();
+        owners.sort_by_key(|j| j.seq);
+        if let Some(owner) = owners.first() {
+            return Err(endofm_shared::Error::invalid(
+                "output",
+                format!(
+                    "`{}` overlaps the output `{}` of {} ({}), which owns it until it ends; use another output, or queue behind it with after = [\"{}\"]",
+                    echo(&spec.output),
+                    echo(&owner.spec.output),
+                    owner.id,
+                    owner.state.label(),
+                    owner.id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Queues a validated spec; returns the new job, or why the spec cannot be queued (see
-    /// [`Core::check_dependencies`]; nothing changes then). A job with dependencies waits for
-    /// them; one whose dependency already failed fails at once.
-    pub fn submit(&mut self, spec: JobSpec, now: Instant) -> Result<JobRec, endofm_shared::Error> {
-        self.check_dependencies(&spec)?;
+    /// [`Core::check_dependencies`] and [`Core::check_output`]; nothing changes then). A job
+    /// with dependencies waits for them; one whose dependency already failed fails at once.
+    pub fn submit(&mut self, spec: JobSpec, now: Instant) -> Result<JobRec, SubmitRefusal> {
+        self.check_dependencies(&spec)
+            .map_err(SubmitRefusal::Invalid)?;
+        self.check_output(&spec).map_err(SubmitRefusal::Conflict)?;
         let n = self.next_job;
         self.next_job += 1;
         self.next_job_dirty = true;
@@ -419,6 +545,8 @@ impl Core {
             waiting_for,
             init_resolved: None,
             result: None,
+            failure_class: None,
+            not_before_ms: 0,
             spec,
         };
         let mut summary = format!(
@@ -483,14 +611,15 @@ impl Core {
             return Some(job.clone());
         }
         let generation = job.generation;
-        let reason = if reason.is_empty() {
+        let reason = if reason.trim().is_empty() {
             "cancelled by a user".to_string()
         } else {
-            format!("cancelled: {reason}")
+            format!("cancelled: {}", echo(reason))
         };
         if state == State::Queued {
             self.queue.retain(|(_, _, j)| j != id);
             self.queued_since.remove(id);
+            self.not_before.remove(id);
         } else {
             self.stop_ranks(id, &reason, now);
         }
@@ -530,11 +659,12 @@ impl Core {
             .collect();
         devices.sort();
         devices.dedup();
+        let hostname = clip(&req.hostname, MAX_HOSTNAME);
         let worker = self
             .workers
             .entry(id.clone())
-            .or_insert_with(|| Worker::new(req.hostname.clone(), now));
-        worker.hostname = req.hostname.clone();
+            .or_insert_with(|| Worker::new(hostname.clone(), now));
+        worker.hostname = hostname.clone();
         worker.devices = devices;
         worker.registered = true;
         worker.last_seen = now;
@@ -545,13 +675,15 @@ impl Core {
             .filter(|k| !running.contains(*k))
             .cloned()
             .collect();
-        tracing::info!(worker = %id, hostname = %req.hostname, devices = ?req.devices.len(), running = running.len(), "worker registered");
+        tracing::info!(worker = %id, %hostname, devices = ?req.devices.len(), running = running.len(), "worker registered");
         for key in vanished {
             self.rank_exit(
                 &id,
                 &key,
-                false,
-                "the rank was gone when its worker registered again",
+                Exit::failed(
+                    FailureClass::WorkerLost,
+                    "the rank was gone when its worker registered again",
+                ),
                 now,
             );
         }
@@ -601,9 +733,14 @@ impl Core {
                 let message = if exit.message.is_empty() {
                     "rank failed".to_string()
                 } else {
-                    exit.message.clone()
+                    clip(&exit.message, MESSAGE_CHARS / 2)
                 };
-                self.rank_exit(&req.worker_id, &key_of(r), exit.success, &message, now);
+                let exit = Exit {
+                    success: exit.success,
+                    class: FailureClass::parse(&exit.failure_class),
+                    message,
+                };
+                self.rank_exit(&req.worker_id, &key_of(r), exit, now);
             }
         }
         let known = self
@@ -691,14 +828,8 @@ impl Core {
     }
 
     /// A rank ended (reported by a worker, or found gone).
-    fn rank_exit(
-        &mut self,
-        worker_id: &str,
-        key: &RankKey,
-        success: bool,
-        message: &str,
-        now: Instant,
-    ) {
+    fn rank_exit(&mut self, worker_id: &str, key: &RankKey, exit: Exit, now: Instant) {
+        let success = exit.success;
         let mut freed = false;
         if let Some(w) = self.workers.get_mut(worker_id) {
             freed = w.free_rank(key);
@@ -747,9 +878,12 @@ impl Core {
                 self.emit_job(&id);
             }
         } else {
-            let reason = format!("rank {rank} on {worker_id} failed: {message}");
+            let reason = format!(
+                "rank {rank} on {worker_id} failed ({}): {}",
+                exit.class, exit.message
+            );
             self.event(&id, "rank_failed", reason.clone(), generation, rank as i32);
-            self.fail_attempt(&id, &reason, now);
+            self.fail_attempt(&id, &reason, exit.class, now);
         }
     }
 
@@ -768,9 +902,10 @@ impl Core {
         }
     }
 
-    /// The current attempt of a running job failed: stop its ranks, then restart it from its
-    /// last checkpoint if restarts are left, else fail the job.
-    fn fail_attempt(&mut self, id: &str, reason: &str, now: Instant) {
+    /// The current attempt of a running job failed: stop its ranks; then fail the job when the
+    /// failure is deterministic or no restarts are left, else queue a restart from its last
+    /// checkpoint after the backoff ([`Timing::backoff`]).
+    fn fail_attempt(&mut self, id: &str, reason: &str, class: FailureClass, now: Instant) {
         let Some(job) = self.jobs.get(id) else { return };
         if job.state != State::Running {
             return;
@@ -778,42 +913,103 @@ impl Core {
         let generation = job.generation;
         self.stop_ranks(id, "the attempt failed", now);
         self.meetings.remove(&(id.to_string(), generation));
-        self.event(id, "attempt_failed", reason.to_string(), generation, -1);
+        self.event(
+            id,
+            "attempt_failed",
+            format!("[{class}] {reason}"),
+            generation,
+            -1,
+        );
+        let timing = self.timing;
         let Some(job) = self.jobs.get_mut(id) else {
             return;
         };
         job.ranks_done.clear();
-        if job.restarts < job.spec.max_restarts {
-            job.restarts += 1;
-            job.state = State::Queued;
-            job.message = format!("restarting after: {reason}");
-            let from = job.resume_point();
-            let restarts = job.restarts;
-            let max = job.spec.max_restarts;
-            let key = job.queue_key();
-            self.enqueue(key, now);
-            self.metrics.attempt_restarts.inc();
-            self.event(
-                id,
-                "restarting",
-                format!("restart {restarts} of {max}: the next attempt resumes {from}"),
-                generation,
-                -1,
-            );
-            self.schedule(now);
+        job.failure_class = Some(class);
+        let ending = if !class.restartable() {
+            Some(format!(
+                "failed without a restart: {} ({class}), which another attempt would repeat: {reason}",
+                class.describe()
+            ))
+        } else if job.restarts >= job.spec.max_restarts {
+            Some(format!(
+                "failed: no restarts left ({} used); last failure: {} ({class}): {reason}",
+                job.spec.max_restarts,
+                class.describe()
+            ))
         } else {
-            job.state = State::Failed;
-            job.finished_ms = now_ms();
-            job.message = reason.to_string();
-            let max = job.spec.max_restarts;
-            self.event(
-                id,
-                "failed",
-                format!("no restarts left ({max} used): {reason}"),
-                generation,
-                -1,
+            None
+        };
+        match ending {
+            None => {
+                job.restarts += 1;
+                job.state = State::Queued;
+                let wait = timing.backoff(job.restarts);
+                job.not_before_ms = now_ms() + wait.as_millis() as i64;
+                job.message = format!(
+                    "restarting in {:.1} s after {} ({class}): {reason}",
+                    wait.as_secs_f64(),
+                    class.describe()
+                );
+                let from = job.resume_point();
+                let restarts = job.restarts;
+                let max = job.spec.max_restarts;
+                let key = job.queue_key();
+                self.enqueue(key, now);
+                self.not_before.insert(id.to_string(), now + wait);
+                self.metrics.attempt_restarts.inc();
+                self.event(
+                    id,
+                    "restarting",
+                    format!(
+                        "restart {restarts} of {max} in {:.1} s ({class}): the next attempt resumes {from}",
+                        wait.as_secs_f64()
+                    ),
+                    generation,
+                    -1,
+                );
+                self.schedule(now);
+            }
+            Some(message) => {
+                job.state = State::Failed;
+                job.finished_ms = now_ms();
+                job.message = message.clone();
+                self.event(id, "failed", message, generation, -1);
+                self.emit_job(id);
+            }
+        }
+    }
+
+    /// The lease timer's work: grants every worker a fresh lease after a gap in the timer (the
+    /// coordinator itself was stalled, so their silence proves nothing), expires the leases
+    /// that ran out, and places jobs whose restart backoff ended.
+    pub fn tick(&mut self, now: Instant) {
+        let gap = self
+            .last_tick
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        self.last_tick = Some(now);
+        if gap > self.timing.clock_gap() {
+            tracing::warn!(
+                gap_s = gap.as_secs_f64(),
+                workers = self.workers.len(),
+                "the coordinator was stalled (its lease timer paused); every worker's lease starts again now"
             );
-            self.emit_job(id);
+            for w in self.workers.values_mut() {
+                w.last_seen = w.last_seen.max(now);
+            }
+        }
+        self.expire_leases(now);
+        let due: Vec<String> = self
+            .not_before
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !due.is_empty() {
+            for id in &due {
+                self.not_before.remove(id);
+            }
+            self.schedule(now);
         }
     }
 
@@ -845,7 +1041,7 @@ impl Core {
                         lease.as_secs_f64()
                     );
                     self.event(&job, "worker_lost", reason.clone(), generation, rank as i32);
-                    self.fail_attempt(&job, &reason, now);
+                    self.fail_attempt(&job, &reason, FailureClass::WorkerLost, now);
                 }
             }
         }
@@ -874,11 +1070,19 @@ impl Core {
                     }
                     self.emit(&r.job_id, pb::job_update::Update::Progress(*p));
                 }
-                Some(pb::rank_report::Report::Checkpoint(c)) if running => {
-                    // Same step, another location: the final word on that state (a
-                    // fine-tuning job reports its chosen model, `best/`, after its last step).
+                Some(pb::rank_report::Report::Checkpoint(c))
+                    if r.generation <= job.generation
+                        && !c.uri.is_empty()
+                        && c.uri.len() <= MAX_REPORTED_URI =>
+                {
+                    // A committed checkpoint is a fact whenever its report arrives: one from
+                    // an attempt that has since failed (its report was held up, e.g. while the
+                    // coordinator was stalled) still counts when it is newer. Same step,
+                    // another location, from the running attempt: the final word on that state
+                    // (a fine-tuning job reports its chosen model, `best/`, after its last
+                    // step).
                     let newer = job.last_checkpoint.as_ref().is_none_or(|old| {
-                        c.step > old.step || (c.step == old.step && c.uri != old.uri)
+                        c.step > old.step || (running && c.step == old.step && c.uri != old.uri)
                     });
                     if newer {
                         if let Some(job) = self.jobs.get_mut(&r.job_id) {
@@ -906,9 +1110,13 @@ impl Core {
                     self.event(&r.job_id, "log", message, r.generation, r.rank as i32);
                 }
                 Some(pb::rank_report::Report::Result(res))
-                    if (running || finished) && r.rank == 0 =>
+                    if (running || finished)
+                        && r.rank == 0
+                        && res.metrics.len() <= MAX_RESULT_METRICS
+                        && res.report.len() <= MAX_REPORTED_URI =>
                 {
-                    let rec = ResultRec::from_pb(res, r.generation);
+                    let mut rec = ResultRec::from_pb(res, r.generation);
+                    rec.headline = echo(&rec.headline);
                     let summary = rec.summary();
                     tracing::info!(job = %r.job_id, generation = r.generation, headline = %rec.headline, value = rec.value, report = %rec.report, "job result");
                     if let Some(job) = self.jobs.get_mut(&r.job_id) {
@@ -1010,8 +1218,8 @@ impl Core {
             let Some(job) = self.jobs.get(id) else {
                 continue;
             };
-            if !job.waiting_for.is_empty() {
-                continue; // not ready: holds nothing up
+            if !job.waiting_for.is_empty() || self.not_before.get(id).is_some_and(|t| *t > now) {
+                continue; // not ready, or waiting out a restart backoff: holds nothing up
             }
             let kind = job.spec.resources.device;
             if blocked.contains(&kind) {
@@ -1196,7 +1404,7 @@ impl Core {
             let Some(job) = self.jobs.get(id) else {
                 continue;
             };
-            if !job.waiting_for.is_empty() {
+            if !job.waiting_for.is_empty() || self.not_before.get(id).is_some_and(|t| *t > now) {
                 continue;
             }
             let kind = job.spec.resources.device;
@@ -1285,6 +1493,8 @@ impl Core {
             return;
         };
         self.queue.remove(&job.queue_key());
+        self.not_before.remove(id);
+        job.not_before_ms = 0;
         job.generation += 1;
         job.state = State::Running;
         job.ranks_done.clear();
@@ -1370,13 +1580,24 @@ mod tests {
     use super::*;
     use prometheus_client::registry::Registry;
 
+    /// A core that restarts failed attempts without a backoff.
     fn core() -> Core {
+        core_with(Timing {
+            restart_backoff: Duration::ZERO,
+            ..Timing::default()
+        })
+    }
+
+    fn core_with(timing: Timing) -> Core {
         let mut registry = Registry::default();
-        Core::new(
-            Loaded::default(),
-            Timing::default(),
-            Metrics::new(&mut registry),
-        )
+        Core::new(Loaded::default(), timing, Metrics::new(&mut registry))
+    }
+
+    /// A distinct output folder per call (a live job owns its output).
+    fn fresh_output(prefix: &str) -> String {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("/out/{prefix}-{n}")
     }
 
     fn spec(world: u32, priority: i32, max_restarts: u32) -> JobSpec {
@@ -1384,7 +1605,7 @@ mod tests {
             &serde_json::json!({
                 "kind": "pretrain",
                 "data": {"uri": "/corpus"},
-                "output": "/out",
+                "output": fresh_output("pretrain"),
                 "model": {"preset": "tiny"},
                 "resources": {"world_size": world, "device": "cpu"},
                 "priority": priority,
@@ -1405,7 +1626,7 @@ mod tests {
             "kind": kind,
             "task": "classify",
             "data": {"uri": "/polypdiag"},
-            "output": format!("/out/{kind}"),
+            "output": fresh_output(kind),
             "model": {"preset": "tiny"},
             "resources": {"world_size": 1, "device": "cpu"},
             "max_restarts": 0,
@@ -1495,6 +1716,7 @@ mod tests {
                         } else {
                             "boom".into()
                         },
+                        failure_class: String::new(),
                     })
                     .collect(),
             },
@@ -1955,8 +2177,8 @@ mod tests {
     fn submit_refuses_unknown_dependencies_naming_the_field() {
         let mut c = core();
         let now = Instant::now();
-        let field = |r: Result<JobRec, endofm_shared::Error>| match r {
-            Err(endofm_shared::Error::InvalidConfig { field, reason }) => {
+        let field = |r: Result<JobRec, SubmitRefusal>| match r {
+            Err(SubmitRefusal::Invalid(endofm_shared::Error::InvalidConfig { field, reason })) => {
                 format!("{field}: {reason}")
             }
             other => panic!("accepted: {other:?}"),

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use endofm_proto::v1 as pb;
-use endofm_shared::JobSpec;
+use endofm_shared::{FailureClass, JobSpec};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// JSON has no NaN or infinity: serde_json writes them as `null`; this reads `null` back as NaN
@@ -285,6 +285,12 @@ pub struct JobRec {
     /// Rank 0's result (finetune and evaluate jobs).
     #[serde(default)]
     pub result: Option<ResultRec>,
+    /// Class of the last attempt failure (none while no attempt failed).
+    #[serde(default)]
+    pub failure_class: Option<FailureClass>,
+    /// While a restart waits out its backoff: when the job may be placed (Unix ms; 0 otherwise).
+    #[serde(default)]
+    pub not_before_ms: i64,
 }
 
 impl JobRec {
@@ -356,6 +362,15 @@ impl JobRec {
             waiting_for: self.waiting_for.clone(),
             init_resolved: self.init_resolved.clone().unwrap_or_default(),
             result: self.result.as_ref().map(ResultRec::to_pb),
+            failure_class: self
+                .failure_class
+                .map(|c| c.name().to_string())
+                .unwrap_or_default(),
+            not_before_unix_ms: if self.state == State::Queued {
+                self.not_before_ms
+            } else {
+                0
+            },
         }
     }
 }
@@ -415,6 +430,8 @@ mod tests {
             waiting_for: vec![],
             init_resolved: None,
             result: None,
+            failure_class: None,
+            not_before_ms: 0,
         }
     }
 

@@ -3,8 +3,13 @@
 //! that makes every change durable before it is acknowledged, the lease timer, and the metrics
 //! endpoint.
 //!
-//! Invariant: an RPC that changed state answers only after the store has committed that
-//! change (or fails with UNAVAILABLE), so a `kill -9` never loses anything a caller saw.
+//! Invariants: an RPC that changed state answers only after the store has committed that
+//! change (or fails with UNAVAILABLE), so a `kill -9` never loses anything a caller saw. The
+//! flusher acknowledges an epoch only after a commit of everything up to it returned `Ok`: it
+//! keeps each batch until then and puts it back on any failure, a panic of the writer included.
+//! Every task the server starts (flusher, lease timer, metrics endpoint, watch streams) stops
+//! and is joined on shutdown: streams end first (so the gRPC server can stop), the flusher
+//! writes what is left last.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,19 +24,24 @@ use endofm_shared::JobSpec;
 use futures::Stream;
 use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 
-use crate::core::{Core, Refusal, Timing};
+use crate::core::{Core, Refusal, SubmitRefusal, Timing};
 use crate::metrics::{self, Metrics};
 use crate::records::State;
-use crate::store::Store;
+use crate::store::{Batch, Store};
 use crate::{Error, Result};
 
 /// Largest request accepted (a job spec, a batch of reports).
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 /// How long an RPC waits for its changes to become durable.
 const COMMIT_WAIT: Duration = Duration::from_secs(30);
+/// Pause after a failed commit before the batch is written again.
+const COMMIT_RETRY: Duration = Duration::from_millis(500);
+/// How long shutdown waits for each task to finish.
+const JOIN_WAIT: Duration = Duration::from_secs(10);
 
 /// How to run a coordinator.
 #[derive(Debug, Clone)]
@@ -72,6 +82,10 @@ struct Shared {
     kick: Arc<Notify>,
     flushed: watch::Receiver<u64>,
     metrics: Metrics,
+    /// Turns true when the server shuts down: watch streams end.
+    stopping: watch::Receiver<bool>,
+    /// The watch streams' tasks, joined on shutdown.
+    watchers: Mutex<JoinSet<()>>,
 }
 
 struct RpcTimer<'a> {
@@ -92,6 +106,13 @@ impl Shared {
         self.core
             .lock()
             .map_err(|_| Status::internal("coordinator state lock poisoned"))
+    }
+
+    /// Starts a watch stream's task (finished ones are reaped here, so the set stays small).
+    fn spawn_watcher(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut set = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        while set.try_join_next().is_some() {}
+        set.spawn(task);
     }
 
     fn timer(&self, method: &'static str) -> RpcTimer<'_> {
@@ -151,9 +172,10 @@ impl Jobs for JobsSvc {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (job, epoch) = {
             let mut core = self.0.lock()?;
-            let job = core
-                .submit(spec, Instant::now())
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let job = core.submit(spec, Instant::now()).map_err(|e| match e {
+                SubmitRefusal::Invalid(e) => Status::invalid_argument(e.to_string()),
+                SubmitRefusal::Conflict(e) => Status::failed_precondition(e.to_string()),
+            })?;
             (job.to_pb(), core.epoch())
         };
         self.0.durable(epoch).await?;
@@ -224,7 +246,8 @@ impl Jobs for JobsSvc {
             (updates, core.events_after(&req.id, req.after_seq), job)
         };
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(async move {
+        let mut stopping = self.0.stopping.clone();
+        self.0.spawn_watcher(async move {
             let final_now = pb::JobState::try_from(job.state).is_ok_and(|s| s.is_final());
             let send = |u: pb::job_update::Update| pb::JobUpdate { update: Some(u) };
             if tx
@@ -249,7 +272,18 @@ impl Jobs for JobsSvc {
                 return;
             }
             loop {
-                match updates.recv().await {
+                let received = tokio::select! {
+                    r = updates.recv() => Some(r),
+                    _ = stopping.wait_for(|s| *s) => None,
+                };
+                let Some(received) = received else {
+                    // The client reconnects (`endofm logs --follow` follows restarts).
+                    let _ = tx
+                        .send(Err(Status::unavailable("the coordinator is shutting down")))
+                        .await;
+                    return;
+                };
+                match received {
                     Ok(update) => {
                         let mut done = false;
                         match &update.update {
@@ -436,12 +470,45 @@ fn check_token(
     }
 }
 
-async fn flusher(
-    core: Arc<Mutex<Core>>,
-    store: Arc<Store>,
-    kick: Arc<Notify>,
-    flushed: watch::Sender<u64>,
-) {
+/// Where the flusher writes batches: the store, or a test's stand-in that fails on purpose.
+pub trait Durable: Send + Sync + 'static {
+    /// Writes a batch durably; `Ok` only when all of it is.
+    fn commit(&self, batch: &Batch) -> Result<()>;
+}
+
+impl Durable for Store {
+    fn commit(&self, batch: &Batch) -> Result<()> {
+        Store::commit(self, batch)
+    }
+}
+
+/// Writes one batch off the async threads. The batch stays the flusher's: on an error or a
+/// panic of the writer it is handed back with the failure, never lost.
+async fn write_batch<D: Durable>(
+    store: &Arc<D>,
+    batch: Batch,
+) -> std::result::Result<(), (Batch, String)> {
+    let batch = Arc::new(batch);
+    let (writer, shared) = (Arc::clone(store), Arc::clone(&batch));
+    let outcome = tokio::task::spawn_blocking(move || writer.commit(&shared)).await;
+    let failure = match outcome {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => format!("state store commit failed: {e}"),
+        Err(e) => format!("state store writer panicked: {e}"),
+    };
+    let batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+    Err((batch, failure))
+}
+
+/// Writes every pending change; returns whether everything up to the epoch it read is
+/// durable. `flushed` only ever moves to the epoch of a batch whose commit returned `Ok` (or of
+/// an empty batch: nothing was pending, and no batch is out, since a failed one is put back
+/// before the next is taken).
+async fn flush_pending<D: Durable>(
+    core: &Mutex<Core>,
+    store: &Arc<D>,
+    flushed: &watch::Sender<u64>,
+) -> std::result::Result<(), String> {
     let reached = |epoch: u64| {
         flushed.send_if_modified(|v| {
             let changed = epoch > *v;
@@ -450,37 +517,78 @@ async fn flusher(
         });
     };
     loop {
-        kick.notified().await;
-        loop {
-            let Ok((batch, epoch)) = core.lock().map(|mut c| c.take_batch()) else {
-                return;
-            };
-            if batch.is_empty() {
-                reached(epoch);
-                break;
-            }
-            let writer = Arc::clone(&store);
-            let result = tokio::task::spawn_blocking(move || {
-                let committed = writer.commit(&batch);
-                (committed, batch)
-            })
-            .await;
-            match result {
-                Ok((Ok(()), _)) => reached(epoch),
-                Ok((Err(e), batch)) => {
-                    // Nothing is lost: the batch goes back and the next round writes it again.
-                    tracing::error!(error = %e, "state store commit failed; retrying");
-                    if let Ok(mut c) = core.lock() {
-                        c.restore_batch(batch);
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+        let (batch, epoch) = core
+            .lock()
+            .map(|mut c| c.take_batch())
+            .map_err(|_| "coordinator state lock poisoned".to_string())?;
+        if batch.is_empty() {
+            reached(epoch);
+            return Ok(());
+        }
+        match write_batch(store, batch).await {
+            Ok(()) => reached(epoch),
+            Err((batch, failure)) => {
+                if let Ok(mut c) = core.lock() {
+                    c.restore_batch(batch);
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "state store writer panicked");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
+                return Err(failure);
             }
         }
+    }
+}
+
+/// The group-commit flusher: writes pending changes when kicked, retrying failed commits every
+/// `retry`; when `stop` turns true it writes what is left (a few tries) and returns.
+async fn flusher<D: Durable>(
+    core: Arc<Mutex<Core>>,
+    store: Arc<D>,
+    kick: Arc<Notify>,
+    flushed: watch::Sender<u64>,
+    mut stop: watch::Receiver<bool>,
+    retry: Duration,
+) {
+    let mut failing = false;
+    loop {
+        let stopping = if failing {
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => false,
+                _ = stop.wait_for(|s| *s) => true,
+            }
+        } else {
+            tokio::select! {
+                _ = kick.notified() => false,
+                _ = stop.wait_for(|s| *s) => true,
+            }
+        };
+        if stopping {
+            for attempt in 1..=3 {
+                match flush_pending(&core, &store, &flushed).await {
+                    Ok(()) => return,
+                    Err(failure) => {
+                        tracing::error!(%failure, attempt, "final flush failed");
+                        tokio::time::sleep(retry).await;
+                    }
+                }
+            }
+            return;
+        }
+        match flush_pending(&core, &store, &flushed).await {
+            Ok(()) => failing = false,
+            Err(failure) => {
+                // Nothing is lost: the batch went back and the next round writes it again.
+                tracing::error!(%failure, "state store write failed; retrying");
+                failing = true;
+            }
+        }
+    }
+}
+
+/// Waits for a task to end (at most [`JOIN_WAIT`]), naming it when it does not.
+async fn join(name: &str, task: JoinHandle<()>) {
+    match tokio::time::timeout(JOIN_WAIT, task).await {
+        Ok(Ok(())) => tracing::debug!(task = name, "stopped"),
+        Ok(Err(e)) => tracing::error!(task = name, error = %e, "task failed"),
+        Err(_) => tracing::error!(task = name, "task did not stop in time"),
     }
 }
 
@@ -504,34 +612,42 @@ pub async fn serve(
     state.set_preemption(cfg.preemption);
     let core = Arc::new(Mutex::new(state));
     let (flushed_tx, flushed_rx) = watch::channel(0u64);
+    let (stop_tx, stop_rx) = watch::channel(false);
     let kick = Arc::new(Notify::new());
-    tokio::spawn(flusher(
+    let flusher_task = tokio::spawn(flusher(
         Arc::clone(&core),
         Arc::clone(&store),
         Arc::clone(&kick),
         flushed_tx,
+        stop_rx.clone(),
+        COMMIT_RETRY,
     ));
     kick.notify_one(); // persist the restart events
 
-    // Lease timer.
-    {
+    // Lease timer: leases, restart backoffs, grace after the coordinator's own stalls.
+    let lease_task = {
         let core = Arc::clone(&core);
         let kick = Arc::clone(&kick);
+        let mut stop = stop_rx.clone();
         let tick =
             (cfg.timing.lease / 8).clamp(Duration::from_millis(50), Duration::from_millis(500));
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                interval.tick().await;
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
                 let Ok(mut c) = core.lock() else { return };
                 let before = c.epoch();
-                c.expire_leases(Instant::now());
+                c.tick(Instant::now());
                 if c.epoch() != before {
                     kick.notify_one();
                 }
             }
-        });
-    }
+        })
+    };
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -544,6 +660,7 @@ pub async fn serve(
         source,
     })?;
     let mut metrics_addr = None;
+    let mut metrics_task = None;
     if let Some(addr) = cfg.metrics_listen {
         let l = metrics::bind(addr).await.map_err(|source| Error::Io {
             action: format!("binding the metrics address {addr}"),
@@ -552,11 +669,15 @@ pub async fn serve(
         metrics_addr = l.local_addr().ok();
         let registry = Arc::new(registry);
         let core = Arc::clone(&core);
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(l, registry, core).await {
+        let mut stop = stop_rx.clone();
+        metrics_task = Some(tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = metrics::serve(l, registry, core, stopped).await {
                 tracing::error!(error = %e, "metrics endpoint stopped");
             }
-        });
+        }));
     }
 
     let shared = Arc::new(Shared {
@@ -565,6 +686,8 @@ pub async fn serve(
         kick,
         flushed: flushed_rx,
         metrics,
+        stopping: stop_rx,
+        watchers: Mutex::new(JoinSet::new()),
     });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<JobsServer<JobsSvc>>().await;
@@ -607,13 +730,34 @@ pub async fn serve(
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
             .map_err(|e| Error::Invalid(format!("TLS configuration: {e}")))?;
     }
-    builder
+    // On the signal, streams are told to end first: the server waits for open streams.
+    let signal_stop = stop_tx.clone();
+    let served = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(jobs)
         .add_service(workers)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            tracing::info!("shutting down: ending watch streams");
+            let _ = signal_stop.send(true);
+        })
         .await
-        .map_err(|e| Error::Invalid(format!("gRPC server stopped: {e}")))?;
-    Ok(())
+        .map_err(|e| Error::Invalid(format!("gRPC server stopped: {e}")));
+    // Whatever ended the server, every task stops and is joined; the flusher writes last.
+    let _ = stop_tx.send(true);
+    let watchers = std::mem::take(&mut *shared.watchers.lock().unwrap_or_else(|e| e.into_inner()));
+    if tokio::time::timeout(JOIN_WAIT, watchers.join_all())
+        .await
+        .is_err()
+    {
+        tracing::error!("watch streams did not stop in time");
+    }
+    join("lease timer", lease_task).await;
+    if let Some(task) = metrics_task {
+        join("metrics endpoint", task).await;
+    }
+    join("flusher", flusher_task).await;
+    tracing::info!("coordinator stopped");
+    served
 }

@@ -32,7 +32,7 @@ pub struct Loaded {
 }
 
 /// Changes committed together.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Batch {
     /// Job records to (over)write.
     pub jobs: Vec<JobRec>,
@@ -200,6 +200,8 @@ mod tests {
             waiting_for: vec![],
             init_resolved: None,
             result: None,
+            failure_class: None,
+            not_before_ms: 0,
         }
     }
 

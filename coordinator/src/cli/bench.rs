@@ -228,6 +228,7 @@ async fn load_async(args: LoadArgs) -> anyhow::Result<ExitCode> {
                         rank: a.rank,
                         success: true,
                         message: String::new(),
+                        failure_class: String::new(),
                     });
                 }
                 if exited.is_empty() {

@@ -129,6 +129,14 @@ struct CoordinatorArgs {
     /// A worker silent for this long is lost (milliseconds).
     #[arg(long, default_value_t = 10_000)]
     lease_ms: u64,
+    /// Wait before the first restart of a failed attempt (milliseconds); doubled for every
+    /// further restart, up to --restart-backoff-max-ms. Deterministic failures (non-finite
+    /// loss, invalid input) are never restarted.
+    #[arg(long, default_value_t = 5_000)]
+    restart_backoff_ms: u64,
+    /// The longest wait between restarts (milliseconds).
+    #[arg(long, default_value_t = 300_000)]
+    restart_backoff_max_ms: u64,
     /// Local folders that job specs may name (data, output, init); repeatable. Without it
     /// any local path is accepted.
     #[arg(long = "local-root")]
@@ -211,6 +219,8 @@ fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         timing: Timing {
             heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
             lease: Duration::from_millis(args.lease_ms),
+            restart_backoff: Duration::from_millis(args.restart_backoff_ms),
+            restart_backoff_max: Duration::from_millis(args.restart_backoff_max_ms),
             ..Timing::default()
         },
         user_token: user_token(),

@@ -144,6 +144,7 @@ impl Ranks {
                     rank: Some(rank.clone()),
                     success: false,
                     message: format!("cannot start the rank: {e}"),
+                    failure_class: String::new(),
                 });
                 None
             }
@@ -341,6 +342,7 @@ pub fn describe_exit(
         rank: Some(rank),
         success,
         message,
+        failure_class: String::new(),
     }
 }
 
