@@ -22,6 +22,7 @@ pub mod kumc;
 pub mod media;
 pub mod polypdiag;
 mod prefetch;
+pub mod segment;
 
 use std::fmt;
 
@@ -131,27 +132,27 @@ pub(crate) fn list_keys(store: &Store, prefix: &str) -> Result<Vec<String>> {
     Ok(store.list(prefix)?.into_iter().map(|l| l.key).collect())
 }
 
-/// Characters `object_store` percent-escapes in keys (besides control characters): a file
-/// whose name holds one is listed but cannot be read back through [`Store::get`] (tried on
-/// local folders), so such names are refused up front.
-const ESCAPED: [char; 14] = [
-    '\\', '{', '^', '}', '%', '`', ']', '"', '>', '[', '~', '<', '#', '|',
-];
-
-/// Refuses a name the storage layer cannot read back (see [`ESCAPED`]).
+/// Refuses a name storage cannot hold as it is: control characters, and names ending in
+/// `#` + digits, which local storage reserves for the temporary files of writes
+/// ([`crate::store::is_temporary_name`]). Every other name round-trips, locally and in object
+/// storage (`100%.mp4`, `a#b.mp4`, `[x] y.mp4`).
 pub(crate) fn storable(name: &str) -> std::result::Result<(), String> {
-    match name.chars().find(|c| ESCAPED.contains(c) || c.is_control()) {
-        None => Ok(()),
-        Some(c) => Err(format!(
-            "`{}` contains {c:?}, which object storage escapes in keys (`{}` and control characters): rename it",
-            name.escape_debug(),
-            ESCAPED.iter().collect::<String>()
-        )),
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "`{}` contains the control character {c:?}: rename it",
+            name.escape_debug()
+        ));
     }
+    if name.split('/').any(crate::store::is_temporary_name) {
+        return Err(format!(
+            "`{}` ends in `#` and digits, which local storage reserves for unfinished writes: rename it",
+            name.escape_debug()
+        ));
+    }
+    Ok(())
 }
 
-/// The error for a listed file whose name the storage layer cannot read back (see
-/// [`ESCAPED`]), naming it.
+/// The error for a listed file whose name storage cannot hold (see [`storable`]), naming it.
 pub(crate) fn unreadable_name(store: &Store, key: &str) -> Option<Error> {
     storable(key).err().map(|reason| Error::Dataset {
         location: store.describe(key),
@@ -175,6 +176,11 @@ pub(crate) fn key_kind(keys: &std::collections::BTreeSet<String>, key: &str) -> 
 pub(crate) fn plain_relative(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() {
         return Err("the name is empty".into());
+    }
+    if name.contains('\\') {
+        return Err(format!(
+            "`{name}` contains a backslash: use `/` between folders"
+        ));
     }
     if name.starts_with('/') || name.split('/').any(|s| s == ".." || s.is_empty()) {
         return Err(format!(
@@ -243,9 +249,12 @@ mod tests {
         assert!(is_image("x.TIF") && is_image("a.jpeg") && !is_image("a.xml"));
         assert!(plain_relative("a/b.mp4").is_ok());
         for bad in [
-            "", "/a.mp4", "a/../b", "a\\b", "a//b", "a#1.mp4", "50%.mp4", "a\nb",
+            "", "/a.mp4", "a/../b", "a//b", "a#1", "x/b#22", "a\nb", "a\\b",
         ] {
             assert!(plain_relative(bad).is_err(), "{bad}");
+        }
+        for good in ["50%.mp4", "a#1.mp4", "[x] y~.mp4", "é ü.mp4"] {
+            assert!(plain_relative(good).is_ok(), "{good}");
         }
     }
 

@@ -9,7 +9,7 @@ use crate::data::loader::Corpus;
 use crate::data::views::linspace_indices;
 use crate::model::EndoFm;
 use crate::precision::{Precision, with_precision};
-use crate::video::{Clip, Frames};
+use crate::video::Frames;
 use crate::{Error, Result};
 
 /// Test-time transform settings.
@@ -48,13 +48,14 @@ pub fn clip_tensor(frames: &Frames, size: usize) -> Tensor {
     ((x - mean) / std).permute([1, 0, 2, 3]).contiguous()
 }
 
-/// Decodes clip `i` of `corpus` for embedding.
+/// Decodes clip `i` of `corpus` for embedding: the corpus reader every command uses (a video
+/// in any container, or a frame folder, decided by what the entry is).
 pub fn load_clip(corpus: &Corpus, i: usize, opts: &EmbedOptions) -> Result<Tensor> {
-    let uri = corpus.describe(i);
-    let mut clip = Clip::from_bytes(&uri, corpus.read(i)?)?;
+    let mut clip = corpus.open_clip(i)?;
     let n = clip.info().frames;
     let indices = linspace_indices(0, n as i64 - 1, opts.frames, n);
-    let frames = clip.decode(&indices)?;
+    let mut frames = Frames::default();
+    clip.decode_into(&indices, &mut frames)?;
     Ok(clip_tensor(&frames, opts.size))
 }
 

@@ -92,6 +92,16 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+    /// Object storage kept failing transiently (5xx, throttling, timeouts, lost connections)
+    /// past the retry budget, or missed an operation's deadline: the data is not known to be
+    /// bad, the storage is unavailable. Never a reason to skip an input; the step fails.
+    #[error("storage {uri}: {reason}")]
+    StorageUnavailable {
+        /// The object or location.
+        uri: String,
+        /// What failed, for how long, and the setting that bounds it.
+        reason: String,
+    },
     /// The external checkpoint converter failed.
     #[error("checkpoint conversion failed: {0}")]
     Convert(String),

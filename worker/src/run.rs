@@ -202,7 +202,12 @@ pub fn drive<T: Task>(
     };
     let ipe = task.iters_per_epoch();
     let mut start_step = 0;
-    match checkpoint::latest(out)? {
+    // Start-up: the output location answers within seconds or the run says why.
+    let first = out.startup();
+    if rank == 0 {
+        first.remove_temporaries("")?;
+    }
+    match checkpoint::latest(&first)? {
         Some(m) => {
             // The task first: it knows whether the checkpoints are of its kind at all.
             task.check_resume(&m)?;
@@ -247,7 +252,7 @@ pub fn drive<T: Task>(
     }
     // Written once the output is known to be this run's (a refused run changes nothing).
     if rank == 0 {
-        out.put(
+        first.put(
             "config.json",
             Bytes::from(serde_json::to_vec_pretty(&settings.resolved_config).unwrap_or_default()),
         )?;
@@ -255,8 +260,8 @@ pub fn drive<T: Task>(
 
     let total = task.total_steps();
     let end = settings.max_steps.map_or(total, |m| m.min(total));
-    let mut metrics_text = match out.get("metrics.jsonl") {
-        Ok(bytes) => String::from_utf8_lossy(&bytes)
+    let mut metrics_text = match first.get_opt("metrics.jsonl")? {
+        Some(bytes) => String::from_utf8_lossy(&bytes)
             .lines()
             .filter(|l| {
                 serde_json::from_str::<serde_json::Value>(l)
@@ -266,7 +271,7 @@ pub fn drive<T: Task>(
             })
             .map(|l| format!("{l}\n"))
             .collect::<String>(),
-        Err(_) => String::new(),
+        None => String::new(),
     };
     let mut summary = Summary {
         started_at: start_step,
@@ -308,12 +313,16 @@ pub fn drive<T: Task>(
         summary.last_loss = outcome.loss;
         summary.steps = step + 1;
         summary.clips_failed = failed;
+        let mut extra = outcome.extra;
+        if let Some(failed) = writer.as_ref().map(Writer::failed).filter(|&f| f > 0) {
+            extra.insert("checkpoints_failed".into(), serde_json::json!(failed));
+        }
         let line = MetricsLine {
             step,
             epoch: outcome.epoch,
             loss: outcome.loss,
             lr: outcome.lr,
-            extra: outcome.extra,
+            extra,
             samples_per_s: global_batch / step_s,
             data_wait_s: wait_s,
             step_s,
@@ -336,7 +345,8 @@ pub fn drive<T: Task>(
                     lr = line.lr,
                     samples_per_s = line.samples_per_s,
                     data_wait_s = wait_s,
-                    "step"
+                    "step: {}",
+                    task.progress_message(&line)
                 );
             }
         }
@@ -383,10 +393,15 @@ pub fn drive<T: Task>(
                 created_unix: 0,
                 extra: Default::default(),
             };
-            w.save(task, manifest)?;
-            out.put(
-                "metrics.jsonl",
-                Bytes::from(metrics_text.clone().into_bytes()),
+            // metrics.jsonl goes with the checkpoint, on the writer's thread: the training
+            // thread never waits on storage.
+            w.save_with(
+                task,
+                manifest,
+                vec![(
+                    "metrics.jsonl".into(),
+                    Bytes::from(metrics_text.clone().into_bytes()),
+                )],
             )?;
             last_saved = done;
         }
@@ -403,7 +418,12 @@ pub fn drive<T: Task>(
         bar.finish();
     }
     if let Some(w) = writer {
-        w.finish()?;
+        if summary.interrupted {
+            // Under a grace period (Kubernetes: 30 s): a stalled store must not keep us.
+            w.finish_within(stop_grace())?;
+        } else {
+            w.finish()?;
+        }
     }
     summary.checkpoint = out.describe(&checkpoint::folder(last_saved));
     summary.seconds = started.elapsed().as_secs_f64();
@@ -509,6 +529,19 @@ fn append_digest(dir: &Path, rank: usize, step: usize, task: &dyn Checkpointable
     }
 }
 
+/// Environment variable: seconds a stopping run (SIGTERM) waits for its last checkpoint to be
+/// written before it exits anyway (default 20, under Kubernetes' 30 s grace period).
+pub const STOP_GRACE_ENV: &str = "ENDOFM_STOP_GRACE_S";
+
+/// The stop grace period ([`STOP_GRACE_ENV`]).
+pub fn stop_grace() -> std::time::Duration {
+    std::env::var(STOP_GRACE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map_or(std::time::Duration::from_secs(20), std::time::Duration::from_secs_f64)
+}
+
 /// A flag set by SIGTERM and SIGINT (Kubernetes eviction, Ctrl-C): the run checkpoints at the
 /// next step boundary and returns. A second signal of the same kind is left to the default
 /// action only after the flag is set, so an impatient Ctrl-C still ends the process.
@@ -522,6 +555,7 @@ pub fn stop_on_signals() -> Result<Arc<AtomicBool>> {
                 reason: format!("cannot install the signal handler: {e}"),
             })?;
     }
+    crate::data::loader::watch_stop_flag(Arc::clone(&flag));
     Ok(flag)
 }
 

@@ -1,14 +1,23 @@
-//! The rank-aware pre-training data loader: a corpus listing (`train.csv` of MP4 clips or
-//! JPEG-frame folders) in any storage location, a deterministic per-epoch permutation from
+//! The rank-aware pre-training data loader: a corpus listing (`train.csv` of video files or
+//! image-frame folders, in any storage location) read by the one corpus reader every command
+//! uses ([`Corpus`], entries opened by [`Media::open_entry`]: a folder is a frame folder,
+//! anything else goes to FFmpeg, whatever its name), a deterministic per-epoch permutation from
 //! (seed, epoch), rank r of W taking every W-th clip, a pool of decode/augment threads feeding a
 //! bounded, ordered prefetch buffer, and batches addressed by their global step, so a resumed run
 //! continues mid-epoch with exactly the batches an uninterrupted run would have seen.
 //!
-//! A clip that fails to read or decode is logged with its URI, counted, and replaced by the next
-//! clip of the same rank's shard (deterministically); a corpus where most clips fail is an error.
+//! A clip that is missing or fails to decode is a *bad clip*: logged once per run with its URI
+//! and reason, counted once ([`LoaderStats::clips_failed`] is the number of distinct bad clips,
+//! [`Loader::bad_clips`] lists them), and replaced by the next clip of the same rank's shard
+//! (deterministically); a corpus where most clips fail is an error. A storage failure
+//! ([`Error::StorageUnavailable`], after the store's own retries) is not a bad clip: it fails
+//! the step, so the data trained on never depends on storage weather.
+//!
+//! Data threads never take the rank down silently: a panic while producing a clip becomes an
+//! error for that sample, and [`Loader::next_batch`] checks that its threads are alive while it
+//! waits.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -23,12 +32,9 @@ use endofm_shared::StorageUri;
 
 use crate::data::CorpusFingerprint;
 use crate::data::{ClipShape, DrawKey, Frames, ViewConfig, ViewPlan, render};
+use crate::datasets::Media;
 use crate::store::Store;
-use crate::video::{Clip, FrameFolder};
 use crate::{Error, Result};
-
-/// Extensions read as video files; any other entry is a folder of `img_%05d.jpg` frames.
-const VIDEO_EXTENSIONS: [&str; 6] = ["mp4", "avi", "mkv", "mov", "webm", "m4v"];
 
 /// A corpus: the clip list of a storage location.
 #[derive(Debug)]
@@ -38,40 +44,28 @@ pub struct Corpus {
 }
 
 impl Corpus {
-    /// Opens `uri` and reads its clip list `list` (lines `relative/path,label`; blank lines and
-    /// lines starting with `#` are skipped).
+    /// Opens `uri` and reads its clip list `list`: CSV (the `csv` crate: quoting, a UTF-8
+    /// byte-order mark, CRLF line ends), rows `relative/path[,label[,…]]`; blank lines and
+    /// lines starting with `#` are skipped, fields are trimmed. The list is read under the
+    /// store's start-up deadline, so an unreachable location is reported within seconds.
     pub fn open(uri: &StorageUri, list: &str) -> Result<Self> {
         let store = Store::open(uri, false)?;
-        let text = store.get(list).map_err(|e| Error::Storage {
-            uri: store.describe(list),
-            reason: match e {
-                // Already names the list's location: only the reason, not the URI twice.
-                Error::Storage { reason, .. } => format!("cannot read the clip list: {reason}"),
-                e => format!("cannot read the clip list ({e})"),
+        let text = store.startup().get(list).map_err(|e| match e {
+            // Already names the list's location: only the reason, not the URI twice.
+            Error::Storage { reason, .. } => Error::Storage {
+                uri: store.describe(list),
+                reason: format!("cannot read the clip list: {reason}"),
+            },
+            Error::StorageUnavailable { reason, .. } => Error::StorageUnavailable {
+                uri: store.describe(list),
+                reason: format!("cannot read the clip list: {reason}"),
+            },
+            e => Error::Storage {
+                uri: store.describe(list),
+                reason: format!("cannot read the clip list ({e})"),
             },
         })?;
-        let text = String::from_utf8_lossy(&text);
-        let mut clips = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let path = line.split(',').next().unwrap_or("").trim();
-            if path.is_empty() || path.starts_with('/') || path.split('/').any(|s| s == "..") {
-                return Err(Error::Input {
-                    name: format!("{} line {}", store.describe(list), n + 1),
-                    reason: format!("`{line}` is not `relative/path,label`"),
-                });
-            }
-            clips.push(path.to_string());
-        }
-        if clips.is_empty() {
-            return Err(Error::Input {
-                name: store.describe(list),
-                reason: "lists no clips".into(),
-            });
-        }
+        let clips = parse_list(&text, &store.describe(list))?;
         Ok(Self { store, clips })
     }
 
@@ -95,14 +89,20 @@ impl Corpus {
         CorpusFingerprint::of(&self.clips)
     }
 
-    /// The bytes of clip `i` (video files only).
-    pub fn read(&self, i: usize) -> Result<bytes::Bytes> {
-        self.store.get(&self.clips[i])
+    /// Opens clip `i` by what it is (a video file in any container FFmpeg reads, or a folder
+    /// of image frames); see [`Media::open_entry`].
+    pub fn open_clip(&self, i: usize) -> Result<Media> {
+        Media::open_entry(&self.store, &self.clips[i])
     }
 
     /// Human-readable location of clip `i`.
     pub fn describe(&self, i: usize) -> String {
         self.store.describe(&self.clips[i])
+    }
+
+    /// The store the clips are read from.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Decodes the frames the views of clip `i` need and renders them, timing both phases.
@@ -139,42 +139,63 @@ impl Corpus {
         key: DrawKey,
         frames: &mut Frames,
     ) -> Result<ViewPlan> {
-        let rel = &self.clips[i];
-        let uri = self.describe(i);
-        let is_video = rel
-            .rsplit_once('.')
-            .is_some_and(|(_, ext)| VIDEO_EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str()));
-        if is_video {
-            let bytes = self.store.get(rel)?;
-            let mut clip = Clip::from_bytes(&uri, bytes)?;
-            let info = clip.info();
-            let shape = ClipShape {
-                frames: info.frames,
-                height: info.height,
-                width: info.width,
-            };
-            let plan = ViewPlan::draw(cfg, shape, key)?;
-            clip.decode_into(&plan.decode, frames)?;
-            Ok(plan)
-        } else {
-            let StorageUri::Local { path } = self.store.uri() else {
-                return Err(Error::ClipDecode {
-                    uri,
-                    reason: "frame folders are read from local storage only; store clips as MP4 in object storage".into(),
-                });
-            };
-            let mut folder = FrameFolder::open(&PathBuf::from(path).join(rel))?;
-            folder.decode_into(&[0], frames)?;
-            let shape = ClipShape {
-                frames: folder.len(),
-                height: frames.h,
-                width: frames.w,
-            };
-            let plan = ViewPlan::draw(cfg, shape, key)?;
-            folder.decode_into(&plan.decode, frames)?;
-            Ok(plan)
-        }
+        let mut media = self.open_clip(i)?;
+        let info = media.info();
+        let shape = ClipShape {
+            frames: info.frames,
+            height: info.height,
+            width: info.width,
+        };
+        let plan = ViewPlan::draw(cfg, shape, key)?;
+        media.decode_into(&plan.decode, frames)?;
+        Ok(plan)
     }
+}
+
+/// Parses a clip list (see [`Corpus::open`]); `name` names the list in errors, with the line.
+pub fn parse_list(bytes: &[u8], name: &str) -> Result<Vec<String>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .comment(Some(b'#'))
+        .trim(csv::Trim::All)
+        .from_reader(bytes);
+    let mut clips = Vec::new();
+    for row in reader.records() {
+        let row = row.map_err(|e| Error::Input {
+            name: match e.position() {
+                Some(p) => format!("{name} line {}", p.line()),
+                None => name.to_string(),
+            },
+            reason: format!("not a CSV row: {e}"),
+        })?;
+        let line = row.position().map_or(0, |p| p.line());
+        if row.iter().all(str::is_empty) {
+            continue;
+        }
+        let path = row.get(0).unwrap_or("");
+        if path.is_empty()
+            || path.starts_with('/')
+            || path.split('/').any(|s| s == ".." || s == "." || s.is_empty())
+            || path.chars().any(char::is_control)
+        {
+            return Err(Error::Input {
+                name: format!("{name} line {line}"),
+                reason: format!(
+                    "`{}` is not `relative/path,label` (a relative path without `..`, empty parts or control characters)",
+                    row.iter().collect::<Vec<_>>().join(",").escape_debug()
+                ),
+            });
+        }
+        clips.push(path.to_string());
+    }
+    if clips.is_empty() {
+        return Err(Error::Input {
+            name: name.to_string(),
+            reason: "lists no clips".into(),
+        });
+    }
+    Ok(clips)
 }
 
 thread_local! {
@@ -235,8 +256,10 @@ pub fn permutation(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
 pub struct LoaderStats {
     /// Clips decoded and rendered.
     pub clips_ok: AtomicU64,
-    /// Clips that failed (each attempt counts).
+    /// Distinct bad clips met so far (missing or undecodable; each counted once per run).
     pub clips_failed: AtomicU64,
+    /// Attempts that met a bad clip (a bad clip met again counts again).
+    pub failed_attempts: AtomicU64,
     /// Frames decoded for the clips that succeeded.
     pub frames_decoded: AtomicU64,
     /// Nanoseconds the data threads spent reading and decoding the clips that succeeded.
@@ -277,6 +300,45 @@ struct Shared {
     stats: LoaderStats,
     /// The permutation of the epoch being read (computed once per epoch, not per clip).
     order: Mutex<Option<(usize, Arc<Vec<usize>>)>>,
+    /// Bad clips met so far: corpus index → (URI, reason).
+    bad: Mutex<BTreeMap<usize, BadClip>>,
+}
+
+/// The process's stop flag (SIGTERM/SIGINT), set by [`watch_stop_flag`].
+static STOP_FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+/// How long [`Loader::next_batch`] keeps waiting for data once a stop was requested.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Makes [`Loader::next_batch`] give up waiting [`STOP_WAIT`] after `flag` is set (a stop
+/// request while storage stalls must not keep the rank past its grace period). The first call
+/// wins; signals are process-wide.
+pub fn watch_stop_flag(flag: Arc<AtomicBool>) {
+    let _ = STOP_FLAG.set(flag);
+}
+
+/// A clip the loader skipped.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BadClip {
+    /// Where the clip is.
+    pub uri: String,
+    /// Why it was skipped (the first error met).
+    pub reason: String,
+}
+
+/// Whether an error means the clip itself is bad (missing, unreadable as a video or frame
+/// folder): it is skipped. Anything else (storage unavailable, libtorch, a panic) fails.
+fn is_bad_clip(e: &Error) -> bool {
+    matches!(e, Error::ClipDecode { .. } | Error::Storage { .. } | Error::Dataset { .. })
+}
+
+/// The text of a panic payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Attempts before a clip's replacement search gives up.
@@ -303,6 +365,21 @@ impl Shared {
         (perm[k * self.cfg.world + self.cfg.rank], epoch)
     }
 
+    /// Sample `seq`, with a panic of the decoding/rendering code turned into an error.
+    fn produce_caught(&self, seq: usize) -> Result<Sample> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.produce(seq)))
+            .unwrap_or_else(|payload| {
+                let text = panic_text(payload.as_ref());
+                tracing::error!(sample = seq, panic = %text, "a data thread panicked");
+                Err(Error::Input {
+                    name: "data loader".into(),
+                    reason: format!(
+                        "a data thread panicked producing sample {seq}: {text}; this is a bug, please report it with the clip"
+                    ),
+                })
+            })
+    }
+
     fn produce(&self, seq: usize) -> Result<Sample> {
         let mut last_error = None;
         for j in 0..MAX_REPLACEMENTS {
@@ -312,6 +389,10 @@ impl Shared {
                 epoch: epoch as u64,
                 clip: clip as u64,
             };
+            #[cfg(test)]
+            if self.corpus.clips()[clip].contains("panic-in-test") {
+                panic!("injected panic on {}", self.corpus.clips()[clip]);
+            }
             match self.corpus.views(clip, &self.cfg.views, key) {
                 Ok(views) => {
                     let stats = &self.stats;
@@ -331,10 +412,29 @@ impl Shared {
                         views: views.tensors,
                     });
                 }
+                Err(e) if !is_bad_clip(&e) => return Err(e),
                 Err(e) => {
-                    let failed = self.stats.clips_failed.fetch_add(1, Ordering::Relaxed) + 1;
+                    let failed = self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed) + 1;
                     let ok = self.stats.clips_ok.load(Ordering::Relaxed);
-                    tracing::warn!(uri = %self.corpus.describe(clip), error = %e, "clip skipped");
+                    let first_time = {
+                        let mut bad = self.bad.lock().unwrap_or_else(|e| e.into_inner());
+                        let uri = self.corpus.describe(clip);
+                        let new = !bad.contains_key(&clip);
+                        if new {
+                            bad.insert(
+                                clip,
+                                BadClip {
+                                    uri,
+                                    reason: e.to_string(),
+                                },
+                            );
+                            self.stats.clips_failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        new
+                    };
+                    if first_time {
+                        tracing::warn!(uri = %self.corpus.describe(clip), error = %e, "bad clip skipped (replaced by the next clip of the shard; reported once)");
+                    }
                     if failed + ok >= FAILURE_WINDOW && failed * 2 > failed + ok {
                         return Err(Error::Input {
                             name: "corpus".into(),
@@ -371,7 +471,7 @@ impl Shared {
             if self.stop.load(Ordering::SeqCst) {
                 return;
             }
-            let sample = self.produce(seq);
+            let sample = self.produce_caught(seq);
             self.ready
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -431,6 +531,7 @@ impl Loader {
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
             stats: LoaderStats::default(),
+            bad: Mutex::new(BTreeMap::new()),
             cfg: LoaderConfig {
                 prefetch: cfg.prefetch.max(cfg.batch),
                 ..cfg
@@ -460,17 +561,61 @@ impl Loader {
         &self.shared.stats
     }
 
-    /// The next batch, in step order.
+    /// The bad clips met so far (each once), by corpus index.
+    pub fn bad_clips(&self) -> BTreeMap<usize, BadClip> {
+        self.shared
+            .bad
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// An error when a data thread has ended (it only ends when the loader stops).
+    fn check_threads(&self) -> Result<()> {
+        match self.threads.iter().find(|t| t.is_finished()) {
+            Some(t) => Err(Error::Input {
+                name: "data loader".into(),
+                reason: format!(
+                    "data thread {} ended unexpectedly (a panic outside clip decoding?); the rank cannot get its batches",
+                    t.thread().name().unwrap_or("?")
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The next batch, in step order. Waits for the data threads, checking every 200 ms that
+    /// they are alive; a thread that ended or panicked is an error.
     pub fn next_batch(&mut self) -> Result<Batch> {
         let started = Instant::now();
         let b = self.shared.cfg.batch;
         let first = self.next_step * b;
         let mut samples = Vec::with_capacity(b);
+        let mut stop_seen: Option<Instant> = None;
         for seq in first..first + b {
             let mut ready = self.shared.ready.lock().unwrap_or_else(|e| e.into_inner());
             let sample = loop {
                 if let Some(s) = ready.remove(&seq) {
                     break s;
+                }
+                if STOP_FLAG.get().is_some_and(|f| f.load(Ordering::SeqCst)) {
+                    let since = *stop_seen.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= STOP_WAIT {
+                        return Err(Error::Input {
+                            name: "data loader".into(),
+                            reason: format!(
+                                "stop requested while waiting {:.0} s for sample {seq} (storage stalled?); exiting without a new checkpoint, the newest committed one is intact",
+                                started.elapsed().as_secs_f64()
+                            ),
+                        });
+                    }
+                }
+                if let Err(e) = self.check_threads() {
+                    // A sample may have arrived just before the thread ended.
+                    match ready.remove(&seq) {
+                        Some(s) => break s,
+                        None => return Err(e),
+                    }
                 }
                 ready = self
                     .shared
@@ -715,11 +860,23 @@ mod tests {
         let at_least: usize = (0..consumed).map(|s| attempts(s).1).sum();
         let at_most: usize = (0..consumed + cfg.prefetch).map(|s| attempts(s).1).sum();
         let stats = loader.stats();
-        let failed = stats.clips_failed.load(Ordering::Relaxed) as usize;
+        let tries = stats.failed_attempts.load(Ordering::Relaxed) as usize;
         assert!(
-            at_least >= 2 && (at_least..=at_most).contains(&failed),
-            "{failed} failures counted; expected {at_least}..={at_most}"
+            at_least > 2 && (at_least..=at_most).contains(&tries),
+            "{tries} failed attempts; expected {at_least}..={at_most} (more than the 2 bad clips, or the test shows nothing)"
         );
+        // Each bad clip is counted and listed once, with its reason, however often it is met.
+        assert_eq!(stats.clips_failed.load(Ordering::Relaxed), 2);
+        let listed = loader.bad_clips();
+        assert_eq!(listed.keys().copied().collect::<Vec<_>>(), {
+            let mut v = vec![garbage, truncated];
+            v.sort_unstable();
+            v
+        });
+        for (i, bad) in &listed {
+            assert_eq!(bad.uri, corpus.describe(*i));
+            assert!(bad.reason.contains("decoding clip"), "{}", bad.reason);
+        }
         assert!(stats.clips_ok.load(Ordering::Relaxed) >= consumed as u64);
         assert!(stats.frames_decoded.load(Ordering::Relaxed) > 0);
     }
@@ -798,5 +955,54 @@ mod tests {
         );
         let corpus = open(dir.path(), "good.csv").expect("a valid list");
         assert_eq!(corpus.clips(), ["synth/00000.mp4", "frames/a"]);
+    }
+
+    #[test]
+    fn clip_lists_are_csv_with_bom_quotes_and_crlf() {
+        let parse = |text: &[u8]| parse_list(text, "list.csv");
+        // A byte-order mark does not become part of the first clip's name.
+        assert_eq!(
+            parse(b"\xEF\xBB\xBFc0.mp4,-1\nc1.mp4,-1\n").expect("bom"),
+            ["c0.mp4", "c1.mp4"]
+        );
+        // Quoted fields keep their commas and quotes; CRLF line ends.
+        assert_eq!(
+            parse(b"\"a,b.mp4\",-1\r\n\"say \"\"hi\"\".mp4\",1\r\n100%.mp4\r\n").expect("quoted"),
+            ["a,b.mp4", "say \"hi\".mp4", "100%.mp4"]
+        );
+        // Comments and blank lines; rows with fewer or more fields.
+        assert_eq!(
+            parse(b"# path,label\r\n\r\nx/y z.mpg\n  w.mkv , 1, extra\n").expect("mixed"),
+            ["x/y z.mpg", "w.mkv"]
+        );
+        let err = parse(b"ok.mp4\n\"a/../b.mp4\",1\n").expect_err("dotdot").to_string();
+        assert!(err.contains("list.csv line 2"), "{err}");
+        let err = parse(b"\"unterminated\n").map(|_| ()).err();
+        if let Some(err) = err {
+            assert!(err.to_string().contains("list.csv"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_panicking_data_thread_fails_the_batch_instead_of_hanging() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let corpus = write_corpus(dir.path(), 4);
+        // Every clip's name carries the test-only panic trigger.
+        let list: String = corpus
+            .clips()
+            .iter()
+            .map(|c| {
+                let renamed = format!("panic-in-test-{}", c.replace('/', "-"));
+                std::fs::copy(dir.path().join(c), dir.path().join(&renamed)).expect("copy");
+                format!("{renamed},-1\n")
+            })
+            .collect();
+        std::fs::write(dir.path().join("panic.csv"), list).expect("list");
+        let corpus = Arc::new(open(dir.path(), "panic.csv").expect("open"));
+        let started = Instant::now();
+        let mut loader = Loader::start(corpus, loader_config(2, 0, 1), 0).expect("start");
+        let err = loader.next_batch().expect_err("a panic must fail the batch").to_string();
+        assert!(err.contains("panicked") && err.contains("injected panic"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(20));
     }
 }

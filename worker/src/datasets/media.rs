@@ -67,6 +67,47 @@ impl Media {
         }
     }
 
+    /// Opens entry `key` of `store` by what it is, never by its name: a local directory, or in
+    /// object storage a key with no object but objects below `key/`, is a frame folder;
+    /// anything else is handed to FFmpeg, which recognises every container it reads by content
+    /// (MP4, MPEG-PS `.mpg`, AVI, Matroska, a file without extension, …). Every command reads
+    /// its inputs through this (pre-training, embedding, fine-tuning, evaluation, benchmarks).
+    ///
+    /// Errors: [`Error::ClipDecode`] for an entry that is missing or cannot be decoded (bad
+    /// data), [`Error::StorageUnavailable`] when storage failed (not the data's fault).
+    pub fn open_entry(store: &Store, key: &str) -> Result<Self> {
+        let uri = store.describe(key);
+        let missing = || Error::ClipDecode {
+            uri: uri.clone(),
+            reason: "no such file, object or frame folder".into(),
+        };
+        if let StorageUri::Local { path } = store.uri() {
+            let full = path.join(key);
+            if full.is_dir() {
+                return Ok(Media::Frames(ImageFolder::open(store, key)?));
+            }
+            if !full.exists() {
+                return Err(missing());
+            }
+        }
+        let bytes = store.get_opt(key).map_err(|e| match e {
+            Error::Storage { reason, .. } => Error::ClipDecode {
+                uri: uri.clone(),
+                reason,
+            },
+            e => e,
+        })?;
+        match bytes {
+            Some(bytes) => Ok(Media::Video(Clip::from_bytes(&uri, bytes)?)),
+            None => {
+                if list_keys(store, key)?.is_empty() {
+                    return Err(missing());
+                }
+                Ok(Media::Frames(ImageFolder::open(store, key)?))
+            }
+        }
+    }
+
     /// Opens one video file or frame folder named by a path or object-store URI
     /// (`s3://bucket/videos/a.mp4`); a local directory, or a remote prefix with objects below
     /// it, is a frame folder.

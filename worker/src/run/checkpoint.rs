@@ -4,7 +4,17 @@
 //! fine-tuning: `model.safetensors`, `optimizer.safetensors`), each under published key names,
 //! and `manifest.json`, written last: a checkpoint without its manifest does not exist.
 //! Snapshots are taken on the training thread (device → host copies) and written by a
-//! background thread, which also keeps only the newest K checkpoints.
+//! background thread, which also keeps only the newest K checkpoints and removes the temporary
+//! files of interrupted writes (`NAME#N` on local disk).
+//!
+//! Failures: a periodic checkpoint that cannot be written is a warning (logged, counted in
+//! [`Writer::failed`]) and the run goes on; the final one ([`Writer::finish`]) fails the run.
+//! The training thread never waits on storage for long: a save finding the writer still busy
+//! waits at most [`Writer::with_limits`]'s `queue_wait` and then skips that checkpoint
+//! (warning); after an error the caller drops the writer, which abandons whatever is queued
+//! (nothing is drained); [`Writer::finish_within`] bounds the wait for the last write (SIGTERM
+//! under a grace period). The manifest is written last, so an abandoned write never leaves a
+//! checkpoint that looks committed.
 //!
 //! The manifest holds what every run has (step, epoch, schedule length, world size, the data's
 //! fingerprint, the backbone configuration) and, flattened beside them, the task's own fields
@@ -14,8 +24,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -190,7 +202,10 @@ fn write_snapshot(
         reason: format!("serialising the manifest: {e}"),
     })?;
     store.put(&format!("{dir}/manifest.json"), Bytes::from(json))?;
-    prune(store, keep)?;
+    if let Err(e) = prune(store, keep) {
+        // The checkpoint is committed; an old one left behind is only wasted space.
+        tracing::warn!(error = %e, "pruning old checkpoints failed");
+    }
     Ok(dir)
 }
 
@@ -212,9 +227,11 @@ pub fn committed(store: &Store) -> Result<Vec<usize>> {
 }
 
 /// Deletes all but the newest `keep` committed checkpoints (manifest first, so a half-deleted
-/// checkpoint is never mistaken for a committed one), and folders left without a manifest by
-/// an interrupted write older than the newest commit.
-fn prune(store: &Store, keep: usize) -> Result<()> {
+/// checkpoint is never mistaken for a committed one), folders left without a manifest by
+/// an interrupted write older than the newest commit, and the temporary files of interrupted
+/// writes anywhere below `checkpoints/`.
+pub fn prune(store: &Store, keep: usize) -> Result<()> {
+    store.remove_temporaries(DIR)?;
     let steps = committed(store)?;
     let Some(&newest) = steps.last() else {
         return Ok(());
@@ -282,19 +299,37 @@ pub fn restore(store: &Store, manifest: &Manifest, target: &mut dyn Checkpointab
     target.restore(&Committed::new(store, manifest))
 }
 
-type Job = (Box<Snapshot>, Manifest);
+/// One queued write: the snapshot, its manifest, and files written once it is committed.
+struct Job {
+    snap: Box<Snapshot>,
+    manifest: Manifest,
+    after: Vec<(String, Bytes)>,
+}
 
 /// Writes checkpoints on a background thread.
 pub struct Writer {
     tx: Option<mpsc::SyncSender<Job>>,
-    done: mpsc::Receiver<Result<String>>,
+    done: mpsc::Receiver<(usize, Result<String>)>,
     handle: Option<JoinHandle<()>>,
-    pending: usize,
+    /// Steps of the writes queued or in flight.
+    pending: Vec<usize>,
+    /// Set when the writer is dropped: queued writes are not started.
+    abandon: Arc<AtomicBool>,
+    /// Periodic checkpoints that failed or were skipped.
+    failed: u64,
+    /// The newest step a save was asked for, and the newest step committed.
+    requested: Option<usize>,
+    committed: Option<usize>,
+    /// The last write's error, if it failed.
+    last_error: Option<Error>,
+    queue_wait: Duration,
+    /// Whether the last save found the writer stuck (the next ones skip at once).
+    stuck: bool,
 }
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "checkpoint::Writer(pending {})", self.pending)
+        write!(f, "checkpoint::Writer(pending {:?})", self.pending)
     }
 }
 
@@ -305,22 +340,40 @@ impl Writer {
     }
 
     /// Like [`Writer::new`], telling `observer` about every committed checkpoint (from the
-    /// writer's thread, after the manifest is written).
+    /// writer's thread, after the manifest is written). A save waits up to the store's request
+    /// timeout for a busy writer.
     pub fn with_observer(
         store: Store,
         keep: usize,
         observer: Option<Arc<dyn RunObserver>>,
     ) -> Self {
-        // One snapshot in flight and one queued: the trainer waits rather than piling up copies.
+        let wait = store.limits().request_timeout;
+        Self::with_limits(store, keep, observer, wait)
+    }
+
+    /// Like [`Writer::with_observer`]; a save that finds one write in flight and one queued
+    /// waits at most `queue_wait` on the training thread, then skips its checkpoint.
+    pub fn with_limits(
+        store: Store,
+        keep: usize,
+        observer: Option<Arc<dyn RunObserver>>,
+        queue_wait: Duration,
+    ) -> Self {
+        // One snapshot in flight and one queued.
         let (tx, rx) = mpsc::sync_channel::<Job>(1);
         let (done_tx, done) = mpsc::channel();
+        let abandon = Arc::new(AtomicBool::new(false));
+        let abandoned = Arc::clone(&abandon);
         let handle = std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || {
-                for (snap, manifest) in rx {
-                    let step = manifest.step;
-                    let started = std::time::Instant::now();
-                    let result = write_snapshot(&store, *snap, manifest, keep);
+                for job in rx {
+                    if abandoned.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let step = job.manifest.step;
+                    let started = Instant::now();
+                    let result = write_snapshot(&store, *job.snap, job.manifest, keep);
                     match &result {
                         Ok(dir) => {
                             let uri = store.describe(dir);
@@ -328,10 +381,15 @@ impl Writer {
                             if let Some(observer) = &observer {
                                 observer.on_checkpoint(step, &uri);
                             }
+                            for (key, bytes) in job.after {
+                                if let Err(e) = store.put(&key, bytes) {
+                                    tracing::warn!(key, error = %e, "writing after a checkpoint failed");
+                                }
+                            }
                         }
-                        Err(e) => tracing::error!(step, error = %e, "checkpoint failed"),
+                        Err(e) => tracing::warn!(step, error = %e, "checkpoint failed"),
                     }
-                    if done_tx.send(result).is_err() {
+                    if done_tx.send((step, result)).is_err() {
                         break;
                     }
                 }
@@ -341,67 +399,175 @@ impl Writer {
             tx: Some(tx),
             done,
             handle,
-            pending: 0,
+            pending: Vec::new(),
+            abandon,
+            failed: 0,
+            requested: None,
+            committed: None,
+            last_error: None,
+            queue_wait,
+            stuck: false,
         }
     }
 
-    /// Errors of finished writes; the first failure is returned.
-    fn collect(&mut self, block: bool) -> Result<()> {
-        while self.pending > 0 {
-            let r = if block {
-                self.done.recv().map_err(|_| Error::Storage {
-                    uri: "checkpoint writer".into(),
-                    reason: "the writer thread stopped".into(),
-                })?
-            } else {
-                match self.done.try_recv() {
-                    Ok(r) => r,
-                    Err(_) => return Ok(()),
-                }
-            };
-            self.pending -= 1;
-            r?;
-        }
-        Ok(())
+    /// Periodic checkpoints that failed or were skipped so far.
+    pub fn failed(&self) -> u64 {
+        self.failed
     }
 
-    /// Snapshots `source` now and queues the write; returns an earlier write's error if any.
+    fn record(&mut self, step: usize, r: Result<String>) {
+        self.pending.retain(|&s| s != step);
+        self.stuck = false;
+        match r {
+            Ok(_) => {
+                self.committed = self.committed.max(Some(step));
+                self.last_error = None;
+            }
+            Err(e) => {
+                self.failed += 1;
+                tracing::warn!(step, error = %e, failed = self.failed, "periodic checkpoint failed; the run goes on (the final checkpoint must succeed)");
+                self.last_error = Some(e);
+            }
+        }
+    }
+
+    /// Collects finished writes without waiting.
+    fn poll(&mut self) {
+        while let Ok((step, r)) = self.done.try_recv() {
+            self.record(step, r);
+        }
+    }
+
+    /// Snapshots `source` now and queues the write. A failed earlier write is not an error
+    /// here (see the module docs); an error means the writer thread is gone.
     pub fn save(&mut self, source: &dyn Checkpointable, manifest: Manifest) -> Result<()> {
-        self.collect(false)?;
-        let snap = source.snapshot();
-        let tx = self.tx.as_ref().ok_or_else(|| Error::Storage {
+        self.save_with(source, manifest, Vec::new())
+    }
+
+    /// Like [`Writer::save`], writing `after` (key, bytes) once the checkpoint is committed
+    /// (`metrics.jsonl`), on the writer's thread.
+    pub fn save_with(
+        &mut self,
+        source: &dyn Checkpointable,
+        manifest: Manifest,
+        after: Vec<(String, Bytes)>,
+    ) -> Result<()> {
+        self.poll();
+        let stopped = || Error::Storage {
             uri: "checkpoint writer".into(),
-            reason: "closed".into(),
-        })?;
-        tx.send((Box::new(snap), manifest))
-            .map_err(|_| Error::Storage {
+            reason: "the writer thread stopped".into(),
+        };
+        let step = manifest.step;
+        self.requested = Some(step);
+        let snap = source.snapshot();
+        let tx = self.tx.clone().ok_or_else(stopped)?;
+        let mut job = Job {
+            snap: Box::new(snap),
+            manifest,
+            after,
+        };
+        let deadline = Instant::now() + if self.stuck { Duration::ZERO } else { self.queue_wait };
+        loop {
+            match tx.try_send(job) {
+                Ok(()) => {
+                    self.pending.push(step);
+                    return Ok(());
+                }
+                Err(mpsc::TrySendError::Disconnected(_)) => return Err(stopped()),
+                Err(mpsc::TrySendError::Full(j)) => {
+                    if Instant::now() >= deadline {
+                        self.stuck = true;
+                        self.failed += 1;
+                        tracing::warn!(
+                            step,
+                            pending = ?self.pending,
+                            "checkpoint skipped: earlier checkpoints are still being written (storage slow or stalled); the run goes on"
+                        );
+                        return Ok(());
+                    }
+                    job = j;
+                    std::thread::sleep(Duration::from_millis(5));
+                    self.poll();
+                }
+            }
+        }
+    }
+
+    /// Waits for every queued write; an error when the newest checkpoint asked for was not
+    /// committed (its write's error).
+    pub fn wait(&mut self) -> Result<()> {
+        while !self.pending.is_empty() {
+            let (step, r) = self.done.recv().map_err(|_| Error::Storage {
                 uri: "checkpoint writer".into(),
                 reason: "the writer thread stopped".into(),
             })?;
-        self.pending += 1;
-        Ok(())
+            self.record(step, r);
+        }
+        self.final_outcome()
     }
 
-    /// Waits for every queued write; returns the first error.
-    pub fn wait(&mut self) -> Result<()> {
-        self.collect(true)
+    /// Whether the newest checkpoint asked for was committed.
+    fn final_outcome(&mut self) -> Result<()> {
+        match self.requested {
+            Some(step) if self.committed != Some(step) => {
+                Err(self.last_error.take().unwrap_or_else(|| Error::Storage {
+                    uri: "checkpoint writer".into(),
+                    reason: format!(
+                        "the checkpoint of step {step} was skipped: earlier writes were stuck (the newest committed checkpoint: {:?})",
+                        self.committed
+                    ),
+                }))
+            }
+            _ => Ok(()),
+        }
     }
 
-    /// Waits for every queued write and stops the thread; returns the first error.
+    /// Waits for every queued write and stops the thread; the last write's error (the final
+    /// checkpoint's) fails.
     pub fn finish(mut self) -> Result<()> {
-        let r = self.collect(true);
+        let r = self.wait();
         self.tx.take();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
         r
     }
+
+    /// Like [`Writer::finish`], waiting at most `limit`; past it the writes still queued are
+    /// abandoned (an unfinished checkpoint has no manifest: the last committed one stays the
+    /// newest) and the error says so.
+    pub fn finish_within(mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while !self.pending.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.done.recv_timeout(left) {
+                Ok((step, r)) => self.record(step, r),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(Error::StorageUnavailable {
+                        uri: "checkpoint writer".into(),
+                        reason: format!(
+                            "the checkpoints of steps {:?} were not written within {:.0} s and are abandoned; the newest committed checkpoint is intact",
+                            self.pending,
+                            limit.as_secs_f64()
+                        ),
+                    });
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        self.finish()
+    }
 }
 
 impl Drop for Writer {
+    /// Abandons what is queued; waits for the thread only when it is idle (a write in flight
+    /// is left to end with the process: it never commits a partial checkpoint).
     fn drop(&mut self) {
+        self.abandon.store(true, Ordering::SeqCst);
         self.tx.take();
-        if let Some(h) = self.handle.take() {
+        if let Some(h) = self.handle.take()
+            && (self.pending.is_empty() || h.is_finished())
+        {
             let _ = h.join();
         }
     }

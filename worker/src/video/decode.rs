@@ -38,6 +38,13 @@ pub struct Clip {
     sorted_ts: Vec<i64>,
     decoder: decoder::Video,
     rgb: RgbConverter,
+    /// Clockwise display rotation the container asks for: 0, 90, 180 or 270 degrees.
+    rotation: u32,
+    /// Size of a converted frame before rotation: the coded size with the sample aspect ratio
+    /// applied to the width.
+    upright: (usize, usize),
+    /// Converted frame before rotation (rotated clips only).
+    scratch: Vec<u8>,
     decoded: frame::Video,
     /// Next packet to send.
     next_packet: usize,
@@ -92,6 +99,7 @@ impl Clip {
             .ok_or_else(|| err("no video stream".into()))?;
         let stream_index = stream.index();
         let declared = stream.frames();
+        let rotation = display_rotation(&stream).map_err(&err)?;
         let rate = [stream.avg_frame_rate(), stream.rate()]
             .into_iter()
             .find(|r| r.numerator() > 0 && r.denominator() > 0);
@@ -163,15 +171,36 @@ impl Clip {
             Some(r) => f64::from(r.numerator()) / f64::from(r.denominator()),
             None => 0.0,
         };
+        let (coded_w, coded_h) = (decoder.width() as usize, decoder.height() as usize);
+        if coded_w == 0 || coded_h == 0 {
+            return Err(err("the video stream has no frame size".into()));
+        }
+        // Non-square pixels: the width is resampled to the display aspect ratio, like players
+        // (and FFmpeg's own `scale=iw*sar:ih`) show the clip.
+        let sar = decoder.aspect_ratio();
+        let upright_w = if sar.numerator() > 0
+            && sar.denominator() > 0
+            && sar.numerator() != sar.denominator()
+        {
+            let w = (coded_w as f64 * f64::from(sar.numerator()) / f64::from(sar.denominator()))
+                .round() as usize;
+            tracing::debug!(uri = %uri, sar = %format!("{}:{}", sar.numerator(), sar.denominator()), coded_w, w, "non-square pixels: width resampled");
+            w.max(1)
+        } else {
+            coded_w
+        };
+        let upright = (upright_w, coded_h);
+        let (width, height) = if rotation % 180 == 90 {
+            (upright.1, upright.0)
+        } else {
+            upright
+        };
         let info = ClipInfo {
             frames,
             fps,
-            width: decoder.width() as usize,
-            height: decoder.height() as usize,
+            width,
+            height,
         };
-        if info.width == 0 || info.height == 0 {
-            return Err(err("the video stream has no frame size".into()));
-        }
         Ok(Self {
             uri,
             info,
@@ -181,6 +210,9 @@ impl Clip {
             sorted_ts,
             decoder,
             rgb: RgbConverter::default(),
+            rotation,
+            upright,
+            scratch: Vec::new(),
             decoded: frame::Video::empty(),
             next_packet: 0,
             eof_sent: false,
@@ -267,13 +299,23 @@ impl Clip {
                         if self.decoded.is_corrupt() || self.decoded.has_decode_errors() {
                             return Err(self.error(format!("frame {index} decoded with errors")));
                         }
-                        let (w, h) = (self.info.width, self.info.height);
-                        return self
-                            .rgb
-                            .convert(&self.decoded, w, h, dst)
+                        let (w, h) = self.upright;
+                        let rotation = self.rotation;
+                        let target_buf = if rotation == 0 {
+                            &mut *dst
+                        } else {
+                            self.scratch.resize(w * h * 3, 0);
+                            &mut self.scratch[..]
+                        };
+                        self.rgb
+                            .convert(&self.decoded, w, h, target_buf)
                             .map_err(|reason| {
                                 decode_error(&self.uri, format!("frame {index}: {reason}"))
-                            });
+                            })?;
+                        if rotation != 0 {
+                            rotate_rgb(&self.scratch, w, h, rotation, dst);
+                        }
+                        return Ok(());
                     }
                     if index > target {
                         return Err(self.error(format!(
@@ -335,6 +377,89 @@ impl Clip {
     }
 }
 
+/// The clockwise display rotation (0, 90, 180 or 270 degrees) a video stream's container asks
+/// for: its display matrix (`AV_PKT_DATA_DISPLAYMATRIX`, what MP4/MOV `tkhd` matrices become),
+/// else an old-style `rotate` tag. Rotations that are not a multiple of 90° and mirrored
+/// matrices are refused (a clip shown differently from what we would train on).
+fn display_rotation(stream: &format::stream::Stream<'_>) -> std::result::Result<u32, String> {
+    let matrix = stream.side_data().find_map(|sd| {
+        (sd.kind() == codec::packet::side_data::Type::DisplayMatrix && sd.data().len() >= 36)
+            .then(|| {
+                let d = sd.data();
+                let mut m = [0i32; 9];
+                for (i, v) in m.iter_mut().enumerate() {
+                    *v = i32::from_ne_bytes([d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]]);
+                }
+                m
+            })
+    });
+    let degrees = if let Some(m) = matrix {
+        // libavutil's av_display_rotation_get (16.16 fixed point), negated: clockwise.
+        let fp = |x: i32| f64::from(x) / 65536.0;
+        let scale0 = fp(m[0]).hypot(fp(m[3]));
+        let scale1 = fp(m[1]).hypot(fp(m[4]));
+        if scale0 == 0.0 || scale1 == 0.0 {
+            return Err("the container's display matrix is degenerate".into());
+        }
+        let det = fp(m[0]) * fp(m[4]) - fp(m[1]) * fp(m[3]);
+        if det < 0.0 {
+            return Err(
+                "the container asks for a mirrored display (display matrix with a flip), which endofm does not apply: re-encode the clip as it should be seen".into(),
+            );
+        }
+        (fp(m[1]) / scale1).atan2(fp(m[0]) / scale0).to_degrees()
+    } else if let Some(tag) = stream.metadata().get("rotate") {
+        tag.trim()
+            .parse::<f64>()
+            .map_err(|_| format!("the container's `rotate` tag `{tag}` is not a number"))?
+    } else {
+        return Ok(0);
+    };
+    let norm = degrees.rem_euclid(360.0);
+    let quarter = (norm / 90.0).round();
+    if (norm - quarter * 90.0).abs() > 1.0 {
+        return Err(format!(
+            "the container asks for a display rotation of {norm:.1}°, which endofm does not apply (only multiples of 90°): re-encode the clip upright"
+        ));
+    }
+    Ok((quarter as u32 % 4) * 90)
+}
+
+/// Rotates a packed RGB frame `w × h` clockwise by `degrees` (90, 180 or 270) into `dst`
+/// (`h × w` for 90 and 270).
+fn rotate_rgb(src: &[u8], w: usize, h: usize, degrees: u32, dst: &mut [u8]) {
+    let px = |x: usize, y: usize| &src[(y * w + x) * 3..(y * w + x) * 3 + 3];
+    match degrees {
+        90 => {
+            // Output w' = h, h' = w: dst(x', y') = src(y', h − 1 − x').
+            for y2 in 0..w {
+                for x2 in 0..h {
+                    let o = (y2 * h + x2) * 3;
+                    dst[o..o + 3].copy_from_slice(px(y2, h - 1 - x2));
+                }
+            }
+        }
+        180 => {
+            for y in 0..h {
+                for x in 0..w {
+                    let o = (y * w + x) * 3;
+                    dst[o..o + 3].copy_from_slice(px(w - 1 - x, h - 1 - y));
+                }
+            }
+        }
+        270 => {
+            // dst(x', y') = src(w − 1 − y', x').
+            for y2 in 0..w {
+                for x2 in 0..h {
+                    let o = (y2 * h + x2) * 3;
+                    dst[o..o + 3].copy_from_slice(px(w - 1 - y2, x2));
+                }
+            }
+        }
+        _ => dst[..src.len()].copy_from_slice(src),
+    }
+}
+
 fn decode_error(uri: &str, reason: String) -> Error {
     Error::ClipDecode {
         uri: uri.to_string(),
@@ -366,7 +491,8 @@ struct RgbConverter {
 }
 
 impl RgbConverter {
-    /// Converts `src` (which must be `width × height`) into `dst` (`height·width·3` bytes).
+    /// Converts `src` into `dst` (`height·width·3` bytes), resampling its width to `width` (non-square
+    /// pixels); its height must be `height`.
     fn convert(
         &mut self,
         src: &frame::Video,
@@ -374,16 +500,20 @@ impl RgbConverter {
         height: usize,
         dst: &mut [u8],
     ) -> std::result::Result<(), String> {
-        if src.width() as usize != width || src.height() as usize != height {
+        if src.height() as usize != height {
             return Err(format!(
-                "size {}×{} differs from the clip's {width}×{height}",
+                "size {}×{} differs from the clip's (height {height})",
                 src.width(),
                 src.height()
             ));
         }
         let stale = self.scaler.as_ref().is_none_or(|s| {
             let i = s.input();
-            i.format != src.format() || i.width != src.width() || i.height != src.height()
+            let o = s.output();
+            i.format != src.format()
+                || i.width != src.width()
+                || i.height != src.height()
+                || o.width as usize != width
         });
         if stale {
             // Bilinear chroma upsampling and the default BT.601 limited-range matrix: what
@@ -393,7 +523,7 @@ impl RgbConverter {
                 src.width(),
                 src.height(),
                 format::Pixel::RGB24,
-                src.width(),
+                width as u32,
                 src.height(),
                 scaling::Flags::BILINEAR,
             )
