@@ -1325,6 +1325,8 @@ fn run_model(cmd: ModelCommand) -> anyhow::Result<()> {
                 "steps": traj.steps,
                 "step_path": if replay.two_threads { "two-thread" } else { "intra-op" },
                 "loss": replay.loss,
+                "diagnostics": replay.diagnostics,
+                "collapse": replay.collapse,
                 "seconds": started.elapsed().as_secs_f64(),
             }));
             Ok(())

@@ -21,6 +21,7 @@ use crate::model::{LoadMode, weights};
 use crate::run::checkpoint::{Checkpointable, Committed, Manifest, Snapshot, host, host_vars};
 use crate::run::{self, RunSettings, StepOutcome, Task};
 use crate::store::Store;
+use crate::train::diagnostics::CollapseMonitor;
 use crate::train::step::{LossScaler, SslTrainer};
 use crate::{Error, Result};
 
@@ -138,6 +139,8 @@ struct SslTask<'a> {
     loader: Option<Loader>,
     rank: usize,
     world: usize,
+    /// Watches the collapse diagnostics (not checkpointed: a resumed run starts a new window).
+    monitor: CollapseMonitor,
 }
 
 const SSL_FILES: [&str; 4] = [
@@ -329,6 +332,18 @@ impl Task for SslTask<'_> {
         extra.insert("momentum".into(), serde_json::json!(stats.momentum));
         extra.insert("teacher_temp".into(), serde_json::json!(stats.teacher_temp));
         extra.insert("skipped".into(), serde_json::json!(stats.skipped));
+        let d = stats.diagnostics;
+        extra.insert("teacher_entropy".into(), serde_json::json!(d.teacher_entropy));
+        extra.insert("batch_entropy".into(), serde_json::json!(d.batch_entropy));
+        extra.insert("kl".into(), serde_json::json!(d.kl));
+        if let Some(w) = self.monitor.observe(&d) {
+            if self.rank == 0 {
+                tracing::warn!(step, collapse = w.kind.name(), "{}", w.message);
+            }
+        }
+        if let Some(kind) = self.monitor.active() {
+            extra.insert("collapse".into(), serde_json::json!(kind.name()));
+        }
         Ok(StepOutcome {
             epoch: stats.epoch,
             loss: stats.loss,
@@ -344,7 +359,21 @@ impl Task for SslTask<'_> {
         })
     }
     fn progress_message(&self, line: &run::MetricsLine) -> String {
-        format!("loss {:.4} {:.2} clips/s", line.loss, line.samples_per_s)
+        let num = |k: &str| line.extra.get(k).and_then(serde_json::Value::as_f64);
+        let mut msg = format!("loss {:.4}", line.loss);
+        if let (Some(h), Some(hb), Some(kl)) =
+            (num("teacher_entropy"), num("batch_entropy"), num("kl"))
+        {
+            msg.push_str(&format!(
+                " H(teacher) {h:.2}/{:.2} H(batch mean) {hb:.2} KL {kl:.3}",
+                self.monitor.ln_k()
+            ));
+        }
+        msg.push_str(&format!(" {:.2} clips/s", line.samples_per_s));
+        if let Some(kind) = line.extra.get("collapse").and_then(serde_json::Value::as_str) {
+            msg.push_str(&format!(" COLLAPSE ({kind})"));
+        }
+        msg
     }
 }
 
@@ -394,13 +423,20 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
         stop: Arc::clone(&job.stop),
         observer: job.observer.clone(),
     };
+    let trainer = SslTrainer::new(&job.model, &job.train, job.device, ipe, world)?;
+    let monitor = CollapseMonitor::new(
+        job.model.head.out_dim,
+        job.train.batch_per_rank * world,
+        CollapseMonitor::default_window(trainer.total_steps()),
+    );
     let mut task = SslTask {
         job,
-        trainer: SslTrainer::new(&job.model, &job.train, job.device, ipe, world)?,
+        trainer,
         corpus,
         loader: None,
         rank,
         world,
+        monitor,
     };
     run::drive(&mut task, &settings, &out, collective)
 }

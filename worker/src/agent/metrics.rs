@@ -2,7 +2,9 @@
 //! with the dashboard in `deploy/`: `endofm_worker_ranks_running`, `endofm_step_seconds`,
 //! `endofm_samples_per_second`, `endofm_data_wait_seconds`, `endofm_allreduce_seconds_total`,
 //! `endofm_allreduce_bytes_total`, `endofm_loss`, `endofm_learning_rate`,
-//! `endofm_device_memory_bytes{device}`, `endofm_steps_total`; per-rank series carry `job` and
+//! `endofm_device_memory_bytes{device}`, `endofm_steps_total`; pre-training's collapse
+//! diagnostics `endofm_teacher_entropy`, `endofm_batch_mean_entropy`,
+//! `endofm_student_teacher_kl` and `endofm_collapse{kind}`; per-rank series carry `job` and
 //! `rank` labels. Fed from the ranks' progress lines and the agent's process sampler.
 
 use std::net::SocketAddr;
@@ -59,7 +61,25 @@ pub struct Metrics {
     learning_rate: Family<RankLabels, FloatGauge>,
     device_memory: Family<DeviceLabels, Gauge>,
     steps: Family<RankLabels, Counter>,
+    teacher_entropy: Family<RankLabels, FloatGauge>,
+    batch_entropy: Family<RankLabels, FloatGauge>,
+    kl: Family<RankLabels, FloatGauge>,
+    collapse: Family<CollapseLabels, Gauge>,
 }
+
+/// Labels of the collapse indicator: a rank's series per kind.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CollapseLabels {
+    /// Job id.
+    pub job: String,
+    /// Rank in the attempt.
+    pub rank: String,
+    /// `uniform` or `dominant_prototype`.
+    pub kind: String,
+}
+
+/// The kinds of collapse `endofm_collapse` reports.
+const COLLAPSE_KINDS: [&str; 2] = ["uniform", "dominant_prototype"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -124,6 +144,30 @@ impl Metrics {
         );
         let steps = Family::default();
         registry.register("endofm_steps", "Training steps completed", steps.clone());
+        let teacher_entropy = Family::default();
+        registry.register(
+            "endofm_teacher_entropy",
+            "Pre-training: mean entropy of the centred, sharpened teacher distribution at the last step (nats; ln K when uniform)",
+            teacher_entropy.clone(),
+        );
+        let batch_entropy = Family::default();
+        registry.register(
+            "endofm_batch_mean_entropy",
+            "Pre-training: entropy of the batch mean of the teacher distribution at the last step (nats; near 0 when one prototype dominates)",
+            batch_entropy.clone(),
+        );
+        let kl = Family::default();
+        registry.register(
+            "endofm_student_teacher_kl",
+            "Pre-training: student-teacher KL at the last step (nats)",
+            kl.clone(),
+        );
+        let collapse = Family::default();
+        registry.register(
+            "endofm_collapse",
+            "Pre-training: 1 while a collapse of this kind has been sustained (uniform, dominant_prototype)",
+            collapse.clone(),
+        );
         Self {
             registry,
             ranks_running,
@@ -136,6 +180,10 @@ impl Metrics {
             learning_rate,
             device_memory,
             steps,
+            teacher_entropy,
+            batch_entropy,
+            kl,
+            collapse,
         }
     }
 
@@ -165,6 +213,25 @@ impl Metrics {
         self.loss.get_or_create(&labels).set(p.loss);
         self.learning_rate.get_or_create(&labels).set(p.lr);
         self.steps.get_or_create(&labels).inc();
+        // Pre-training's collapse diagnostics (NaN from tasks without them: no series).
+        if p.teacher_entropy.is_finite() {
+            self.teacher_entropy
+                .get_or_create(&labels)
+                .set(p.teacher_entropy);
+            self.batch_entropy
+                .get_or_create(&labels)
+                .set(p.batch_entropy);
+            self.kl.get_or_create(&labels).set(p.kl);
+            for kind in COLLAPSE_KINDS {
+                self.collapse
+                    .get_or_create(&CollapseLabels {
+                        job: labels.job.clone(),
+                        rank: labels.rank.clone(),
+                        kind: kind.to_string(),
+                    })
+                    .set(i64::from(p.collapse == kind));
+            }
+        }
     }
 
     /// Sets the memory used on `device`.
@@ -298,5 +365,37 @@ mod tests {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
         assert!(process_rss(std::process::id()).is_some_and(|b| b > 0));
+    }
+
+    #[test]
+    fn collapse_diagnostics_are_exported_for_pretraining_ranks_only() {
+        let m = Metrics::new();
+        let finetune = ProgressLine {
+            teacher_entropy: f64::NAN,
+            batch_entropy: f64::NAN,
+            kl: f64::NAN,
+            ..Default::default()
+        };
+        m.observe("job-2", 0, &finetune);
+        let text = m.render();
+        assert!(!text.contains("endofm_teacher_entropy{"), "{text}");
+        let p = ProgressLine {
+            teacher_entropy: 6.2,
+            batch_entropy: 6.21,
+            kl: 0.5,
+            collapse: "uniform".into(),
+            ..Default::default()
+        };
+        m.observe("job-1", 1, &p);
+        let text = m.render();
+        for line in [
+            "endofm_teacher_entropy{job=\"job-1\",rank=\"1\"} 6.2",
+            "endofm_batch_mean_entropy{job=\"job-1\",rank=\"1\"} 6.21",
+            "endofm_student_teacher_kl{job=\"job-1\",rank=\"1\"} 0.5",
+            "endofm_collapse{job=\"job-1\",rank=\"1\",kind=\"uniform\"} 1",
+            "endofm_collapse{job=\"job-1\",rank=\"1\",kind=\"dominant_prototype\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 }

@@ -107,6 +107,23 @@ pub struct ProgressLine {
     pub allreduce_bytes: u64,
     /// Clips skipped so far.
     pub clips_failed: u64,
+    /// Pre-training: mean entropy of the centred, sharpened teacher distribution (nats; NaN
+    /// for other tasks).
+    #[serde(default = "nan", deserialize_with = "nan_for_null")]
+    pub teacher_entropy: f64,
+    /// Pre-training: entropy of the teacher distribution's batch mean (nats).
+    #[serde(default = "nan", deserialize_with = "nan_for_null")]
+    pub batch_entropy: f64,
+    /// Pre-training: student–teacher KL (nats).
+    #[serde(default = "nan", deserialize_with = "nan_for_null")]
+    pub kl: f64,
+    /// Pre-training: the collapse sustained now (`uniform`, `dominant_prototype`), or empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub collapse: String,
+}
+
+fn nan() -> f64 {
+    f64::NAN
 }
 
 impl ProgressLine {
@@ -172,6 +189,29 @@ impl RankLine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn collapse_diagnostics_ride_on_progress_lines() {
+        // A line without them (another task, an older rank) reads as NaN / no collapse.
+        let Some(RankLine::Progress(old)) =
+            RankLine::parse(r#"{"type":"progress","step":1,"total_steps":2,"epoch":0,"loss":1.0,"lr":0.1,"samples_per_s":1.0,"data_wait_s":0.0,"step_s":1.0,"eta_s":1.0,"allreduce_s":0.0,"allreduce_bytes":0,"clips_failed":0}"#)
+        else {
+            panic!("older line not parsed");
+        };
+        assert!(old.teacher_entropy.is_nan() && old.kl.is_nan() && old.collapse.is_empty());
+        let p = ProgressLine {
+            teacher_entropy: 6.2,
+            batch_entropy: 6.23,
+            kl: 0.01,
+            collapse: "uniform".into(),
+            ..Default::default()
+        };
+        let Some(RankLine::Progress(back)) = RankLine::parse(&RankLine::Progress(p.clone()).to_json())
+        else {
+            panic!("not parsed");
+        };
+        assert_eq!(back, p);
+    }
 
     #[test]
     fn progress_lines_round_trip_and_survive_nan() {

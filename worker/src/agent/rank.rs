@@ -243,6 +243,14 @@ impl Collective for Timed {
     }
 }
 
+/// A number among a metrics line's task values, NaN when absent.
+fn extra_f64(line: &MetricsLine, key: &str) -> f64 {
+    line.extra
+        .get(key)
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or(f64::NAN)
+}
+
 /// Prints progress and checkpoint lines on stdout.
 #[derive(Debug)]
 struct StdoutObserver {
@@ -273,6 +281,15 @@ impl RunObserver for StdoutObserver {
             allreduce_s: secs - prev_s,
             allreduce_bytes: bytes - prev_b,
             clips_failed: line.clips_failed,
+            teacher_entropy: extra_f64(line, "teacher_entropy"),
+            batch_entropy: extra_f64(line, "batch_entropy"),
+            kl: extra_f64(line, "kl"),
+            collapse: line
+                .extra
+                .get("collapse")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
         };
         println!("{}", RankLine::Progress(p).to_json());
     }

@@ -15,6 +15,7 @@ use crate::model::{EndoFm, LoadMode, LoadReport};
 use crate::precision::{Precision, with_precision};
 use crate::train::loss::{SslLoss, SslLossConfig};
 use crate::train::optim::{AdamW, AdamWConfig, FlatParams};
+use crate::train::diagnostics::{self, Diagnostics};
 use crate::train::schedule::{self, Schedule};
 use crate::train::ssl;
 use crate::{Error, Result};
@@ -47,6 +48,8 @@ pub struct StepStats {
     pub teacher_temp: f64,
     /// Whether the update was skipped (fp16 overflow).
     pub skipped: bool,
+    /// Collapse diagnostics over the global batch (teacher entropy, batch-mean entropy, KL).
+    pub diagnostics: Diagnostics,
 }
 
 /// Dynamic loss scaling for fp16 (PyTorch's GradScaler rule).
@@ -612,10 +615,24 @@ impl SslTrainer {
         }
         self.teacher_flat.ema_from(&self.student_flat, momentum);
 
-        let mut summed = SslLoss::batch_sum(&teacher_out);
+        // The centre's batch sum and the diagnostics' sums travel in one all-reduce; the
+        // diagnostics use the centre this step's loss used.
+        let k = self.objective.center().size()[1];
+        let sums = diagnostics::partial_sums(
+            &teacher_out,
+            self.objective.center(),
+            teacher_temp,
+            loss_value,
+        );
+        let mut summed = Tensor::cat(
+            &[SslLoss::batch_sum(&teacher_out).reshape([-1]), sums],
+            0,
+        );
         collective.all_reduce_sum(&mut summed)?;
+        let diagnostics = diagnostics::from_sums(&summed.narrow(0, k, summed.size()[0] - k), world);
         let rows = teacher_out.size()[0] * world as i64;
-        self.objective.update_center(&summed, rows);
+        self.objective
+            .update_center(&summed.narrow(0, 0, k).reshape([1, k]), rows);
 
         Ok(StepStats {
             step,
@@ -626,6 +643,7 @@ impl SslTrainer {
             momentum,
             teacher_temp,
             skipped: !finite,
+            diagnostics,
         })
     }
 }

@@ -22,6 +22,7 @@ use endofm_shared::{ModelConfig, PretrainConfig, TrainPrecision};
 
 use crate::collective::Solo;
 use crate::model::weights;
+use crate::train::diagnostics::{CollapseMonitor, CollapseWarning, Diagnostics};
 use crate::train::step::{GLOBAL_VIEWS, SslTrainer};
 use crate::verify::{ReferenceDir, rel_err};
 use crate::{Error, Result};
@@ -399,6 +400,11 @@ pub struct Replay {
     /// Whether the two-thread CPU step ran (otherwise one forward/backward on libtorch's
     /// intra-op threads).
     pub two_threads: bool,
+    /// Collapse diagnostics of every iteration.
+    pub diagnostics: Vec<Diagnostics>,
+    /// Collapse warnings a pre-training run would have logged (window
+    /// [`CollapseMonitor::default_window`] of the replayed steps).
+    pub collapse: Vec<CollapseWarning>,
 }
 
 impl Replay {
@@ -461,7 +467,14 @@ pub fn replay(traj: &Trajectory, device: Device, two_threads: Option<bool>) -> R
         teacher: BTreeMap::new(),
         center: Tensor::zeros([1], (Kind::Float, Device::Cpu)),
         two_threads: trainer.two_threads(),
+        diagnostics: Vec::new(),
+        collapse: Vec::new(),
     };
+    let mut monitor = CollapseMonitor::new(
+        traj.model.head.out_dim,
+        traj.train.batch_per_rank,
+        CollapseMonitor::default_window(traj.steps),
+    );
     for step in 0..traj.steps {
         let views = traj.views(&file, step, device)?;
         let stats = trainer.step(&views, step, &mut Solo)?;
@@ -471,6 +484,8 @@ pub fn replay(traj: &Trajectory, device: Device, two_threads: Option<bool>) -> R
         r.wd.push(stats.wd);
         r.momentum.push(stats.momentum);
         r.teacher_temp.push(stats.teacher_temp);
+        r.diagnostics.push(stats.diagnostics);
+        r.collapse.extend(monitor.observe(&stats.diagnostics));
     }
     r.student = host_params(trainer.student());
     r.teacher = host_params(trainer.teacher());

@@ -370,3 +370,65 @@ fn runs_start_from_given_weights() {
     ]);
     assert!(e.contains("shape"), "{e}");
 }
+
+fn metrics_lines(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("loss").is_some())
+        .collect()
+}
+
+/// A teacher temperature far too high flattens the teacher's distribution: the run must say it
+/// is collapsing (uniform), in `metrics.jsonl` and as a warning naming the kind and the remedy.
+#[test]
+fn a_forced_uniform_collapse_is_diagnosed_and_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 6, 16, 64, 3);
+    let config = run_config(
+        dir.path(),
+        r#"{"epochs": 3, "batch_per_rank": 2, "lr": 0.05, "warmup_epochs": 1, "checkpoint_every": 0, "teacher_temp": 50.0, "warmup_teacher_temp": 50.0}"#,
+    );
+    let out = dir.path().join("run");
+    let args = [
+        "pretrain",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--preset",
+        "tiny",
+        "--config",
+        config.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--data-threads",
+        "2",
+        "--progress",
+        "never",
+    ];
+    let run = support::worker(&args);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let resolved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let ln_k = (resolved["model"]["head"]["out_dim"].as_f64().unwrap()).ln();
+    let lines = metrics_lines(&out);
+    assert_eq!(lines.len(), 9);
+    for l in &lines {
+        let h = l["teacher_entropy"].as_f64().unwrap();
+        assert!(h > 0.98 * ln_k && h <= ln_k + 1e-6, "{l}");
+        assert!(l["batch_entropy"].as_f64().unwrap() >= h - 1e-6, "{l}");
+        assert!(l["kl"].as_f64().unwrap().is_finite(), "{l}");
+    }
+    // The window of a 9-step run is 3 steps: collapsed from the third step on.
+    let flagged: Vec<bool> = lines.iter().map(|l| l["collapse"] == "uniform").collect();
+    assert_eq!(flagged, [false, false, true, true, true, true, true, true, true]);
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("uniform collapse"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("teacher_temp"), "{}", warnings[0]);
+}
