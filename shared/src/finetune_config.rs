@@ -44,7 +44,7 @@ impl TaskKind {
 
     /// Whether this build can fine-tune and evaluate the task.
     pub fn implemented(self) -> bool {
-        matches!(self, TaskKind::Classify)
+        matches!(self, TaskKind::Classify | TaskKind::Segment)
     }
 }
 
@@ -83,9 +83,10 @@ pub struct FinetuneConfig {
     pub epochs: usize,
     /// Videos per rank per step.
     pub batch_per_rank: usize,
-    /// Base SGD learning rate at a global batch of 256, scaled linearly like the published
-    /// script (`lr · batch_per_rank · world_size / 256`: 0.001 → 1.5625e-5 for 4 videos on one
-    /// GPU).
+    /// Learning rate. Classification: the base SGD rate at a global batch of 256, scaled
+    /// linearly like the published script (`lr · batch_per_rank · world_size / 256`: 0.001 →
+    /// 1.5625e-5 for 4 videos on one GPU). Segmentation: AdamW's rate as given (the published
+    /// `base_lr`).
     pub lr: f64,
     /// SGD momentum.
     pub momentum: f64,
@@ -125,7 +126,50 @@ pub struct FinetuneConfig {
     pub keep_checkpoints: usize,
     /// Write a metrics line every this many steps.
     pub log_every: usize,
+    /// Segmentation: training frames are resized to this square before the random crop (the
+    /// published `img_size + 32`).
+    pub train_resize: usize,
+    /// Segmentation: largest training rotation in degrees (uniform in ±, bilinear, zero fill).
+    pub rotation_degrees: f64,
+    /// Segmentation: power of the per-step polynomial decay `lr · (1 − step/steps)^power`.
+    pub poly_power: f64,
+    /// Segmentation: frames of a training sequence fed at once (a random run of consecutive
+    /// frames); 0 = the whole sequence, as published.
+    pub max_frames: usize,
 }
+
+/// Fields every task reads.
+const COMMON_FIELDS: &[&str] = &[
+    "epochs",
+    "batch_per_rank",
+    "lr",
+    "weight_decay",
+    "drop_path_rate",
+    "crop",
+    "mean",
+    "std",
+    "init_from",
+    "seed",
+    "precision",
+    "val_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+];
+
+/// Fields only classification reads.
+const CLASSIFY_FIELDS: &[&str] = &[
+    "momentum",
+    "min_lr",
+    "frames",
+    "window",
+    "train_short_min",
+    "train_short_max",
+    "test_short",
+];
+
+/// Fields only segmentation reads.
+const SEGMENT_FIELDS: &[&str] = &["train_resize", "rotation_degrees", "poly_power", "max_frames"];
 
 impl Default for FinetuneConfig {
     fn default() -> Self {
@@ -152,6 +196,10 @@ impl Default for FinetuneConfig {
             checkpoint_every: 0,
             keep_checkpoints: 2,
             log_every: 1,
+            train_resize: 256,
+            rotation_degrees: 5.0,
+            poly_power: 0.9,
+            max_frames: 0,
         }
     }
 }
@@ -219,6 +267,113 @@ impl FinetuneConfig {
         Ok(())
     }
 
+    /// The defaults of `task`: classification's are the published PolypDiag script's
+    /// ([`Default`]); segmentation's the published TransUNet `train.py`/`trainer.py` (150
+    /// epochs, one sequence per step, AdamW lr 1e-4 (absolute, not scaled by the batch) with
+    /// weight decay 0.05 and polynomial decay 0.9, resize 256 → random crop 224, flip,
+    /// rotation ±5°, per-image min–max scaling then mean/std 0.5, drop-path 0.1).
+    pub fn for_task(task: TaskKind) -> Self {
+        let base = Self::default();
+        match task {
+            TaskKind::Segment => Self {
+                epochs: 150,
+                batch_per_rank: 1,
+                lr: 1e-4,
+                weight_decay: 0.05,
+                mean: 0.5,
+                std: 0.5,
+                ..base
+            },
+            TaskKind::Classify | TaskKind::Detect => base,
+        }
+    }
+
+    /// The fields `task` reads (a setting of another task's field is refused by
+    /// [`FinetuneConfig::resolve`]).
+    pub fn fields_of(task: TaskKind) -> Vec<&'static str> {
+        let own: &[&str] = match task {
+            TaskKind::Classify => CLASSIFY_FIELDS,
+            TaskKind::Segment => SEGMENT_FIELDS,
+            TaskKind::Detect => &[],
+        };
+        COMMON_FIELDS.iter().chain(own).copied().collect()
+    }
+
+    /// The settings of a `task` run on a network of input size `img`: the task's defaults
+    /// sized for `img` ([`FinetuneConfig::sized_for`]), with the fields of `overrides` (a JSON
+    /// object) laid over them, validated for the task.
+    ///
+    /// # Errors
+    /// `overrides` not an object, an unknown field, a field `task` does not read, or an invalid
+    /// value; the error names the field.
+    pub fn resolve(
+        task: TaskKind,
+        img: usize,
+        overrides: Option<&serde_json::Value>,
+    ) -> Result<Self> {
+        let base = Self::for_task(task).sized_for(img);
+        let mut value = serde_json::to_value(&base)
+            .map_err(|e| Error::invalid("finetune", e.to_string()))?;
+        if let Some(over) = overrides {
+            let serde_json::Value::Object(over) = over else {
+                return Err(Error::invalid(
+                    "finetune",
+                    "expected an object of fine-tuning settings",
+                ));
+            };
+            let used = Self::fields_of(task);
+            let all: Vec<&str> = COMMON_FIELDS
+                .iter()
+                .chain(CLASSIFY_FIELDS)
+                .chain(SEGMENT_FIELDS)
+                .copied()
+                .collect();
+            for key in over.keys() {
+                if all.contains(&key.as_str()) && !used.contains(&key.as_str()) {
+                    return Err(Error::invalid(
+                        key.clone(),
+                        format!("is not a setting of {task} fine-tuning"),
+                    ));
+                }
+            }
+            if let serde_json::Value::Object(map) = &mut value {
+                for (k, v) in over {
+                    map.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let cfg = Self::from_json_str(&value.to_string(), "finetune settings")?;
+        cfg.validate_for(task)?;
+        Ok(cfg)
+    }
+
+    /// [`FinetuneConfig::validate`] plus the rules of `task`.
+    pub fn validate_for(&self, task: TaskKind) -> Result<()> {
+        self.validate()?;
+        if task == TaskKind::Segment {
+            check(self.batch_per_rank == 1, "batch_per_rank", || {
+                format!(
+                    "{}: segmentation feeds one sequence per rank per step (its frames are the batch)",
+                    self.batch_per_rank
+                )
+            })?;
+            check(self.train_resize >= self.crop, "train_resize", || {
+                format!("{} is smaller than the crop {}", self.train_resize, self.crop)
+            })?;
+            check(
+                self.rotation_degrees.is_finite() && (0.0..=180.0).contains(&self.rotation_degrees),
+                "rotation_degrees",
+                || format!("{} is outside [0, 180]", self.rotation_degrees),
+            )?;
+            check(
+                self.poly_power.is_finite() && self.poly_power > 0.0,
+                "poly_power",
+                || format!("{} must be a positive number", self.poly_power),
+            )?;
+        }
+        Ok(())
+    }
+
     /// The learning rate the run starts at: `lr · batch_per_rank · world_size / 256`.
     pub fn scaled_lr(&self, world_size: usize) -> f64 {
         self.lr * (self.batch_per_rank * world_size) as f64 / 256.0
@@ -236,9 +391,10 @@ impl FinetuneConfig {
     }
 
     /// Sizes scaled for a network of input size `img`: crop = `img`, the short sides kept in
-    /// the published proportions (256/224, 320/224).
+    /// the published proportions (256/224, 320/224), the segmentation resize `img + 32`.
     pub fn sized_for(mut self, img: usize) -> Self {
         self.crop = img;
+        self.train_resize = img + 32;
         self.train_short_min = img * 256 / 224;
         self.train_short_max = img * 320 / 224;
         self.test_short = img * 256 / 224;
@@ -265,6 +421,35 @@ mod tests {
             (s.crop, s.train_short_min, s.train_short_max, s.test_short),
             (112, 128, 160, 128)
         );
+    }
+
+    #[test]
+    fn segmentation_defaults_and_task_fields() {
+        let s = FinetuneConfig::resolve(TaskKind::Segment, 224, None).unwrap();
+        assert_eq!((s.epochs, s.batch_per_rank, s.lr), (150, 1, 1e-4));
+        assert_eq!((s.weight_decay, s.mean, s.std), (0.05, 0.5, 0.5));
+        assert_eq!((s.crop, s.train_resize, s.poly_power), (224, 256, 0.9));
+        let small = FinetuneConfig::resolve(TaskKind::Segment, 64, None).unwrap();
+        assert_eq!((small.crop, small.train_resize), (64, 96));
+        for (doc, field) in [
+            (serde_json::json!({"momentum": 0.5}), "`momentum`"),
+            (serde_json::json!({"batch_per_rank": 2}), "`batch_per_rank`"),
+            (serde_json::json!({"train_resize": 10}), "`train_resize`"),
+            (serde_json::json!({"rotation_degrees": -1.0}), "`rotation_degrees`"),
+        ] {
+            let err = FinetuneConfig::resolve(TaskKind::Segment, 64, Some(&doc))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{doc}: {err}");
+        }
+        let err = FinetuneConfig::resolve(
+            TaskKind::Classify,
+            64,
+            Some(&serde_json::json!({"poly_power": 1.0})),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`poly_power`"), "{err}");
     }
 
     #[test]

@@ -774,7 +774,7 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
                 device,
                 precision,
                 steps,
-                cfg: crate::finetune::finetune_config(&model, None)?,
+                cfg: crate::finetune::finetune_config(TaskKind::parse(&task)?, &model, None)?,
             };
             let result = crate::bench::finetune::finetune_step(&model, &opts)?;
             print_json(&serde_json::to_value(&result)?);
@@ -1117,6 +1117,15 @@ fn reference_forward(
     }
     match downstream::task_of(&dir)? {
         Some(TaskKind::Classify) => Ok(downstream::classify_forward(&dir, device, precision)?),
+        Some(TaskKind::Detect) => Ok(crate::verify::detect::detect_forward(
+            &dir, device, precision,
+        )?),
+        Some(TaskKind::Segment) => {
+            if precision != Precision::Fp32 {
+                bail!("segmentation reference outputs are computed in fp32");
+            }
+            Ok(verify::segment::segment_forward(&dir, device)?)
+        }
         Some(task) => bail!(
             "{}: task `{task}` is not implemented in this version (classify is)",
             reference.display()
@@ -1141,6 +1150,8 @@ fn verify_downstream(
     }
     let checks = match task {
         TaskKind::Classify => downstream::check_classify(dir, device)?,
+        TaskKind::Detect => crate::verify::detect::check_detect(dir, device)?,
+        TaskKind::Segment => verify::segment::check_segment(dir, device)?,
         other => bail!(
             "{}: task `{other}` is not implemented in this version (classify is)",
             dir.dir.display()

@@ -10,7 +10,9 @@
 //! `best/` (`model.safetensors` and `info.json`: the model chosen on validation),
 //! `report.json` and `plots/*.png`.
 
+pub mod adamw;
 pub mod classify;
+pub mod segment;
 pub mod sgd;
 
 use std::path::{Path, PathBuf};
@@ -20,7 +22,7 @@ use std::sync::atomic::AtomicBool;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
-use endofm_shared::{FinetuneConfig, InitFrom, ModelConfig, StorageUri, TaskKind};
+use endofm_shared::{FinetuneConfig, InitFrom, ModelConfig, SegmenterConfig, StorageUri, TaskKind};
 
 use crate::init::InitSource;
 use crate::model::timesformer::{resize_pos_table, resize_time_table};
@@ -43,37 +45,28 @@ pub struct FinetuneRunConfig {
     /// section does not give `crop`).
     #[serde(default)]
     pub finetune: Option<serde_json::Value>,
+    /// Segmentation: the stem/decoder sizes (default: the preset's, else the published).
+    #[serde(default)]
+    pub segmenter: Option<SegmenterConfig>,
 }
 
-/// The fine-tuning defaults for `model`, with the fields of `overrides` (a JSON object of
-/// [`FinetuneConfig`] fields) laid over them. Sizes follow the model's input size unless
-/// `overrides` gives `crop`. The result is validated.
+/// The stem/decoder of a segmentation run: `given`, else the preset's (`tiny`), else the
+/// published R50 hybrid.
+pub fn segmenter_for(preset: Option<&str>, given: Option<SegmenterConfig>) -> SegmenterConfig {
+    given
+        .or_else(|| preset.and_then(SegmenterConfig::for_preset))
+        .unwrap_or_else(SegmenterConfig::published)
+}
+
+/// The fine-tuning settings of `task` for `model`: the task's defaults sized for the model's
+/// input, with the fields of `overrides` (a JSON object of [`FinetuneConfig`] fields) laid over
+/// them, validated for the task ([`FinetuneConfig::resolve`]).
 pub fn finetune_config(
+    task: TaskKind,
     model: &ModelConfig,
     overrides: Option<&serde_json::Value>,
 ) -> Result<FinetuneConfig> {
-    let base = FinetuneConfig::default().sized_for(model.img_size);
-    let mut value = serde_json::to_value(&base).map_err(|e| Error::Input {
-        name: "finetune".into(),
-        reason: e.to_string(),
-    })?;
-    if let Some(over) = overrides {
-        let serde_json::Value::Object(over) = over else {
-            return Err(Error::Input {
-                name: "finetune".into(),
-                reason: "expected an object of fine-tuning settings".into(),
-            });
-        };
-        if let serde_json::Value::Object(map) = &mut value {
-            for (k, v) in over {
-                map.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    Ok(FinetuneConfig::from_json_str(
-        &value.to_string(),
-        "finetune settings",
-    )?)
+    Ok(FinetuneConfig::resolve(task, model.img_size, overrides)?)
 }
 
 /// Everything a fine-tuning run needs.
@@ -91,6 +84,8 @@ pub struct FinetuneJob {
     pub model: ModelConfig,
     /// Hyper-parameters.
     pub cfg: FinetuneConfig,
+    /// Segmentation: the stem/decoder around the backbone's blocks.
+    pub segmenter: SegmenterConfig,
     /// Initial weights; `None` = random backbone.
     pub init: Option<InitSource>,
     /// Stop after this many steps in total (the schedule still spans every epoch).
@@ -129,6 +124,7 @@ pub fn run(
 ) -> Result<Outcome> {
     match job.task {
         TaskKind::Classify => classify::finetune(job, collective),
+        //SEGTODO finetune
         other => Err(not_implemented(other)),
     }
 }
@@ -137,7 +133,7 @@ pub fn run(
 pub fn not_implemented(task: TaskKind) -> Error {
     Error::Input {
         name: "task".into(),
-        reason: format!("`{task}` is not implemented in this version (classify is)"),
+        reason: format!("`{task}` is not implemented in this version (classify and segment are)"),
     }
 }
 
@@ -295,6 +291,9 @@ pub struct ModelInfo {
     pub epoch: Option<usize>,
     /// The validation metric it was chosen by, and its value.
     pub selected_by: Option<(String, f64)>,
+    /// Segmentation: the stem/decoder sizes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segmenter: Option<SegmenterConfig>,
 }
 
 /// A fine-tuned model on local disk: its weights and what it is.
@@ -376,6 +375,7 @@ pub fn locate_model(text: &str) -> Result<LocalModel> {
             finetune: m.field("finetune")?,
             epoch: None,
             selected_by: None,
+            segmenter: m.field("segmenter").ok(),
         })
     } else {
         None
@@ -418,6 +418,7 @@ pub fn evaluate(
 ) -> Result<Outcome> {
     match job.task {
         TaskKind::Classify => classify::evaluate(job, collective),
+        //SEGTODO evaluate
         other => Err(not_implemented(other)),
     }
 }

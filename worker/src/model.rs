@@ -5,6 +5,7 @@
 pub mod classifier;
 pub mod head;
 pub mod timesformer;
+pub mod segmenter;
 pub mod weights;
 
 use std::path::Path;
@@ -18,6 +19,7 @@ pub use classifier::Classifier;
 pub use head::DinoHead;
 pub use timesformer::TimeSformer;
 pub use weights::{LoadMode, LoadReport};
+pub use segmenter::Segmenter;
 
 /// The runs of consecutive views with the same (T, H, W), as index ranges in order: the
 /// batches [`EndoFm::forward_views`] runs the backbone on.

@@ -5,6 +5,7 @@
 
 pub mod downstream;
 pub mod trajectory;
+pub mod segment;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -90,6 +90,13 @@ pub fn finetune_job_for(
             .config
             .is_none()
             .then(|| spec.model.preset.clone()),
+        segmenter: crate::finetune::segmenter_for(
+            spec.model
+                .config
+                .is_none()
+                .then_some(spec.model.preset.as_str()),
+            None,
+        ),
         model: spec.model.resolve()?,
         cfg: spec.finetune.clone(),
         init: spec

@@ -16,7 +16,7 @@ use crate::init::InitSource;
 /// `finetune` arguments.
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
-    /// The downstream task: classify (segment and detect come later).
+    /// The downstream task: classify (PolypDiag layout) or segment (CVC-12k layout).
     #[arg(long, default_value = "classify")]
     pub task: String,
     /// Dataset root in the task's published layout (a path or URI), e.g. a PolypDiag folder
@@ -43,10 +43,11 @@ pub struct FinetuneArgs {
     /// Epochs (overrides the configuration).
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Videos per step (overrides the configuration).
+    /// Videos per rank per step (overrides the configuration; segmentation: 1 sequence).
     #[arg(long)]
     pub batch: Option<usize>,
-    /// Base learning rate at batch 256 (overrides the configuration).
+    /// Learning rate (overrides the configuration): classification's base rate at batch 256,
+    /// segmentation's AdamW rate.
     #[arg(long)]
     pub lr: Option<f64>,
     /// Seed (overrides the configuration).
@@ -136,7 +137,7 @@ pub struct PredictArgs {
 fn task_of(text: &str) -> anyhow::Result<TaskKind> {
     let task = TaskKind::parse(text)?;
     if !task.implemented() {
-        bail!("--task {task}: not implemented in this version (classify is)");
+        bail!("--task {task}: not implemented in this version (classify and segment are)");
     }
     Ok(task)
 }
@@ -205,7 +206,7 @@ pub fn finetune_job(args: &FinetuneArgs) -> anyhow::Result<FinetuneJob> {
             over.insert(key.into(), v);
         }
     }
-    let cfg = finetune::finetune_config(&model, Some(&serde_json::Value::Object(over)))?;
+    let cfg = finetune::finetune_config(task, &model, Some(&serde_json::Value::Object(over)))?;
     debug_assert!(matches!(
         cfg.init_from,
         InitFrom::Teacher | InitFrom::Student
@@ -216,6 +217,7 @@ pub fn finetune_job(args: &FinetuneArgs) -> anyhow::Result<FinetuneJob> {
         data: StorageUri::parse(&args.data).context("--data")?,
         out: StorageUri::parse(&args.out).context("--out")?,
         preset: args.preset.clone(),
+        segmenter: finetune::segmenter_for(args.preset.as_deref(), run.segmenter.take()),
         model,
         cfg,
         init: args

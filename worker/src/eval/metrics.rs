@@ -478,6 +478,17 @@ impl MaskOverlap {
         ratio(2 * self.intersection, self.predicted + self.truth).unwrap_or(1.0)
     }
 
+    /// The Dice of the published `calculate_metric_percase` (TransUNet `trainer.py`): medpy's
+    /// `dc` when both masks have foreground, **1 when only the prediction has** (a quirk of the
+    /// published code), 0 otherwise (an empty prediction of an empty mask scores 0).
+    pub fn published_dice(&self) -> f64 {
+        match (self.predicted > 0, self.truth > 0) {
+            (true, true) => 2.0 * self.intersection as f64 / (self.predicted + self.truth) as f64,
+            (true, false) => 1.0,
+            _ => 0.0,
+        }
+    }
+
     /// IoU (Jaccard) = |P ∩ T| / |P ∪ T| in `[0, 1]`; 1 when both masks are empty.
     pub fn iou(&self) -> f64 {
         ratio(self.intersection, self.union()).unwrap_or(1.0)

@@ -229,6 +229,7 @@ impl ClassifyTask<'_> {
             finetune: self.job.cfg.clone(),
             epoch: Some(epoch),
             selected_by: Some((format!("val_{SELECT_BY}"), value)),
+            segmenter: None,
         };
         self.out.put(
             &format!("{BEST}/info.json"),
@@ -737,7 +738,10 @@ fn load_classifier(
                 weights = weights_text,
                 "the weights do not record their fine-tuning settings (no info.json): frames, window and crop are the defaults for this network; give the fine-tuning output or its best/ folder to use the settings it was trained with"
             );
-            (model.clone(), super::finetune_config(model, overrides)?)
+            (
+                model.clone(),
+                super::finetune_config(TaskKind::Classify, model, overrides)?,
+            )
         }
         (None, None) => {
             return Err(Error::Input {

@@ -19,6 +19,37 @@ pub fn cosine_lr(base: f64, eta_min: f64, epoch: usize, epochs: usize) -> f64 {
     eta_min + (base - eta_min) * (1.0 + (std::f64::consts::PI * t).cos()) / 2.0
 }
 
+/// Averages the gradients of `params` over the ranks (one all-reduce of one flat buffer; the
+/// ranks' mean, like DistributedDataParallel). Parameters without a gradient count as zero.
+pub fn average_grads(params: &[(String, Tensor)], collective: &mut dyn Collective) -> Result<()> {
+    let world = collective.world_size();
+    if world == 1 {
+        return Ok(());
+    }
+    // A parameter this rank's batch did not reach still takes part (as a zero gradient,
+    // created by a zero backward) so that every rank reduces buffers of one layout.
+    let missing: Vec<Tensor> = params
+        .iter()
+        .filter(|(_, p)| !p.grad().defined())
+        .map(|(_, p)| p.sum(Kind::Float) * 0.0)
+        .collect();
+    if !missing.is_empty() {
+        Tensor::stack(&missing, 0).sum(Kind::Float).backward();
+    }
+    let flat: Vec<Tensor> = params.iter().map(|(_, p)| p.grad().reshape([-1])).collect();
+    let mut buffer = Tensor::cat(&flat, 0);
+    collective.all_reduce_sum(&mut buffer)?;
+    let buffer = buffer / world as f64;
+    let mut offset = 0;
+    for (_, p) in params {
+        let n = p.numel() as i64;
+        let mut g = p.grad();
+        g.copy_(&buffer.narrow(0, offset, n).view_as(p));
+        offset += n;
+    }
+    Ok(())
+}
+
 /// SGD with momentum over named parameters (every trainable variable of a store).
 #[derive(Debug)]
 pub struct Sgd {
@@ -48,40 +79,9 @@ impl Sgd {
         &self.params
     }
 
-    /// Averages every gradient over the ranks (one all-reduce of one flat buffer; the ranks'
-    /// mean, like DistributedDataParallel). Parameters without a gradient count as zero.
+    /// Averages every gradient over the ranks ([`average_grads`]).
     pub fn all_reduce_grads(&mut self, collective: &mut dyn Collective) -> Result<()> {
-        let world = collective.world_size();
-        if world == 1 {
-            return Ok(());
-        }
-        // A parameter this rank's batch did not reach still takes part (as a zero gradient,
-        // created by a zero backward) so that every rank reduces buffers of one layout.
-        let missing: Vec<Tensor> = self
-            .params
-            .iter()
-            .filter(|(_, p)| !p.grad().defined())
-            .map(|(_, p)| p.sum(Kind::Float) * 0.0)
-            .collect();
-        if !missing.is_empty() {
-            Tensor::stack(&missing, 0).sum(Kind::Float).backward();
-        }
-        let flat: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|(_, p)| p.grad().reshape([-1]))
-            .collect();
-        let mut buffer = Tensor::cat(&flat, 0);
-        collective.all_reduce_sum(&mut buffer)?;
-        let buffer = buffer / world as f64;
-        let mut offset = 0;
-        for (_, p) in &self.params {
-            let n = p.numel() as i64;
-            let mut g = p.grad();
-            g.copy_(&buffer.narrow(0, offset, n).view_as(p));
-            offset += n;
-        }
-        Ok(())
+        average_grads(&self.params, collective)
     }
 
     /// One update with learning rate `lr`; parameters without a gradient are skipped (like

@@ -33,7 +33,8 @@ fn linear(p: nn::Path, inp: i64, out: i64, bias: bool) -> nn::Linear {
     )
 }
 
-fn layer_norm(p: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
+/// A LayerNorm over the last dimension with the reference's `eps`.
+pub fn layer_norm(p: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
     nn::layer_norm(
         p,
         vec![dim],
@@ -67,6 +68,34 @@ pub fn drop_path(x: &Tensor, rate: f64, train: bool) -> Tensor {
     let mask = own
         .unwrap_or_else(|| (Tensor::rand(shape.as_slice(), (x.kind(), x.device())) + keep).floor());
     x / keep * mask
+}
+
+/// Element-wise dropout (`nn.Dropout`): zeroes each element with probability `rate` and scales
+/// the rest by `1 / (1 - rate)`; draws from the generator of [`with_drop_path_seed`] when one
+/// is set on this thread, else from libtorch's.
+pub fn dropout(x: &Tensor, rate: f64, train: bool) -> Tensor {
+    if !train || rate == 0.0 {
+        return x.shallow_clone();
+    }
+    let keep = 1.0 - rate;
+    let numel = x.numel();
+    let own = DROP_RNG.with(|cell| {
+        cell.borrow_mut().as_mut().map(|rng| {
+            let draws: Vec<f32> = (0..numel)
+                .map(|_| f32::from(u8::from(rng.random::<f64>() < keep)))
+                .collect();
+            Tensor::from_slice(&draws)
+                .reshape(x.size())
+                .to_kind(x.kind())
+                .to_device(x.device())
+        })
+    });
+    let mask = own.unwrap_or_else(|| {
+        let mut m = x.empty_like().detach();
+        let _ = m.bernoulli_float_(keep);
+        m
+    });
+    x * mask / keep
 }
 
 thread_local! {
@@ -224,7 +253,9 @@ pub struct Block {
 }
 
 impl Block {
-    fn new(p: nn::Path, cfg: &ModelConfig, drop_path: f64) -> Self {
+    /// A block's parameters under `p` (`…/blocks/<i>` in the reference), with stochastic depth
+    /// `drop_path`.
+    pub fn new(p: nn::Path, cfg: &ModelConfig, drop_path: f64) -> Self {
         let d = cfg.embed_dim as i64;
         let heads = cfg.num_heads as i64;
         let eps = cfg.layer_norm_eps;

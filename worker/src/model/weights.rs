@@ -124,11 +124,17 @@ pub fn load_tensors(
                 found: src.size(),
             });
         }
-        if !is_float(src.kind()) {
+        // Parameters and float buffers take float tensors; integer buffers (BatchNorm's
+        // `num_batches_tracked`) integer ones.
+        if is_float(var.kind()) != is_float(src.kind()) {
             return Err(Error::DType {
                 name: format!("{} in {}", key, origin.display()),
                 found: format!("{:?}", src.kind()),
-                expected: "a floating-point type",
+                expected: if is_float(var.kind()) {
+                    "a floating-point type"
+                } else {
+                    "an integer type"
+                },
             });
         }
     }

@@ -30,7 +30,8 @@ pub const GRAD_REL: f64 = 1e-3;
 /// Gradients: absolute part of the bound.
 pub const GRAD_ABS: f64 = 1e-6;
 
-fn bad(dir: &ReferenceDir, field: &str, reason: impl Into<String>) -> Error {
+/// An error naming a field of `config.json`.
+pub(crate) fn bad(dir: &ReferenceDir, field: &str, reason: impl Into<String>) -> Error {
     Error::Input {
         name: format!("{}: {field}", dir.file("config.json").display()),
         reason: reason.into(),
@@ -261,7 +262,8 @@ pub struct Check {
     pub pass: bool,
 }
 
-fn need<'a>(dir: &ReferenceDir, v: &'a BTreeMap<String, Tensor>, key: &str) -> Result<&'a Tensor> {
+/// The vector `key`, or an error naming it and the file.
+pub(crate) fn need<'a>(dir: &ReferenceDir, v: &'a BTreeMap<String, Tensor>, key: &str) -> Result<&'a Tensor> {
     v.get(key).ok_or_else(|| Error::Input {
         name: key.to_string(),
         reason: format!("missing from {}", dir.file("vectors.safetensors").display()),
@@ -334,7 +336,8 @@ pub fn compare_grads(
     })
 }
 
-fn output_check(name: &str, ours: &Tensor, reference: &Tensor) -> Check {
+/// An output comparison (error relative to the reference's largest magnitude).
+pub(crate) fn output_check(name: &str, ours: &Tensor, reference: &Tensor) -> Check {
     let e = rel_err(ours, reference);
     Check {
         check: name.to_string(),

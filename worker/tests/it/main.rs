@@ -14,5 +14,6 @@ mod parity;
 mod pretrain;
 mod s3;
 mod support;
+mod segment;
 mod trajectory;
 mod weights;
