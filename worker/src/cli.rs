@@ -1350,23 +1350,23 @@ fn run_model(cmd: ModelCommand) -> anyhow::Result<()> {
             python,
         } => {
             let py = convert::python(python.as_deref());
-            let report = convert::import(&py, &checkpoint, &out, trust)?;
             let source = ModelSource {
                 preset: check.preset,
                 config: check.config,
             };
-            if source.preset.is_some() || source.config.is_some() {
-                let cfg = source.resolve()?;
-                for name in ["student", "teacher"] {
-                    let path = out.join(format!("{name}.safetensors"));
-                    if path.is_file() {
-                        let mut model = EndoFm::new(&cfg, Device::Cpu)?;
-                        model.load(&path, LoadMode::Strict).with_context(|| {
-                            format!("imported {name} does not fit the given configuration")
-                        })?;
-                    }
+            let cfg = if source.preset.is_some() || source.config.is_some() {
+                Some(source.resolve()?)
+            } else {
+                None
+            };
+            // Every file the checkpoint holds is checked (student, teacher or a bare state
+            // dict) before anything appears in --out.
+            let report = convert::import_checked(&py, &checkpoint, &out, trust, |path, _| {
+                if let Some(cfg) = &cfg {
+                    EndoFm::new(cfg, Device::Cpu)?.load(path, LoadMode::Strict)?;
                 }
-            }
+                Ok(())
+            })?;
             println!("{report}");
             Ok(())
         }

@@ -47,13 +47,104 @@ fn run(python: &Path, args: &[&std::ffi::OsStr]) -> Result<String> {
 }
 
 /// Converts the checkpoint `src` into `out_dir/{student,teacher}.safetensors`
-/// (or `state_dict.safetensors`); returns the converter's JSON report.
+/// (or `state_dict.safetensors`); returns the converter's JSON report. Nothing appears in
+/// `out_dir` unless the whole conversion succeeded (see [`import_checked`]).
 pub fn import(python: &Path, src: &Path, out_dir: &Path, trust: bool) -> Result<String> {
-    let mut args = vec!["import".as_ref(), src.as_os_str(), out_dir.as_os_str()];
+    import_checked(python, src, out_dir, trust, |_, _| Ok(()))
+}
+
+/// Like [`import`], with `check(file, name)` run on every converted file (`name`: `student`,
+/// `teacher` or `state_dict`) before anything is moved into `out_dir`: the conversion goes to a
+/// staging folder beside `out_dir`, and only a conversion whose every file passes is moved
+/// there. Errors name `src` and the file (and the check's key, when it names one).
+pub fn import_checked(
+    python: &Path,
+    src: &Path,
+    out_dir: &Path,
+    trust: bool,
+    check: impl Fn(&Path, &str) -> Result<()>,
+) -> Result<String> {
+    if !src.is_file() {
+        return Err(Error::Convert(format!(
+            "{}: no such checkpoint file",
+            src.display()
+        )));
+    }
+    let parent = match out_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|source| Error::Io {
+        action: "creating",
+        path: parent.clone(),
+        source,
+    })?;
+    let staging = tempfile::Builder::new()
+        .prefix(".endofm-import-")
+        .tempdir_in(&parent)
+        .map_err(|source| Error::Io {
+            action: "creating a staging folder in",
+            path: parent.clone(),
+            source,
+        })?;
+    let mut args = vec!["import".as_ref(), src.as_os_str(), staging.path().as_os_str()];
     if trust {
         args.push("--trust".as_ref());
     }
-    run(python, &args)
+    let report = run(python, &args).map_err(|e| match e {
+        Error::Convert(msg) => Error::Convert(format!("{}: {msg}", src.display())),
+        e => e,
+    })?;
+    let mut files: Vec<(String, PathBuf)> = std::fs::read_dir(staging.path())
+        .map_err(|source| Error::Io {
+            action: "listing",
+            path: staging.path().to_path_buf(),
+            source,
+        })?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stem = name.strip_suffix(".safetensors")?.to_string();
+            Some((stem, e.path()))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Convert(format!(
+            "{}: the converter wrote no weights",
+            src.display()
+        )));
+    }
+    for (name, path) in &files {
+        check(path, name).map_err(|e| {
+            let text = e.to_string().replace(
+                &path.display().to_string(),
+                &format!("{} ({name})", src.display()),
+            );
+            Error::Convert(format!(
+                "{}: the imported {name} weights do not fit: {text}; nothing was written to {}",
+                src.display(),
+                out_dir.display()
+            ))
+        })?;
+    }
+    std::fs::create_dir_all(out_dir).map_err(|source| Error::Io {
+        action: "creating",
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    for (name, path) in &files {
+        let dest = out_dir.join(format!("{name}.safetensors"));
+        std::fs::rename(path, &dest).map_err(|source| Error::Io {
+            action: "moving the imported weights to",
+            path: dest.clone(),
+            source,
+        })?;
+    }
+    Ok(report.replace(
+        &staging.path().display().to_string(),
+        &out_dir.display().to_string(),
+    ))
 }
 
 /// Writes `out` as a reference-style checkpoint from our safetensors files.

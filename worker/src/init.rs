@@ -118,6 +118,7 @@ impl InitSource {
         let Self::Remote(uri) = self else {
             return Ok(Localised {
                 source: self.clone(),
+                origin: self.describe(),
                 _tmp: None,
             });
         };
@@ -156,6 +157,7 @@ impl InitSource {
         tracing::info!(from = %text, "initial weights downloaded");
         Ok(Localised {
             source,
+            origin: text,
             _tmp: Some(tmp),
         })
     }
@@ -185,7 +187,61 @@ pub(crate) fn download(store: &Store, key: &str, dest: &Path) -> Result<()> {
 pub struct Localised {
     /// The local source (never [`InitSource::Remote`]).
     pub source: InitSource,
+    /// The source as the user named it (path or URI).
+    origin: String,
     _tmp: Option<tempfile::TempDir>,
+}
+
+impl Localised {
+    /// The source as the user named it.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// How to name a local file of this source in messages: the user's location (a file of a
+    /// downloaded folder is named by its URI, never by the temporary copy, which is gone when
+    /// the user reads the message).
+    pub fn name_of(&self, path: &Path) -> String {
+        match (&self._tmp, path.file_name()) {
+            (Some(tmp), Some(name)) if path.starts_with(tmp.path()) => {
+                if matches!(self.source, InitSource::Folder(_)) {
+                    format!("{}/{}", self.origin.trim_end_matches('/'), name.to_string_lossy())
+                } else {
+                    self.origin.clone()
+                }
+            }
+            _ => path.display().to_string(),
+        }
+    }
+
+    /// `NAME` of a checkpoint folder source, or an error naming the user's source, the
+    /// missing file and what it is needed for (`purpose`).
+    pub fn require(&self, name: &str, purpose: &str) -> Result<PathBuf> {
+        let InitSource::Folder(dir) = &self.source else {
+            return Err(refuse(format!(
+                "{} is a single weights file, not a checkpoint folder with {name} ({purpose})",
+                self.origin
+            )));
+        };
+        let path = dir.join(name);
+        if path.is_file() {
+            return Ok(path);
+        }
+        let present: Vec<&str> = FOLDER_FILES
+            .iter()
+            .copied()
+            .filter(|f| dir.join(f).is_file())
+            .collect();
+        Err(refuse(format!(
+            "{} has no {name} ({purpose}); it holds {}",
+            self.origin,
+            if present.is_empty() {
+                "no weights".to_string()
+            } else {
+                present.join(", ")
+            }
+        )))
+    }
 }
 
 #[cfg(test)]

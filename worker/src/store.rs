@@ -469,7 +469,8 @@ impl Store {
         fut: impl std::future::Future<Output = object_store::Result<T>>,
     ) -> Result<T> {
         let deadline = self.deadline;
-        match runtime().block_on(tokio::time::timeout(deadline, fut)) {
+        // The timer must be created inside the runtime.
+        match runtime().block_on(async move { tokio::time::timeout(deadline, fut).await }) {
             Ok(r) => r.map_err(|e| self.storage_err(key, op, e)),
             Err(_) => Err(Error::StorageUnavailable {
                 uri: self.describe(key),

@@ -339,7 +339,7 @@ mod tests {
                 "relative path",
             ),
             (
-                "a.mp4,0\ng#1.mp4,1\n",
+                "a.mp4,0\ng#1,1\n",
                 "c.mp4,1\n",
                 None,
                 "train.txt",
