@@ -1068,7 +1068,7 @@ impl Core {
                     if let Some(job) = self.jobs.get_mut(&r.job_id) {
                         job.progress = Some(ProgressRec::from_pb(p));
                     }
-                    self.emit(&r.job_id, pb::job_update::Update::Progress(*p));
+                    self.emit(&r.job_id, pb::job_update::Update::Progress(p.clone()));
                 }
                 Some(pb::rank_report::Report::Checkpoint(c))
                     if r.generation <= job.generation

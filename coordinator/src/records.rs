@@ -148,6 +148,9 @@ pub struct ProgressRec {
     pub allreduce_bytes: u64,
     /// Clips skipped so far.
     pub clips_failed: u64,
+    /// Pre-training: the collapse sustained now, as a sentence (empty when none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub collapse: String,
 }
 
 impl ProgressRec {
@@ -166,6 +169,7 @@ impl ProgressRec {
             allreduce_s: p.allreduce_s,
             allreduce_bytes: p.allreduce_bytes,
             clips_failed: p.clips_failed,
+            collapse: p.collapse.clone(),
         }
     }
 
@@ -184,6 +188,7 @@ impl ProgressRec {
             allreduce_s: self.allreduce_s,
             allreduce_bytes: self.allreduce_bytes,
             clips_failed: self.clips_failed,
+            collapse: self.collapse.clone(),
         }
     }
 }
@@ -436,6 +441,24 @@ mod tests {
     }
 
     const EVALUATE: &str = "kind = \"evaluate\"\ntask = \"classify\"\ninit = \"job:job-1\"\noutput = \"/o\"\n[data]\nuri = \"/d\"\n";
+
+    #[test]
+    fn a_collapse_warning_survives_the_store_format() {
+        let mut j = job(EVALUATE);
+        j.progress = Some(ProgressRec::from_pb(&pb::Progress {
+            collapse: "uniform collapse: lower teacher_temp".into(),
+            ..Default::default()
+        }));
+        let text = serde_json::to_string(&j).expect("encode");
+        let back: JobRec = serde_json::from_str(&text).expect("decode");
+        let p = back.progress.expect("progress");
+        assert_eq!(p.to_pb().collapse, "uniform collapse: lower teacher_temp");
+        // Progress stored before the field existed reads as no collapse.
+        let old = text.replace(r#","collapse":"uniform collapse: lower teacher_temp""#, "");
+        assert_ne!(old, text);
+        let back: JobRec = serde_json::from_str(&old).expect("decode an older record");
+        assert_eq!(back.progress.expect("progress").collapse, "");
+    }
 
     #[test]
     fn non_finite_numbers_survive_the_store_format() {

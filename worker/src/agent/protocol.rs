@@ -142,6 +142,9 @@ impl ProgressLine {
             allreduce_s: self.allreduce_s,
             allreduce_bytes: self.allreduce_bytes,
             clips_failed: self.clips_failed,
+            collapse: crate::train::diagnostics::Collapse::from_name(&self.collapse)
+                .map(|c| c.sentence())
+                .unwrap_or_default(),
         }
     }
 }
@@ -171,6 +174,14 @@ pub enum RankLine {
         metrics: BTreeMap<String, f64>,
         /// Where the full report (`report.json`) was written.
         report: String,
+    },
+    /// Why the rank is about to exit with a failure (printed last): the class decides whether
+    /// the coordinator restarts the attempt.
+    Failure {
+        /// The class ([`endofm_shared::FailureClass`]).
+        class: endofm_shared::FailureClass,
+        /// The error, cut to a bounded length.
+        reason: String,
     },
 }
 
@@ -211,6 +222,13 @@ mod tests {
             panic!("not parsed");
         };
         assert_eq!(back, p);
+        // The coordinator gets a sentence naming the kind and what helps (`endofm status`).
+        let sentence = back.to_proto().collapse;
+        assert!(
+            sentence.contains("uniform collapse") && sentence.contains("teacher_temp"),
+            "{sentence}"
+        );
+        assert_eq!(ProgressLine::default().to_proto().collapse, "");
     }
 
     #[test]

@@ -93,6 +93,24 @@ impl Collapse {
         }
     }
 
+    /// The kind named `name` ([`Collapse::name`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Uniform, Self::DominantPrototype]
+            .into_iter()
+            .find(|c| c.name() == name)
+    }
+
+    /// One sentence for `endofm status`: the kind and what usually helps.
+    pub fn sentence(self) -> String {
+        let what = match self {
+            Self::Uniform => "uniform collapse (the teacher's distribution is flat, entropy ≈ ln K)",
+            Self::DominantPrototype => {
+                "dominant-prototype collapse (one prototype takes nearly all the batch's mass)"
+            }
+        };
+        format!("{what}: {}", self.advice())
+    }
+
     /// What usually helps (DINO's ablations and its authors' advice).
     pub fn advice(self) -> &'static str {
         match self {

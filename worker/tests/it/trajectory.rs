@@ -72,6 +72,18 @@ fn replay_writes_loss_and_final_networks_under_published_keys() {
     ]);
     let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(summary["steps"], 6, "{summary}");
+    // The published run does not collapse: no warning, and no step anywhere near either kind
+    // (uniform: ≥ 0.98 ln K; dominant: batch-mean entropy < 0.1 ln(min(K, clips))).
+    assert_eq!(summary["collapse"], serde_json::json!([]), "{summary}");
+    let diagnostics = summary["diagnostics"].as_array().unwrap();
+    assert_eq!(diagnostics.len(), 6);
+    let (ln_k, ln_clips) = (512f64.ln(), 2f64.ln());
+    for d in diagnostics {
+        let h = d["teacher_entropy"].as_f64().unwrap();
+        let hb = d["batch_entropy"].as_f64().unwrap();
+        assert!(h < 0.9 * ln_k && hb > 0.5 * ln_clips, "{d}");
+        assert!(d["kl"].as_f64().unwrap() >= -1e-4, "{d}");
+    }
     let file = tch::Tensor::read_safetensors(&out).unwrap();
     let names: Vec<&str> = file.iter().map(|(k, _)| k.as_str()).collect();
     let loss = &file.iter().find(|(k, _)| k == "loss").unwrap().1;
