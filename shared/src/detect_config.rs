@@ -149,15 +149,19 @@ impl DetectorConfig {
             )
         })?;
         for (i, pair) in self.fpn_strides.windows(2).enumerate() {
-            check(pair[0] >= 1 && pair[1] == 2 * pair[0], &f("fpn_strides"), || {
-                format!(
-                    "level {} stride {} must be twice level {}'s {}",
-                    i + 1,
-                    pair[1],
-                    i,
-                    pair[0]
-                )
-            })?;
+            check(
+                pair[0] >= 1 && pair[1] == 2 * pair[0],
+                &f("fpn_strides"),
+                || {
+                    format!(
+                        "level {} stride {} must be twice level {}'s {}",
+                        i + 1,
+                        pair[1],
+                        i,
+                        pair[0]
+                    )
+                },
+            )?;
         }
         check(
             self.object_sizes.len() == self.fpn_strides.len(),
@@ -171,9 +175,11 @@ impl DetectorConfig {
             },
         )?;
         for (i, [lo, hi]) in self.object_sizes.iter().enumerate() {
-            check(lo.is_finite() && hi.is_finite() && lo < hi, &f("object_sizes"), || {
-                format!("level {i}: [{lo}, {hi}] is not an increasing range")
-            })?;
+            check(
+                lo.is_finite() && hi.is_finite() && lo < hi,
+                &f("object_sizes"),
+                || format!("level {i}: [{lo}, {hi}] is not an increasing range"),
+            )?;
         }
         check(
             self.prior_prob > 0.0 && self.prior_prob < 1.0,
@@ -331,7 +337,10 @@ impl DetectConfig {
             check(v >= 1, field, || "must be at least 1".into())?;
         }
         check(self.max_size >= self.min_size, "max_size", || {
-            format!("{} is smaller than min_size {}", self.max_size, self.min_size)
+            format!(
+                "{} is smaller than min_size {}",
+                self.max_size, self.min_size
+            )
         })?;
         check(self.min_size >= self.size_divisor, "min_size", || {
             format!(
@@ -426,15 +435,21 @@ mod tests {
 
     #[test]
     fn bad_fields_are_named() {
-        let err = |text: &str| DetectConfig::from_json_str(text, "t").unwrap_err().to_string();
+        let err = |text: &str| {
+            DetectConfig::from_json_str(text, "t")
+                .unwrap_err()
+                .to_string()
+        };
         assert!(err(r#"{"lr": 0}"#).contains("`lr`"));
         assert!(err(r#"{"bogus": 1}"#).contains("bogus"));
         assert!(err(r#"{"detector": {"nms_th": 2}}"#).contains("`detector.nms_th`"));
         assert!(
             err(r#"{"detector": {"fpn_channels": 48}}"#).contains("`detector.group_norm_groups`")
         );
-        assert!(err(r#"{"detector": {"fpn_strides": [8, 16, 32, 64, 100]}}"#)
-            .contains("`detector.fpn_strides`"));
+        assert!(
+            err(r#"{"detector": {"fpn_strides": [8, 16, 32, 64, 100]}}"#)
+                .contains("`detector.fpn_strides`")
+        );
         assert!(err(r#"{"decay_steps": [5, 3]}"#).contains("`decay_steps`"));
     }
 

@@ -3,6 +3,7 @@
 //! (`backbone.…`, `head.…`), with strict safetensors loading and saving ([`weights`]).
 
 pub mod classifier;
+pub mod detector;
 pub mod head;
 pub mod timesformer;
 pub mod segmenter;
@@ -16,6 +17,7 @@ use endofm_shared::{ModelConfig, ParamCounts};
 
 use crate::Result;
 pub use classifier::Classifier;
+pub use detector::Detector;
 pub use head::DinoHead;
 pub use timesformer::TimeSformer;
 pub use weights::{LoadMode, LoadReport};

@@ -3,6 +3,7 @@
 //! `train_step.safetensors`). Errors are measured relative to the reference's largest magnitude:
 //! `max |ours − ref| / max |ref|`, per tensor.
 
+pub mod detect;
 pub mod downstream;
 pub mod trajectory;
 pub mod segment;

@@ -8,6 +8,7 @@ mod agent;
 mod cli;
 mod convert;
 mod datasets;
+mod detect;
 mod finetune;
 mod gpu;
 mod parity;
