@@ -124,7 +124,7 @@ pub fn run(
 ) -> Result<Outcome> {
     match job.task {
         TaskKind::Classify => classify::finetune(job, collective),
-        //SEGTODO finetune
+        TaskKind::Segment => segment::finetune(job, collective),
         other => Err(not_implemented(other)),
     }
 }
@@ -231,20 +231,30 @@ fn adapt_table(key: &str, t: Tensor, want: &[i64], origin: &Path) -> Result<Tens
 /// fine-tuned folder (`model.safetensors`: its backbone), one safetensors file, or a PyTorch
 /// checkpoint (converted first). Returns a description for the report.
 pub fn load_backbone(vs: &tch::nn::VarStore, init: &InitSource, from: InitFrom) -> Result<String> {
+    let (tensors, path, described) = backbone_tensors(init, from)?;
+    backbone_from(vs, tensors, &path)?;
+    Ok(described)
+}
+
+/// The tensors of the network an initialisation source names, for a fine-tuning model to take
+/// its backbone from: a pre-training checkpoint folder's `teacher`/`student` (per `from`), a
+/// fine-tuned folder's `model.safetensors`, a safetensors file, or a PyTorch checkpoint
+/// (converted first). Returns the tensors, the file they came from and a description.
+pub fn backbone_tensors(
+    init: &InitSource,
+    from: InitFrom,
+) -> Result<(std::collections::BTreeMap<String, Tensor>, PathBuf, String)> {
     let local = init.localise()?;
-    let describe = |p: &Path| format!("{} ({} network)", p.display(), from.name());
     match &local.source {
         InitSource::Folder(dir) => {
             let wanted = dir.join(format!("{}.safetensors", from.name()));
-            let path = if wanted.is_file() {
-                wanted
+            let (path, what) = if wanted.is_file() {
+                (wanted, format!("{} network", from.name()))
             } else if dir.join("model.safetensors").is_file() {
-                let path = dir.join("model.safetensors");
-                backbone_from(vs, weights::read(&path)?, &path)?;
-                return Ok(format!(
-                    "{} (a fine-tuned model's backbone)",
-                    path.display()
-                ));
+                (
+                    dir.join("model.safetensors"),
+                    "a fine-tuned model's backbone".to_string(),
+                )
             } else {
                 return Err(Error::Input {
                     name: "--init".into(),
@@ -256,18 +266,24 @@ pub fn load_backbone(vs: &tch::nn::VarStore, init: &InitSource, from: InitFrom) 
                     ),
                 });
             };
-            backbone_from(vs, weights::read(&path)?, &path)?;
-            Ok(describe(&path))
+            let described = format!("{} ({what})", path.display());
+            Ok((weights::read(&path)?, path, described))
         }
-        InitSource::Weights(path) => {
-            backbone_from(vs, weights::read(path)?, path)?;
-            Ok(path.display().to_string())
-        }
+        InitSource::Weights(path) => Ok((
+            weights::read(path)?,
+            path.clone(),
+            path.display().to_string(),
+        )),
         InitSource::Pickle(path) => {
             let tmp = crate::init::temp_dir()?;
             crate::convert::import(&crate::convert::python(None), path, tmp.path(), false)?;
-            load_backbone(vs, &InitSource::Folder(tmp.path().to_path_buf()), from)?;
-            Ok(describe(path))
+            let (tensors, _, _) =
+                backbone_tensors(&InitSource::Folder(tmp.path().to_path_buf()), from)?;
+            Ok((
+                tensors,
+                path.clone(),
+                format!("{} ({} network)", path.display(), from.name()),
+            ))
         }
         InitSource::Remote(_) => Err(Error::Input {
             name: "--init".into(),
@@ -418,7 +434,7 @@ pub fn evaluate(
 ) -> Result<Outcome> {
     match job.task {
         TaskKind::Classify => classify::evaluate(job, collective),
-        //SEGTODO evaluate
+        TaskKind::Segment => segment::evaluate(job, collective),
         other => Err(not_implemented(other)),
     }
 }

@@ -129,9 +129,16 @@ pub struct PredictArgs {
     /// A video file or frame folder, local or a URI.
     #[arg(long)]
     pub video: String,
-    /// One probability per consecutive time window, as JSON lines.
+    /// Classification: one probability per consecutive time window, as JSON lines.
     #[arg(long)]
     pub window: bool,
+    /// Segmentation: where the masks (masks/NNNNNN.png) and overlay.mp4 go (default
+    /// ./prediction-<video name>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Segmentation: frames the network sees at once (a run of consecutive frames).
+    #[arg(long, default_value_t = 8)]
+    pub frames: usize,
 }
 
 fn task_of(text: &str) -> anyhow::Result<TaskKind> {
@@ -280,7 +287,48 @@ pub fn run_evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
 
 /// Runs `predict`: one JSON object, or with --window one JSON line per window.
 pub fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
-    let (_, device, model) = args.model.resolve()?;
+    let (task, device, model) = args.model.resolve()?;
+    if task == TaskKind::Segment {
+        if args.window {
+            bail!("--window is for classification; segmentation predicts every frame");
+        }
+        if args.frames == 0 {
+            bail!("--frames must be at least 1");
+        }
+        let out = args.out.clone().unwrap_or_else(|| {
+            let stem = args
+                .video
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or("video")
+                .split('.')
+                .next()
+                .unwrap_or("video")
+                .to_string();
+            PathBuf::from(format!("prediction-{stem}"))
+        });
+        let frames = finetune::segment::predict(
+            &args.model.weights,
+            model.as_ref(),
+            &args.video,
+            &out,
+            args.frames,
+            device,
+        )?;
+        for f in &frames {
+            print_json(&serde_json::to_value(f)?);
+        }
+        print_json(&json!({
+            "frames": frames.len(),
+            "masks": out.join("masks").display().to_string(),
+            "overlay": out.join("overlay.mp4").display().to_string(),
+        }));
+        return Ok(());
+    }
+    if args.out.is_some() {
+        bail!("--out is for segmentation; classification prints its predictions");
+    }
     let predictions = finetune::classify::predict(
         &args.model.weights,
         model.as_ref(),

@@ -6,6 +6,7 @@
 
 mod confusion;
 mod font;
+mod overlay;
 mod roc;
 mod training;
 
@@ -18,6 +19,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 pub use confusion::confusion_matrix;
 pub use font::{FONT_ENV, font_file};
+pub use overlay::{OverlaySample, mask_grid};
 pub use roc::roc_curve;
 pub use training::training_curves;
 

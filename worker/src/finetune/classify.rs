@@ -661,7 +661,7 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
 }
 
 /// Rank 0 writes `report.json` and its plots to `out`; every rank returns the headline.
-fn publish(report: &mut Report, out: &Store, rank: usize) -> Result<Outcome> {
+pub(super) fn publish(report: &mut Report, out: &Store, rank: usize) -> Result<Outcome> {
     let headline = report.headline();
     let mut metrics = BTreeMap::new();
     for (split, m) in &report.splits {
@@ -685,7 +685,9 @@ fn publish(report: &mut Report, out: &Store, rank: usize) -> Result<Outcome> {
             })?;
             out.put(&format!("plots/{f}"), Bytes::from(bytes))?;
         }
-        report.plots = files.iter().map(|f| format!("plots/{f}")).collect();
+        report
+            .plots
+            .extend(files.iter().map(|f| format!("plots/{f}")));
         let local = tmp.path().join(REPORT_FILE);
         report.write(&local)?;
         let bytes = std::fs::read(&local).map_err(|source| Error::Io {

@@ -176,7 +176,7 @@ fn pre_step_segmenter(
     let probe = segmenter(dir, device)?;
     let x = need(dir, vectors, "train.input")?;
     probe.check_input("train.input", x)?;
-    tch::no_grad(|| probe.forward_t(&x.to_device(device), true));
+    let _ = tch::no_grad(|| probe.forward_t(&x.to_device(device), true));
     let probed = probe.var_store().variables();
     let m = crate::model::segmenter::decoder::BN_MOMENTUM;
     tch::no_grad(|| {
