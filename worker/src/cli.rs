@@ -181,6 +181,17 @@ pub struct PretrainArgs {
     /// Initial weights for a fresh run: a checkpoint folder, a .safetensors file or a .pth.
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// A labelled PolypDiag-layout dataset (videos/, splits/train.txt, splits/val.txt) for a
+    /// k-NN probe of the teacher's features: accuracy on val from train, before training and
+    /// every --probe-every steps, in metrics.jsonl and the report.
+    #[arg(long)]
+    pub probe_data: Option<String>,
+    /// Steps between probes (default: one epoch).
+    #[arg(long, requires = "probe_data")]
+    pub probe_every: Option<usize>,
+    /// Neighbours of the probe (DINO's 20; fewer when the train split is smaller).
+    #[arg(long, default_value_t = crate::pretrain::probe::DEFAULT_K)]
+    pub probe_k: usize,
     /// Where and how the run executes.
     #[command(flatten)]
     pub exec: RunExec,
@@ -277,6 +288,17 @@ pub fn pretrain_job(args: &PretrainArgs) -> anyhow::Result<crate::pretrain::Pret
         progress,
         stop: crate::pretrain::stop_on_signals()?,
         observer: None,
+        probe: args
+            .probe_data
+            .as_deref()
+            .map(|uri| -> anyhow::Result<_> {
+                Ok(crate::pretrain::probe::ProbeSpec {
+                    data: StorageUri::parse(uri).context("--probe-data")?,
+                    every: args.probe_every,
+                    k: args.probe_k,
+                })
+            })
+            .transpose()?,
     })
 }
 

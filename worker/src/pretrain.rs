@@ -5,6 +5,8 @@
 //! loss centre. The distributed service runs the same function on every rank with its own
 //! [`Collective`].
 
+pub mod probe;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -22,6 +24,7 @@ use crate::run::checkpoint::{Checkpointable, Committed, Manifest, Snapshot, host
 use crate::run::{self, RunSettings, StepOutcome, Task};
 use crate::store::Store;
 use crate::train::diagnostics::CollapseMonitor;
+use probe::{Probe, ProbeSpec};
 use crate::train::step::{LossScaler, SslTrainer};
 use crate::{Error, Result};
 
@@ -83,16 +86,32 @@ pub struct PretrainJob {
     pub stop: Arc<AtomicBool>,
     /// Told about every step and committed checkpoint (the service's progress reports).
     pub observer: Option<Arc<dyn RunObserver>>,
+    /// A k-NN probe of the teacher's features on a labelled dataset, every few steps.
+    pub probe: Option<ProbeSpec>,
 }
 
-fn trained_fields_equal(a: &PretrainConfig, b: &PretrainConfig) -> bool {
-    let norm = |c: &PretrainConfig| PretrainConfig {
-        checkpoint_every: 0,
-        keep_checkpoints: 1,
-        log_every: 1,
-        ..c.clone()
+/// The settings that shape training and differ between a checkpoint's run (`theirs`) and this
+/// one, as `name theirs (here ours)`; checkpoint and logging intervals may change on resume.
+fn changed_trained_fields(theirs: &PretrainConfig, ours: &PretrainConfig) -> Vec<String> {
+    let norm = |c: &PretrainConfig| {
+        serde_json::to_value(PretrainConfig {
+            checkpoint_every: 0,
+            keep_checkpoints: 1,
+            log_every: 1,
+            ..c.clone()
+        })
+        .unwrap_or_default()
     };
-    norm(a) == norm(b)
+    let (theirs, ours) = (norm(theirs), norm(ours));
+    ours.as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| theirs.get(k.as_str()) != Some(*v))
+        .map(|(k, v)| {
+            let was = theirs.get(k.as_str()).cloned().unwrap_or_default();
+            format!("{k} {was} (here {v})")
+        })
+        .collect()
 }
 
 fn load_init(trainer: &mut SslTrainer, init: &InitSource) -> Result<()> {
@@ -141,6 +160,34 @@ struct SslTask<'a> {
     world: usize,
     /// Watches the collapse diagnostics (not checkpointed: a resumed run starts a new window).
     monitor: CollapseMonitor,
+    /// The k-NN probe, when asked for.
+    probe: Option<Probe>,
+}
+
+impl SslTask<'_> {
+    /// Runs the probe on the teacher; a failure is logged and recorded, never fatal (the probe
+    /// only observes).
+    fn probe(&self, extra: &mut serde_json::Map<String, serde_json::Value>, key: &str) {
+        let Some(probe) = &self.probe else { return };
+        let started = std::time::Instant::now();
+        match probe.run(self.trainer.teacher()) {
+            Ok(r) => {
+                extra.insert(key.into(), serde_json::json!(r.accuracy));
+                tracing::info!(
+                    accuracy = r.accuracy,
+                    bank = r.bank,
+                    queries = r.queries,
+                    k = r.k,
+                    secs = started.elapsed().as_secs_f64(),
+                    "{key}"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "k-NN probe failed");
+                extra.insert(format!("{key}_error"), serde_json::json!(e.to_string()));
+            }
+        }
+    }
 }
 
 const SSL_FILES: [&str; 4] = [
@@ -273,12 +320,14 @@ impl Task for SslTask<'_> {
     }
     fn check_resume(&self, m: &Manifest) -> Result<()> {
         let theirs: PretrainConfig = m.field("train")?;
-        if !trained_fields_equal(&theirs, &self.job.train) {
+        let changed = changed_trained_fields(&theirs, &self.job.train);
+        if !changed.is_empty() {
             return Err(Error::Input {
                 name: "--out".into(),
                 reason: format!(
-                    "{} holds checkpoints of a run with other hyper-parameters; use a new output location or the same settings",
-                    self.job.out
+                    "{} holds checkpoints of a run with other hyper-parameters: {}; use a new output location or the same settings",
+                    self.job.out,
+                    changed.join(", ")
                 ),
             });
         }
@@ -326,8 +375,12 @@ impl Task for SslTask<'_> {
         step: usize,
         collective: &mut dyn Collective,
     ) -> Result<StepOutcome> {
-        let stats = self.trainer.step(&views, step, collective)?;
         let mut extra = serde_json::Map::new();
+        if step == 0 {
+            // The random (or given) initialisation's score, to compare against.
+            self.probe(&mut extra, "probe_acc_before");
+        }
+        let stats = self.trainer.step(&views, step, collective)?;
         extra.insert("wd".into(), serde_json::json!(stats.wd));
         extra.insert("momentum".into(), serde_json::json!(stats.momentum));
         extra.insert("teacher_temp".into(), serde_json::json!(stats.teacher_temp));
@@ -343,6 +396,13 @@ impl Task for SslTask<'_> {
         }
         if let Some(kind) = self.monitor.active() {
             extra.insert("collapse".into(), serde_json::json!(kind.name()));
+        }
+        let end = self
+            .job
+            .max_steps
+            .map_or(self.trainer.total_steps(), |m| m.min(self.trainer.total_steps()));
+        if self.probe.as_ref().is_some_and(|p| p.due(step + 1, end)) {
+            self.probe(&mut extra, "probe_acc");
         }
         Ok(StepOutcome {
             epoch: stats.epoch,
@@ -399,6 +459,11 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
             ),
         });
     }
+    // The probe set is read (and decoded) before the output location is touched.
+    let probe = match &job.probe {
+        Some(spec) => Some(Probe::open(spec.clone(), &job.model, job.data_threads, ipe)?),
+        None => None,
+    };
     let out = Store::open(&job.out, true)?;
     let settings = RunSettings {
         out: job.out.clone(),
@@ -437,6 +502,7 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
         rank,
         world,
         monitor,
+        probe,
     };
     run::drive(&mut task, &settings, &out, collective)
 }
@@ -563,5 +629,25 @@ mod tests {
                 .center()
                 .equal(straight.objective().center())
         );
+    }
+
+    /// Issue 11 item 7: a resume refusal names every changed training setting, and only those.
+    #[test]
+    fn changed_settings_are_named() {
+        let ours = PretrainConfig::default();
+        let same_but_intervals = PretrainConfig {
+            checkpoint_every: 7,
+            log_every: 3,
+            keep_checkpoints: 9,
+            ..ours.clone()
+        };
+        assert!(changed_trained_fields(&same_but_intervals, &ours).is_empty());
+        let theirs = PretrainConfig {
+            lr: 1e-3,
+            seed: 4,
+            ..ours.clone()
+        };
+        let changed = changed_trained_fields(&theirs, &ours);
+        assert_eq!(changed, ["lr 0.001 (here 0.0005)", "seed 4 (here 0)"]);
     }
 }

@@ -199,6 +199,8 @@ pub fn job_for(
         progress: false,
         stop,
         observer,
+        // Job specs carry no probe set (yet): the command line's --probe-data only.
+        probe: None,
     })
 }
 
