@@ -501,6 +501,10 @@ impl Store {
                 )
             }
             object_store::Error::NotFound { .. } => format!("{op}: not found"),
+            _ if timed_out(&e) => format!(
+                "{op}: no answer within {} s (request timeout; {REQUEST_TIMEOUT_ENV} sets it): {e}",
+                self.limits.request_timeout.as_secs_f64()
+            ),
             _ => format!("{op}: {e}"),
         };
         let uri = self.describe(key);
@@ -667,6 +671,21 @@ impl Store {
         removed.sort();
         Ok(removed)
     }
+}
+
+/// Whether an error (anywhere in its chain) is an HTTP request that timed out: reqwest says
+/// only "error sending request" for it.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(http) = err.downcast_ref::<HttpError>()
+            && matches!(http.kind(), HttpErrorKind::Timeout)
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// Whether a file name is a local write's temporary file (`NAME#N`, N digits): such names are

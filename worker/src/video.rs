@@ -8,7 +8,7 @@ pub mod encode;
 use std::sync::Once;
 
 pub use decode::{Clip, DecodeBench, FrameFolder, bench_decode};
-pub use encode::{EncodeOptions, Mp4Writer, Quality, encode_mp4, write_jpeg};
+pub use encode::{Container, EncodeOptions, Mp4Writer, Quality, encode_mp4, write_jpeg};
 
 /// A stack of RGB frames, `t × h × w × 3` bytes, row-major: byte `((i·h + y)·w + x)·3 + c` is
 /// channel `c` (R, G, B) of pixel (`x`, `y`) of frame `i`.

@@ -69,6 +69,13 @@ impl Corpus {
         Ok(Self { store, clips })
     }
 
+    /// Like [`Corpus::open`] in an opened store (one opened with settings of its own).
+    pub fn open_in(store: Store, list: &str) -> Result<Self> {
+        let text = store.startup().get(list)?;
+        let clips = parse_list(&text, &store.describe(list))?;
+        Ok(Self { store, clips })
+    }
+
     /// Number of clips.
     pub fn len(&self) -> usize {
         self.clips.len()

@@ -786,7 +786,103 @@ pub fn bench_decode(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::video::encode::{EncodeOptions, Quality, encode_mp4, write_jpeg};
+    use crate::video::encode::{
+        Container, EncodeOptions, Mp4Writer, Quality, encode_mp4, write_jpeg,
+    };
+
+    /// Writes `frames` into `path` in `container`.
+    fn encode_in(path: &Path, frames: &Frames, container: &Container) {
+        let opts = EncodeOptions {
+            quality: Quality::QScale(2),
+            ..EncodeOptions::default()
+        };
+        let mut w = Mp4Writer::create_in(path, frames.w, frames.h, &opts, container)
+            .expect("creating the clip");
+        for i in 0..frames.t {
+            w.push(frames.frame(i)).expect("encoding");
+        }
+        w.finish().expect("finishing");
+    }
+
+    #[test]
+    fn containers_are_recognised_by_content_and_display_metadata_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let frames = test_frames(4, 32, 48);
+        let plain = dir.path().join("plain.mp4");
+        encode_in(&plain, &frames, &Container::default());
+        let reference = Clip::open(&plain).expect("open").decode_all().expect("decode");
+        // Every container FFmpeg reads, whatever the name (no extension, a wrong one).
+        for (format, name) in [
+            ("mpeg", "clip.mpg"),
+            ("avi", "clip.avi"),
+            ("matroska", "clip"),
+            ("mp4", "clip.jpg"),
+        ] {
+            let path = dir.path().join(name);
+            let container = Container {
+                format: format.into(),
+                ..Container::default()
+            };
+            encode_in(&path, &frames, &container);
+            let bytes = std::fs::read(&path).expect("read");
+            let mut clip = Clip::from_bytes("memory", bytes).expect(format);
+            assert_eq!(clip.info().frames, 4, "{format}");
+            let got = clip.decode_all().expect(format);
+            assert_eq!((got.h, got.w), (32, 48), "{format}");
+            let (mean, _) = abs_error(&got.data, &reference.data);
+            assert!(mean < 2.0, "{format}: differs from the MP4 by {mean}");
+        }
+        // A display rotation of 90°: frames come out as shown (portrait), the pixels rotated.
+        let rotated = dir.path().join("rotated.mp4");
+        encode_in(
+            &rotated,
+            &frames,
+            &Container {
+                rotate: Some(90),
+                ..Container::default()
+            },
+        );
+        let mut clip = Clip::open(&rotated).expect("open");
+        assert_eq!((clip.info().width, clip.info().height), (32, 48));
+        let got = clip.decode_all().expect("decode");
+        assert_eq!((got.w, got.h), (32, 48));
+        let mut expected = vec![0; reference.frame_len()];
+        rotate_rgb(reference.frame(1), 48, 32, 90, &mut expected);
+        assert_eq!(got.frame(1), &expected[..], "rotated 90° clockwise");
+        // Non-square pixels (2:1): the width doubles, as players show it.
+        let wide = dir.path().join("wide.mp4");
+        encode_in(
+            &wide,
+            &frames,
+            &Container {
+                sample_aspect: Some((2, 1)),
+                ..Container::default()
+            },
+        );
+        let mut clip = Clip::open(&wide).expect("open");
+        assert_eq!((clip.info().width, clip.info().height), (96, 32));
+        let got = clip.decode(&[0]).expect("decode");
+        let (x, y) = (60, 20);
+        let px = |f: &Frames, x: usize, y: usize| f.frame(0)[(y * f.w + x) * 3];
+        assert!(px(&got, x, y).abs_diff(px(&reference, x / 2, y)) <= 6);
+    }
+
+    #[test]
+    fn rotations_are_exact_permutations() {
+        // 3 × 2 frame, pixel value = index.
+        let src: Vec<u8> = (0..6u8).flat_map(|v| [v, v, v]).collect();
+        let mut dst = vec![0; 18];
+        rotate_rgb(&src, 3, 2, 90, &mut dst);
+        // Rows of the source: [0 1 2] / [3 4 5]; clockwise: [3 0] / [4 1] / [5 2].
+        let got: Vec<u8> = dst.chunks(3).map(|p| p[0]).collect();
+        assert_eq!(got, [3, 0, 4, 1, 5, 2]);
+        rotate_rgb(&src, 3, 2, 270, &mut dst);
+        let got: Vec<u8> = dst.chunks(3).map(|p| p[0]).collect();
+        assert_eq!(got, [2, 5, 1, 4, 0, 3]);
+        rotate_rgb(&src, 3, 2, 180, &mut dst);
+        let got: Vec<u8> = dst.chunks(3).map(|p| p[0]).collect();
+        assert_eq!(got, [5, 4, 3, 2, 1, 0]);
+    }
 
     /// Smooth gradients plus a moving bright square: content whose per-pixel codec error is small.
     fn test_frames(t: usize, h: usize, w: usize) -> Frames {

@@ -70,6 +70,28 @@ impl EncodeOptions {
     }
 }
 
+/// The container of [`Mp4Writer::create_in`] and what it says about display.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    /// FFmpeg muxer name: `mp4` (the default), `mpeg` (MPEG-PS `.mpg`), `avi`, `matroska`.
+    pub format: String,
+    /// A display rotation in degrees (the `rotate` stream tag, written by the MP4 muxer as the
+    /// track matrix).
+    pub rotate: Option<i32>,
+    /// Sample (pixel) aspect ratio, `(num, den)`.
+    pub sample_aspect: Option<(i32, i32)>,
+}
+
+impl Default for Container {
+    fn default() -> Self {
+        Self {
+            format: "mp4".into(),
+            rotate: None,
+            sample_aspect: None,
+        }
+    }
+}
+
 /// A streaming MP4 writer: [`Mp4Writer::create`], one [`Mp4Writer::push`] per RGB frame, then
 /// [`Mp4Writer::finish`] (without it the file has no index and is unreadable). One encoder
 /// thread, so the output bytes depend only on the input and the options.
@@ -91,6 +113,18 @@ impl Mp4Writer {
     /// Creates (or truncates) `path` for `width × height` RGB frames. Both sizes must be even
     /// (4:2:0 chroma). The container is MP4 whatever the file name says.
     pub fn create(path: &Path, width: usize, height: usize, opts: &EncodeOptions) -> Result<Self> {
+        Self::create_in(path, width, height, opts, &Container::default())
+    }
+
+    /// Like [`Mp4Writer::create`] in another container and with display metadata (tests of
+    /// containers and orientation: MPEG-PS, AVI, Matroska; a `rotate` tag; non-square pixels).
+    pub fn create_in(
+        path: &Path,
+        width: usize,
+        height: usize,
+        opts: &EncodeOptions,
+        container: &Container,
+    ) -> Result<Self> {
         init();
         opts.validate(path)?;
         let fail = |reason: String| Error::ClipEncode {
@@ -118,7 +152,8 @@ impl Mp4Writer {
             codec: "mpeg4",
             role: "encoder",
         })?;
-        let mut output = format::output_as(path, "mp4").map_err(ff("creating the file"))?;
+        let mut output =
+            format::output_as(path, &container.format).map_err(ff("creating the file"))?;
         let global_header = output
             .format()
             .flags()
@@ -154,6 +189,9 @@ impl Mp4Writer {
             Quality::Bitrate(b) => enc.set_bit_rate(b as usize),
         }
         enc.set_flags(flags);
+        if let Some((num, den)) = container.sample_aspect {
+            enc.set_aspect_ratio(Rational::new(num, den));
+        }
         let encoder = enc
             .open_as_with(codec, dict)
             .map_err(ff("opening the mpeg4 encoder"))?;
@@ -161,6 +199,11 @@ impl Mp4Writer {
         let mut stream = output.add_stream(codec).map_err(ff("adding the stream"))?;
         stream.set_parameters(&encoder);
         stream.set_time_base(time_base);
+        if let Some(degrees) = container.rotate {
+            let mut tags = Dictionary::new();
+            tags.set("rotate", &degrees.to_string());
+            stream.set_metadata(tags);
+        }
         let mut header_opts = Dictionary::new();
         if opts.faststart {
             header_opts.set("movflags", "+faststart");
