@@ -91,3 +91,249 @@ fn segment_reference_parity_and_perturbed_copies_fail() {
     let err = worker_err(&["model", "verify", "--reference", other.to_str().unwrap()]);
     assert!(err.contains("decoder.blocks.3"), "{err}");
 }
+
+/// A generated CVC-layout dataset with prominent polyps at 64 px (short side).
+fn cvc(dir: &std::path::Path, sequences: usize, seed: u64) -> PathBuf {
+    let out = dir.join(format!("cvc-{sequences}-{seed}"));
+    worker_ok(&[
+        "synth",
+        "--kind",
+        "cvc",
+        "--out",
+        out.to_str().unwrap(),
+        "--videos",
+        &sequences.to_string(),
+        "--frames",
+        "6",
+        "--max-frames",
+        "8",
+        "--size",
+        "64",
+        "--polyp-scale",
+        "4",
+        "--polyp-contrast",
+        "3",
+        "--seed",
+        &seed.to_string(),
+    ]);
+    out
+}
+
+/// Tiny network and CPU-sized settings: 64 px frames, a slim head.
+fn seg_config(dir: &std::path::Path, name: &str, finetune: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"{{"finetune": {{"crop": 64, {finetune}}},
+                "segmenter": {{"resnet_units": [2, 1, 1], "resnet_width": 32, "head_channels": 64,
+                               "decoder_channels": [16, 16, 16, 8], "n_skip": 3, "n_classes": 2}}}}"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn finetune_args<'a>(data: &'a str, out: &'a str, cfg: &'a str) -> Vec<&'a str> {
+    vec![
+        "finetune",
+        "--task",
+        "segment",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--preset",
+        "tiny",
+        "--config",
+        cfg,
+        "--threads",
+        "2",
+        "--data-threads",
+        "1",
+        "--progress",
+        "never",
+    ]
+}
+
+fn last_json(text: &str) -> Value {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("level").is_none())
+        .next_back()
+        .unwrap_or_else(|| panic!("no result line in {text}"))
+}
+
+#[test]
+fn segmentation_learns_clear_polyps_and_reports_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = cvc(tmp.path(), 16, 5);
+    let cfg = seg_config(
+        tmp.path(),
+        "learn",
+        r#""epochs": 12, "lr": 0.0005, "weight_decay": 0.01, "val_every": 3"#,
+    );
+    let out = tmp.path().join("out");
+    let (d, o, c) = (
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        cfg.to_str().unwrap(),
+    );
+    let result = last_json(&worker_ok(&finetune_args(d, o, c)));
+    let dice = result["metrics"]["test_dice"].as_f64().unwrap();
+    assert!(dice >= 0.7, "test Dice {dice}: {result}");
+    assert_eq!(result["headline"][0], "test_dice");
+    for key in [
+        "test_volume_dice",
+        "test_frame_dice",
+        "test_frame_iou",
+        "test_polyp_found",
+    ] {
+        assert!(result["metrics"][key].is_number(), "{key}: {result}");
+    }
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["selection"]["split"], "val");
+    let plots: Vec<&str> = report["plots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    for p in ["plots/training.png", "plots/samples_test.png"] {
+        assert!(plots.contains(&p), "{plots:?}");
+        assert!(out.join(p).metadata().unwrap().len() > 10_000, "{p}");
+    }
+    // The chosen model evaluates to the same test numbers.
+    let eval_out = tmp.path().join("eval");
+    let ev = last_json(&worker_ok(&[
+        "evaluate",
+        "--task",
+        "segment",
+        "--weights",
+        o,
+        "--data",
+        d,
+        "--split",
+        "test",
+        "--out",
+        eval_out.to_str().unwrap(),
+        "--threads",
+        "2",
+    ]));
+    assert_eq!(ev["metrics"]["test_dice"], result["metrics"]["test_dice"]);
+    // Prediction on a frame folder: one mask per frame and an overlay video.
+    let video = data.join("sequences/000/frames");
+    let pred = tmp.path().join("pred");
+    let text = worker_ok(&[
+        "predict",
+        "--task",
+        "segment",
+        "--weights",
+        o,
+        "--video",
+        video.to_str().unwrap(),
+        "--out",
+        pred.to_str().unwrap(),
+        "--frames",
+        "4",
+    ]);
+    let frames = std::fs::read_dir(&video).unwrap().count();
+    assert_eq!(std::fs::read_dir(pred.join("masks")).unwrap().count(), frames);
+    assert!(pred.join("overlay.mp4").metadata().unwrap().len() > 1000);
+    assert_eq!(last_json(&text)["frames"], frames);
+}
+
+#[test]
+fn resumed_segmentation_equals_the_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = cvc(tmp.path(), 8, 7);
+    let cfg = seg_config(tmp.path(), "resume", r#""epochs": 2, "lr": 0.0005"#);
+    let (d, c) = (data.to_str().unwrap(), cfg.to_str().unwrap());
+    let straight = tmp.path().join("straight");
+    worker_ok(&finetune_args(d, straight.to_str().unwrap(), c));
+    let split = tmp.path().join("split");
+    let s = split.to_str().unwrap();
+    let mut first = finetune_args(d, s, c);
+    first.extend(["--max-steps", "3"]);
+    assert_eq!(last_json(&worker_ok(&first))["run"]["steps"], 3);
+    let second = last_json(&worker_ok(&finetune_args(d, s, c)));
+    assert_eq!(second["run"]["started_at"], 3);
+    for f in ["best/model.safetensors", "report.json"] {
+        let a = std::fs::read(straight.join(f)).unwrap();
+        let b = std::fs::read(split.join(f)).unwrap();
+        if f.ends_with(".json") {
+            let strip = |bytes: &[u8]| {
+                let mut v: Value = serde_json::from_slice(bytes).unwrap();
+                v["created_unix"] = Value::Null;
+                v["created_utc"] = Value::Null;
+                v["splits"].clone()
+            };
+            assert_eq!(strip(&a), strip(&b), "{f}");
+        } else {
+            assert!(a == b, "{f} differs after resuming");
+        }
+    }
+    // Another network in the same output is refused, naming what differs.
+    let other = tmp.path().join("other.json");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("\"head_channels\": 64", "\"head_channels\": 32"),
+    )
+    .unwrap();
+    let err = worker_err(&finetune_args(d, s, other.to_str().unwrap()));
+    assert!(err.contains("segmentation network"), "{err}");
+}
+
+#[test]
+fn bad_segmentation_inputs_are_refused_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = seg_config(tmp.path(), "bad", r#""epochs": 1"#);
+    let c = cfg.to_str().unwrap();
+    let run = |data: &std::path::Path, name: &str| {
+        let out = tmp.path().join(name);
+        let err = worker_err(&finetune_args(
+            data.to_str().unwrap(),
+            out.to_str().unwrap(),
+            c,
+        ));
+        assert!(!out.join("checkpoints").exists(), "nothing trained: {err}");
+        err
+    };
+    // A mask whose size differs from its frame.
+    let data = cvc(tmp.path(), 8, 11);
+    let mask = data.join("sequences/003/masks/2.png");
+    image::GrayImage::new(10, 10).save(&mask).unwrap();
+    let err = run(&data, "o1");
+    assert!(err.contains("003/masks/2.png"), "{err}");
+    // A frame without its mask.
+    let data = cvc(tmp.path(), 8, 12);
+    std::fs::remove_file(data.join("sequences/004/masks/3.png")).unwrap();
+    let err = run(&data, "o2");
+    assert!(err.contains("004/frames/3.png"), "{err}");
+    // An empty sequence.
+    let data = cvc(tmp.path(), 8, 13);
+    for dir in ["frames", "masks"] {
+        let d = data.join("sequences/005").join(dir);
+        std::fs::remove_dir_all(&d).unwrap();
+        std::fs::create_dir(&d).unwrap();
+    }
+    let err = run(&data, "o3");
+    assert!(err.contains("005"), "{err}");
+    // Settings of another task, or a batch of sequences, are refused by name.
+    let data = cvc(tmp.path(), 8, 14);
+    for (doc, field) in [
+        (r#""momentum": 0.5"#, "momentum"),
+        (r#""batch_per_rank": 2"#, "batch_per_rank"),
+    ] {
+        let bad = seg_config(tmp.path(), field, doc);
+        let err = worker_err(&finetune_args(
+            data.to_str().unwrap(),
+            tmp.path().join("o4").to_str().unwrap(),
+            bad.to_str().unwrap(),
+        ));
+        assert!(err.contains(field), "{err}");
+    }
+}
