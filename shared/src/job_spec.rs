@@ -235,7 +235,8 @@ pub struct JobSpec {
     /// without running if one of them fails or is cancelled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
-    /// The downstream task (`finetune` and `evaluate` only; this version does `classify`).
+    /// The downstream task (`finetune` and `evaluate` only; this version does `classify` and
+    /// `segment`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskKind>,
     /// The split an `evaluate` job scores: `train`, `val` or `test` (default `test`).
@@ -265,6 +266,11 @@ pub struct JobSpec {
     /// `finetune` and `evaluate` only.
     #[serde(default)]
     pub finetune: FinetuneConfig,
+    /// `[segmenter]`: the segmentation network's stem and decoder sizes (default: the tiny one
+    /// for the `tiny` preset, else the published R50 hybrid). `finetune` jobs with
+    /// `task = "segment"` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segmenter: Option<crate::SegmenterConfig>,
 }
 
 /// Keys of a table as the document wrote them.
@@ -276,6 +282,17 @@ type Keys = std::collections::BTreeSet<String>;
 struct Given {
     train: Keys,
     finetune: Keys,
+}
+
+/// `e` with its field named below `prefix` (`finetune.lr`).
+fn prefixed(prefix: &str, e: Error) -> Error {
+    match e {
+        Error::InvalidConfig { field, reason } => Error::InvalidConfig {
+            field: format!("{prefix}.{field}"),
+            reason,
+        },
+        other => other,
+    }
 }
 
 /// The largest world size a spec may ask for.
@@ -370,7 +387,12 @@ impl JobSpec {
         if self.kind.is_downstream()
             && let Ok(model) = self.model.resolve()
         {
-            self.size_finetune_for(model.img_size, &given.finetune);
+            match self.task {
+                Some(task) if task.implemented() => {
+                    self.resolve_finetune_for(task, model.img_size, &given.finetune)?;
+                }
+                _ => self.size_finetune_for(model.img_size, &given.finetune),
+            }
         }
         if self.kind == JobKind::Evaluate && self.split.is_none() {
             self.split = Some(DEFAULT_EVAL_SPLIT.to_string());
@@ -405,6 +427,28 @@ impl JobSpec {
         }
     }
 
+    /// The `[finetune]` table over the defaults of `task` sized for the network
+    /// ([`FinetuneConfig::resolve`]): only the keys the document wrote are taken from it, and a
+    /// key of another task's settings is refused by name.
+    fn resolve_finetune_for(&mut self, task: TaskKind, img_size: usize, given: &Keys) -> Result<()> {
+        let parsed = serde_json::to_value(&self.finetune)
+            .map_err(|e| Error::invalid("finetune", e.to_string()))?;
+        // A field of another task at its default value (a serialised spec writes them all)
+        // changes nothing and is left out; at another value it is refused by `resolve`.
+        let defaults = serde_json::to_value(FinetuneConfig::for_task(task).sized_for(img_size))
+            .map_err(|e| Error::invalid("finetune", e.to_string()))?;
+        let own = FinetuneConfig::fields_of(task);
+        let over: serde_json::Map<String, serde_json::Value> = given
+            .iter()
+            .filter_map(|k| parsed.get(k).map(|v| (k.clone(), v.clone())))
+            .filter(|(k, v)| own.contains(&k.as_str()) || defaults.get(k) != Some(v))
+            .collect();
+        self.finetune =
+            FinetuneConfig::resolve(task, img_size, Some(&serde_json::Value::Object(over)))
+                .map_err(|e| prefixed("finetune", e))?;
+        Ok(())
+    }
+
     /// The job whose last checkpoint `init` names (`init = "job:<id>"`), if any.
     pub fn init_job(&self) -> Option<&str> {
         self.init
@@ -431,13 +475,6 @@ impl JobSpec {
 
     /// Checks every field; the error names the first bad one (dotted path).
     pub fn validate(&self) -> Result<()> {
-        let prefixed = |prefix: &str, e: Error| match e {
-            Error::InvalidConfig { field, reason } => Error::InvalidConfig {
-                field: format!("{prefix}.{field}"),
-                reason,
-            },
-            other => other,
-        };
         self.validate_bounds()?;
         StorageUri::parse(&self.data.uri).map_err(|e| prefixed("data", e))?;
         if self.data.list.trim().is_empty() || self.data.list.contains("..") {
@@ -545,9 +582,14 @@ impl JobSpec {
         if self.kind == JobKind::Pretrain {
             self.train.validate().map_err(|e| prefixed("train", e))?;
         } else {
-            self.finetune
-                .validate()
-                .map_err(|e| prefixed("finetune", e))?;
+            match self.task {
+                Some(task) => self.finetune.validate_for(task),
+                None => self.finetune.validate(),
+            }
+            .map_err(|e| prefixed("finetune", e))?;
+            if let Some(seg) = &self.segmenter {
+                seg.validate().map_err(|e| prefixed("segmenter", e))?;
+            }
         }
         self.validate_across_fields()
     }
@@ -717,7 +759,7 @@ impl JobSpec {
                     return Err(Error::invalid(
                         "task",
                         format!(
-                            "`{task}` is not implemented yet: this version fine-tunes and evaluates only `classify`"
+                            "`{task}` is not implemented yet: this version fine-tunes and evaluates `classify` and `segment`"
                         ),
                     ));
                 }
@@ -734,6 +776,16 @@ impl JobSpec {
                         "views",
                         format!(
                             "is for pretrain jobs; a {kind} job sizes its input with finetune.crop"
+                        ),
+                    ));
+                }
+                if self.segmenter.is_some()
+                    && (task != TaskKind::Segment || self.kind != JobKind::Finetune)
+                {
+                    return Err(Error::invalid(
+                        "segmenter",
+                        format!(
+                            "is for finetune jobs with task = \"segment\" (this is a {kind} job, task `{task}`); an evaluate job reads the network from the model"
                         ),
                     ));
                 }
@@ -1095,7 +1147,7 @@ device = "cpu"
             ),
             // Fine-tuning needs an implemented task and no pretrain-only fields.
             (FINETUNE.replace("task = \"classify\"\n", ""), "task"),
-            (FINETUNE.replace("\"classify\"", "\"segment\""), "task"),
+            (FINETUNE.replace("\"classify\"", "\"detect\""), "task"),
             (FINETUNE.replace("\"classify\"", "\"detect\""), "task"),
             (format!("{FINETUNE}\n[train]\nepochs = 3\n"), "train.epochs"),
             (
@@ -1130,9 +1182,34 @@ device = "cpu"
             assert_eq!(field_of(err), field, "{text}");
             assert!(!message.is_empty());
         }
-        let err = JobSpec::from_toml(&FINETUNE.replace("\"classify\"", "\"segment\""))
-            .expect_err("segment");
-        assert!(err.to_string().contains("only `classify`"), "{err}");
+        let err = JobSpec::from_toml(&FINETUNE.replace("\"classify\"", "\"detect\""))
+            .expect_err("detect");
+        assert!(err.to_string().contains("`detect` is not implemented"), "{err}");
+        // Segmentation: its own defaults, classification's settings refused by name, and a
+        // [segmenter] table only with it.
+        let seg = JobSpec::from_toml(&FINETUNE.replace("\"classify\"", "\"segment\""))
+            .expect("segment");
+        assert_eq!(
+            (seg.finetune.batch_per_rank, seg.finetune.lr, seg.finetune.mean),
+            (1, 1e-4, 0.5)
+        );
+        assert_eq!(JobSpec::from_json(&seg.to_json()).expect("round trip"), seg);
+        let err = JobSpec::from_toml(
+            &FINETUNE
+                .replace("\"classify\"", "\"segment\"")
+                .replace("[finetune]", "[finetune]\nmomentum = 0.5"),
+        )
+        .expect_err("momentum");
+        assert_eq!(field_of(err), "finetune.momentum");
+        let err = JobSpec::from_toml(&format!("{FINETUNE}\n[segmenter]\nn_skip = 2\n"))
+            .expect_err("segmenter on classify");
+        assert_eq!(field_of(err), "segmenter");
+        let ok = JobSpec::from_toml(&format!(
+            "{}\n[segmenter]\nn_skip = 2\n",
+            FINETUNE.replace("\"classify\"", "\"segment\"")
+        ))
+        .expect("segmenter");
+        assert_eq!(ok.segmenter.map(|s| s.n_skip), Some(2));
         let message = field_of(
             JobSpec::from_toml(&FINETUNE.replace("finetune\"", "finetune-all\""))
                 .expect_err("kind"),

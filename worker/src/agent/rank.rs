@@ -95,7 +95,7 @@ pub fn finetune_job_for(
                 .config
                 .is_none()
                 .then_some(spec.model.preset.as_str()),
-            None,
+            spec.segmenter.clone(),
         ),
         model: spec.model.resolve()?,
         cfg: spec.finetune.clone(),
