@@ -2314,4 +2314,282 @@ mod tests {
         assert_eq!(shown.metrics.len(), 2);
         assert_eq!(last_event(&c4, &ev.id).0, "result");
     }
+
+    fn exit_with(
+        core: &mut Core,
+        worker: &str,
+        key: RankKey,
+        class: FailureClass,
+        message: &str,
+        now: Instant,
+    ) -> pb::HeartbeatResponse {
+        core.heartbeat(
+            &pb::HeartbeatRequest {
+                worker_id: worker.into(),
+                running: vec![],
+                exited: vec![pb::RankExit {
+                    rank: Some(rank_ref(&key)),
+                    success: false,
+                    message: message.into(),
+                    failure_class: class.name().into(),
+                }],
+            },
+            now,
+        )
+    }
+
+    /// Issue 11 item 7: the same spec submitted twice no longer runs twice into one output.
+    #[test]
+    fn a_live_job_owns_its_output() {
+        let mut c = core();
+        let now = Instant::now();
+        register(&mut c, "a", 2, now);
+        let first = submit(&mut c, spec(1, 0, 0), now);
+        let same = first.spec.clone();
+        match c.submit(same.clone(), now) {
+            Err(SubmitRefusal::Conflict(endofm_shared::Error::InvalidConfig { field, reason })) => {
+                assert_eq!(field, "output");
+                assert!(reason.contains(&first.id), "{reason}");
+                assert!(reason.contains("after"), "{reason}");
+            }
+            other => panic!("accepted: {other:?}"),
+        }
+        // Nested either way is the same folder tree; a sibling is not.
+        let mut inside = same.clone();
+        inside.output = format!("{}/sub", same.output);
+        assert!(matches!(
+            c.submit(inside, now),
+            Err(SubmitRefusal::Conflict(_))
+        ));
+        let mut around = same.clone();
+        around.output = "/out".into();
+        assert!(matches!(
+            c.submit(around, now),
+            Err(SubmitRefusal::Conflict(_))
+        ));
+        let mut sibling = same.clone();
+        sibling.output = format!("{}-b", same.output);
+        assert!(c.submit(sibling, now).is_ok());
+        // Queued behind the owner: accepted, and it waits.
+        let mut behind = same.clone();
+        behind.after = vec![first.id.clone()];
+        let behind = c.submit(behind, now).expect("queued behind the owner");
+        assert_eq!(state(&c, &behind.id), Some(State::Queued));
+        // A queued job (waiting for devices) owns its output too.
+        let big = submit(&mut c, spec(5, 0, 0), now);
+        assert!(matches!(
+            c.submit(big.spec.clone(), now),
+            Err(SubmitRefusal::Conflict(_))
+        ));
+        // Once the owner ended, the output is free again.
+        beat(&mut c, "a", vec![((first.id.clone(), 1, 0), true)], now);
+        assert_eq!(state(&c, &first.id), Some(State::Succeeded));
+        c.cancel(&behind.id, "", now);
+        assert!(c.submit(same, now).is_ok());
+    }
+
+    /// Issue 11 item 8: a deterministic failure ends the job at once, whatever restarts are
+    /// left, and the job says why.
+    #[test]
+    fn deterministic_failures_are_not_restarted() {
+        for class in [FailureClass::NonFiniteLoss, FailureClass::InvalidInput] {
+            let mut c = core();
+            let now = Instant::now();
+            register(&mut c, "a", 2, now);
+            let job = submit(&mut c, spec(2, 0, 3), now);
+            beat(&mut c, "a", vec![], now);
+            let resp = exit_with(
+                &mut c,
+                "a",
+                (job.id.clone(), 1, 0),
+                class,
+                "error: input `loss`: is NaN at step 3",
+                now,
+            );
+            assert_eq!(resp.stop.len(), 1, "the other rank is stopped");
+            let j = c.job(&job.id).expect("job");
+            assert_eq!((j.state, j.restarts), (State::Failed, 0), "{class}");
+            assert_eq!(j.failure_class, Some(class));
+            assert!(j.message.contains(class.name()), "{}", j.message);
+            assert!(j.message.contains("without a restart"), "{}", j.message);
+            let pb = j.to_pb();
+            assert_eq!(pb.failure_class, class.name());
+        }
+    }
+
+    /// Issue 11 item 8: transient failures restart, each after a longer backoff; the waiting
+    /// job holds nothing up and is placed by the timer once its backoff ended.
+    #[test]
+    fn transient_failures_restart_after_a_growing_backoff() {
+        let timing = Timing {
+            restart_backoff: Duration::from_secs(2),
+            ..Timing::default()
+        };
+        assert_eq!(timing.backoff(1), Duration::from_secs(2));
+        assert_eq!(timing.backoff(3), Duration::from_secs(8));
+        assert_eq!(timing.backoff(40), timing.restart_backoff_max);
+        for class in [
+            FailureClass::Storage,
+            FailureClass::Collective,
+            FailureClass::Unknown,
+        ] {
+            let mut c = core_with(timing);
+            let t0 = Instant::now();
+            register(&mut c, "a", 1, t0);
+            let job = submit(&mut c, spec(1, 0, 3), t0);
+            beat(&mut c, "a", vec![], t0);
+            exit_with(&mut c, "a", (job.id.clone(), 1, 0), class, "boom", t0);
+            let j = c.job(&job.id).expect("job");
+            assert_eq!((j.state, j.restarts), (State::Queued, 1), "{class}");
+            assert!(j.to_pb().not_before_unix_ms > 0);
+            assert!(j.message.contains(class.name()), "{}", j.message);
+            // Another job may use the free device meanwhile.
+            let other = submit(&mut c, spec(1, 0, 0), t0);
+            assert_eq!(state(&c, &other.id), Some(State::Running));
+            beat(&mut c, "a", vec![((other.id.clone(), 1, 0), true)], t0);
+            // Not before the backoff (ticks keep the worker's lease alive).
+            let t1 = t0 + Duration::from_millis(1900);
+            beat(&mut c, "a", vec![], t1);
+            c.tick(t1);
+            assert_eq!(state(&c, &job.id), Some(State::Queued));
+            let t2 = t0 + Duration::from_millis(2100);
+            c.tick(t2);
+            assert_eq!(state(&c, &job.id), Some(State::Running));
+            assert_eq!(
+                c.job(&job.id).map(|j| j.to_pb().not_before_unix_ms),
+                Some(0)
+            );
+            // The second restart waits twice as long.
+            exit_with(&mut c, "a", (job.id.clone(), 2, 0), class, "boom", t2);
+            c.tick(t2 + Duration::from_millis(3900));
+            assert_eq!(state(&c, &job.id), Some(State::Queued));
+            beat(&mut c, "a", vec![], t2 + Duration::from_millis(3900));
+            c.tick(t2 + Duration::from_millis(4100));
+            assert_eq!(state(&c, &job.id), Some(State::Running));
+        }
+    }
+
+    /// Issue 11 item 9: a coordinator stalled for 30 s (SIGSTOP) does not declare its workers
+    /// lost when it continues; a worker that stays silent afterwards still is.
+    #[test]
+    fn leases_restart_after_the_coordinators_own_stall() {
+        let mut c = core();
+        let t0 = Instant::now();
+        register(&mut c, "a", 1, t0);
+        register(&mut c, "b", 1, t0);
+        let job = submit(&mut c, spec(2, 0, 3), t0);
+        beat(&mut c, "a", vec![], t0);
+        beat(&mut c, "b", vec![], t0);
+        c.tick(t0);
+        // Stopped for 30 s: the first tick after it sees the gap.
+        let resumed = t0 + Duration::from_secs(30);
+        c.tick(resumed);
+        assert_eq!(state(&c, &job.id), Some(State::Running));
+        assert_eq!(c.job(&job.id).map(|j| j.restarts), Some(0));
+        // a heartbeats again, b never does: b's fresh lease runs out on time.
+        let mut t = resumed;
+        while t < resumed + Duration::from_secs(12) {
+            t += Duration::from_millis(500);
+            beat(&mut c, "a", vec![], t);
+            c.tick(t);
+        }
+        let j = c.job(&job.id).expect("job");
+        assert_eq!((j.state, j.restarts), (State::Queued, 1));
+        let events: Vec<String> = c.events[&job.id]
+            .iter()
+            .map(|e| e.message.clone())
+            .collect();
+        assert!(
+            events.iter().any(|e| e.contains("worker b lost")),
+            "{events:?}"
+        );
+        // Without a stall, a silent worker is lost after one lease, as before.
+        let mut c = core();
+        register(&mut c, "a", 1, t0);
+        let job = submit(&mut c, spec(1, 0, 3), t0);
+        let mut t = t0;
+        while t < t0 + Duration::from_secs(11) {
+            t += Duration::from_millis(500);
+            c.tick(t);
+        }
+        assert_eq!(c.job(&job.id).map(|j| j.restarts), Some(1));
+    }
+
+    /// Issue 11 item 9: a checkpoint report that arrives after its attempt failed still counts
+    /// (the restart resumes from it, and says so).
+    #[test]
+    fn a_late_checkpoint_report_of_a_failed_attempt_is_kept() {
+        let mut c = core();
+        let now = Instant::now();
+        register(&mut c, "a", 1, now);
+        let job = submit(&mut c, spec(1, 0, 3), now);
+        beat(&mut c, "a", vec![], now);
+        checkpoint(&mut c, &job.id, 1, 4, "/out/ckpt/4");
+        exit_with(
+            &mut c,
+            "a",
+            (job.id.clone(), 1, 0),
+            FailureClass::WorkerLost,
+            "x",
+            now,
+        );
+        checkpoint(&mut c, &job.id, 1, 6, "/out/ckpt/6");
+        let j = c.job(&job.id).expect("job");
+        assert_eq!(j.last_checkpoint.as_ref().map(|c| c.step), Some(6));
+        assert!(j.resume_point().contains("step 6"));
+        // An older one does not replace it; a future generation is not trusted.
+        checkpoint(&mut c, &job.id, 1, 5, "/out/ckpt/5");
+        checkpoint(&mut c, &job.id, 9, 50, "/out/ckpt/50");
+        let j = c.job(&job.id).expect("job");
+        assert_eq!(j.last_checkpoint.as_ref().map(|c| c.step), Some(6));
+    }
+
+    /// Issue 11 item 6: user and rank text is bounded in every stored message and event.
+    #[test]
+    fn stored_messages_never_hold_unbounded_user_text() {
+        let mut c = core();
+        let now = Instant::now();
+        register(&mut c, "a", 1, now);
+        let huge = "y".repeat(1 << 20);
+        let job = submit(&mut c, spec(1, 0, 3), now);
+        beat(&mut c, "a", vec![], now);
+        c.report(&pb::ReportRequest {
+            worker_id: "a".into(),
+            reports: vec![pb::RankReport {
+                rank: Some(rank_ref(&(job.id.clone(), 1, 0))),
+                report: Some(pb::rank_report::Report::Log(pb::LogLine {
+                    unix_ms: 0,
+                    level: "warn".into(),
+                    message: huge.clone(),
+                })),
+            }],
+        });
+        exit_with(
+            &mut c,
+            "a",
+            (job.id.clone(), 1, 0),
+            FailureClass::Storage,
+            &huge,
+            now,
+        );
+        let queued = submit(&mut c, spec(1, 0, 0), now);
+        c.cancel(&queued.id, &huge, now);
+        for id in [&job.id, &queued.id] {
+            let j = c.job(id).expect("job");
+            assert!(
+                j.message.len() <= 4 * MESSAGE_CHARS + 64,
+                "{}",
+                j.message.len()
+            );
+            for e in &c.events[id] {
+                assert!(
+                    e.message.len() <= 4 * MESSAGE_CHARS + 64,
+                    "{}: {}",
+                    e.kind,
+                    e.message.len()
+                );
+            }
+        }
+        assert!(c.job(&queued.id).unwrap().message.len() < 300);
+    }
 }

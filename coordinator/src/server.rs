@@ -761,3 +761,97 @@ pub async fn serve(
     tracing::info!("coordinator stopped");
     served
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Loaded;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A store that panics on its first write, fails its second, and keeps what it is given
+    /// from then on.
+    #[derive(Default)]
+    struct Faulty {
+        calls: AtomicUsize,
+        written: Mutex<Vec<String>>,
+    }
+
+    impl Durable for Faulty {
+        fn commit(&self, batch: &Batch) -> Result<()> {
+            match self.calls.fetch_add(1, Ordering::SeqCst) {
+                0 => panic!("injected writer panic"),
+                1 => Err(Error::Invalid("injected write failure".into())),
+                _ => {
+                    let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+                    written.extend(batch.jobs.iter().map(|j| j.id.clone()));
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    fn spec(out: &str) -> JobSpec {
+        JobSpec::from_toml(&format!(
+            "kind = \"pretrain\"\noutput = \"{out}\"\n[data]\nuri = \"/corpus\"\n"
+        ))
+        .expect("spec")
+    }
+
+    /// Issue 11 item 18: a batch whose write panicked or failed is never acknowledged; it is
+    /// written again, and only then is its epoch reached.
+    #[tokio::test]
+    async fn a_failed_write_is_never_acknowledged() {
+        let mut registry = Registry::default();
+        let core = Arc::new(Mutex::new(Core::new(
+            Loaded::default(),
+            Timing::default(),
+            Metrics::new(&mut registry),
+        )));
+        let store = Arc::new(Faulty::default());
+        let (flushed_tx, mut flushed) = watch::channel(0u64);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let kick = Arc::new(Notify::new());
+        let task = tokio::spawn(flusher(
+            Arc::clone(&core),
+            Arc::clone(&store),
+            Arc::clone(&kick),
+            flushed_tx,
+            stop_rx,
+            Duration::from_millis(5),
+        ));
+        let epoch = {
+            let mut c = core.lock().expect("lock");
+            c.submit(spec("/out/a"), Instant::now()).expect("submit");
+            c.epoch()
+        };
+        kick.notify_one();
+        // The first write panics, the second fails: the epoch is reached only after the
+        // third, which holds the job.
+        // (The borrow `wait_for` returns is dropped at once: holding it would block the sender.)
+        let reached =
+            tokio::time::timeout(Duration::from_secs(10), flushed.wait_for(|v| *v >= epoch))
+                .await
+                .map(|r| r.is_ok());
+        assert_eq!(reached, Ok(true), "never flushed");
+        assert!(store.calls.load(Ordering::SeqCst) >= 3);
+        assert_eq!(
+            store.written.lock().expect("written").as_slice(),
+            ["job-1"],
+            "the acknowledged change is in the store"
+        );
+        // A later change, then shutdown: the final flush writes it before the task ends.
+        {
+            let mut c = core.lock().expect("lock");
+            c.submit(spec("/out/b"), Instant::now()).expect("submit");
+        }
+        stop_tx.send(true).expect("stop");
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the flusher stops")
+            .expect("no panic");
+        assert_eq!(
+            store.written.lock().expect("written").as_slice(),
+            ["job-1", "job-2"]
+        );
+    }
+}
