@@ -49,9 +49,10 @@ pub fn job_json(job: &pb::Job) -> serde_json::Value {
         "message": job.message,
         "failure_class": (!job.failure_class.is_empty()).then_some(&job.failure_class),
         "not_before_unix_ms": (job.not_before_unix_ms > 0).then_some(job.not_before_unix_ms),
-        "progress": job.progress.map(|p| json!({
+        "progress": job.progress.as_ref().map(|p| json!({
             "step": p.step, "total_steps": p.total_steps, "epoch": p.epoch, "loss": p.loss,
             "lr": p.lr, "samples_per_s": p.samples_per_s, "eta_s": p.eta_s,
+            "collapse": (!p.collapse.is_empty()).then_some(&p.collapse),
         })),
         "last_checkpoint": job.last_checkpoint.as_ref().map(|c| json!({
             "step": c.step, "uri": c.uri, "generation": c.generation,
@@ -144,6 +145,7 @@ pub async fn list(url: &str, states: &[String], json_out: bool) -> anyhow::Resul
         for j in &jobs {
             let step = j
                 .progress
+                .as_ref()
                 .map(|p| format!("{}/{}", p.step, p.total_steps))
                 .unwrap_or_else(|| "-".into());
             let result = j.result.as_ref().map_or_else(
@@ -202,7 +204,7 @@ pub async fn status(url: &str, id: &str, json_out: bool) -> anyhow::Result<ExitC
             job.restarts,
             job.max_restarts
         );
-        if let Some(p) = job.progress {
+        if let Some(p) = &job.progress {
             println!(
                 "  step {}/{} epoch {} loss {:.4} {:.2} clips/s eta {}",
                 p.step,
@@ -212,6 +214,9 @@ pub async fn status(url: &str, id: &str, json_out: bool) -> anyhow::Result<ExitC
                 p.samples_per_s,
                 eta(p.eta_s)
             );
+            if !p.collapse.is_empty() {
+                println!("  WARNING: {}", p.collapse);
+            }
         }
         if !job.after.is_empty() {
             println!("  after: {}", job.after.join(", "));
