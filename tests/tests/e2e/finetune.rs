@@ -254,3 +254,97 @@ threads_per_rank = 1
     let events = c.events(&dep).join("\n");
     assert!(events.contains(&broken), "{events}");
 }
+
+/// A small generated CVC-layout dataset (8 sequences of 4 frames at 64 px), once per process.
+fn cvc() -> PathBuf {
+    static DATA: OnceLock<PathBuf> = OnceLock::new();
+    DATA.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("endofm-e2e-cvc-{}", std::process::id()));
+        let out = Command::new(bin("endofm-worker").unwrap())
+            .args(["synth", "--kind", "cvc", "--out"])
+            .arg(&dir)
+            .args([
+                "--videos",
+                "8",
+                "--size",
+                "64",
+                "--frames",
+                "4",
+                "--max-frames",
+                "4",
+                "--polyp-scale",
+                "4",
+                "--seed",
+                "6",
+            ])
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("running synth");
+        assert!(
+            out.status.success(),
+            "synth failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+    .clone()
+}
+
+#[test]
+fn segmentation_job_on_two_ranks_from_a_pretraining_job() {
+    let _serial = serial();
+    let mut c = Cluster::start();
+    c.add_worker("cpu:2");
+    let dir = c.dir.path().to_path_buf();
+    let pre = c.submit(&tiny_spec(
+        "pre",
+        &dir.join("pre"),
+        corpus().to_str().unwrap(),
+        1,
+        "max_steps = 1",
+        "",
+    ));
+    let out = dir.join("seg");
+    let spec = format!(
+        r#"name = "seg"
+kind = "finetune"
+task = "segment"
+output = "{out}"
+init = "job:{pre}"
+max_restarts = 0
+collective_timeout_s = 30
+[data]
+uri = "{data}"
+threads = 1
+[model]
+preset = "tiny"
+[resources]
+world_size = 2
+device = "cpu"
+threads_per_rank = 1
+[finetune]
+epochs = 2
+crop = 64
+lr = 0.0005
+[segmenter]
+resnet_units = [1, 1, 1]
+resnet_width = 32
+head_channels = 32
+decoder_channels = [16, 16, 8, 8]
+"#,
+        out = out.display(),
+        data = cvc().display()
+    );
+    let seg = c.submit(&spec);
+    let (code, job) = c.wait(&seg, LONG);
+    assert_eq!(code, 0, "{job}\n{}", c.logs());
+    assert_eq!(state(&job), "succeeded", "{job}");
+    assert_eq!(job["result"]["headline"], "test_dice", "{job}");
+    assert!(out.join("report.json").is_file() && out.join("best/model.safetensors").is_file());
+    assert!(out.join("plots/samples_test.png").is_file());
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["world_size"], 2);
+    assert_eq!(config["segmenter"]["head_channels"], 32);
+    assert_eq!(config["finetune"]["batch_per_rank"], 1);
+}
