@@ -14,6 +14,7 @@
 
 pub mod client;
 pub mod devices;
+pub mod failure;
 pub mod metrics;
 pub mod protocol;
 pub mod rank;

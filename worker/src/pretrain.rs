@@ -6,6 +6,7 @@
 //! [`Collective`].
 
 pub mod probe;
+pub mod report;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -504,7 +505,16 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
         monitor,
         probe,
     };
-    run::drive(&mut task, &settings, &out, collective)
+    let summary = run::drive(&mut task, &settings, &out, collective)?;
+    if rank == 0 {
+        // The report observes the run: failing to write it is logged, not fatal.
+        let ln_k = (job.model.head.out_dim.max(1) as f64).ln();
+        match report::publish(&out, summary.total_steps, summary.interrupted, ln_k) {
+            Ok(at) => tracing::info!(report = %at, "pre-training report written"),
+            Err(e) => tracing::warn!(error = %e, "pre-training report not written"),
+        }
+    }
+    Ok(summary)
 }
 
 /// The rank digests' switch (see [`crate::run::PARAM_DIGESTS_ENV`]).

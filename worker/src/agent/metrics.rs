@@ -37,6 +37,18 @@ pub struct DeviceLabels {
     pub device: String,
 }
 
+/// A family with per-rank series.
+trait ForgetRank {
+    /// Drops the series of these labels.
+    fn forget(&self, labels: &RankLabels);
+}
+
+impl<M, C: Fn() -> M> ForgetRank for Family<RankLabels, M, C> {
+    fn forget(&self, labels: &RankLabels) {
+        self.remove(labels);
+    }
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 type FloatCounter = Counter<f64, AtomicU64>;
 type HistogramFamily = Family<RankLabels, Histogram, fn() -> Histogram>;
@@ -234,6 +246,39 @@ impl Metrics {
         }
     }
 
+    /// Removes every series of `rank` of `job` (called when the rank process exits): per-job
+    /// series never outlive their rank, so the exposition does not grow with past jobs and sums
+    /// over it count only live work. A later rank of the same job starts its series afresh.
+    pub fn forget(&self, job: &str, rank: u32) {
+        let labels = RankLabels {
+            job: job.to_string(),
+            rank: rank.to_string(),
+        };
+        let families: [&dyn ForgetRank; 11] = [
+            &self.step_seconds,
+            &self.samples_per_second,
+            &self.data_wait_seconds,
+            &self.allreduce_seconds,
+            &self.allreduce_bytes,
+            &self.loss,
+            &self.learning_rate,
+            &self.steps,
+            &self.teacher_entropy,
+            &self.batch_entropy,
+            &self.kl,
+        ];
+        for family in families {
+            family.forget(&labels);
+        }
+        for kind in COLLAPSE_KINDS {
+            self.collapse.remove(&CollapseLabels {
+                job: labels.job.clone(),
+                rank: labels.rank.clone(),
+                kind: kind.to_string(),
+            });
+        }
+    }
+
     /// Sets the memory used on `device`.
     pub fn set_device_memory(&self, device: &str, bytes: u64) {
         self.device_memory
@@ -397,5 +442,52 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
+    }
+
+    /// Issue 11 item 10: a job's series disappear when its rank exits; other jobs' stay.
+    #[test]
+    fn a_ranks_series_are_removed_when_it_exits() {
+        let m = Metrics::new();
+        let p = ProgressLine {
+            step: 1,
+            total_steps: 3,
+            loss: 5.5,
+            lr: 0.01,
+            step_s: 0.3,
+            samples_per_s: 4.0,
+            data_wait_s: 0.01,
+            allreduce_s: 0.02,
+            allreduce_bytes: 4096,
+            teacher_entropy: 6.2,
+            batch_entropy: 6.2,
+            kl: 0.1,
+            collapse: "uniform".into(),
+            ..Default::default()
+        };
+        m.observe("job-1", 1, &p);
+        m.observe("job-2", 0, &p);
+        m.set_device_memory("cpu:0", 1 << 20);
+        assert!(
+            m.render()
+                .contains("endofm_learning_rate{job=\"job-1\",rank=\"1\"}")
+        );
+        m.forget("job-1", 1);
+        let text = m.render();
+        let left: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("job=\"job-1\""))
+            .collect();
+        assert!(left.is_empty(), "series of an exited rank remain: {left:?}");
+        assert!(
+            text.contains("endofm_loss{job=\"job-2\",rank=\"0\"} 5.5"),
+            "{text}"
+        );
+        assert!(text.contains("endofm_device_memory_bytes{device=\"cpu:0\"}"));
+        // A new rank of the job starts from zero.
+        m.observe("job-1", 1, &p);
+        assert!(
+            m.render()
+                .contains("endofm_steps_total{job=\"job-1\",rank=\"1\"} 1")
+        );
     }
 }

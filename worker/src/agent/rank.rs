@@ -515,8 +515,21 @@ fn cuda_collective(
     )
 }
 
-/// Runs the rank to its end.
+/// Runs the rank to its end. A failure is classified ([`super::failure::classify`]) and its
+/// class printed on stdout before the error is returned (and printed on stderr by `main`).
 pub fn run(cfg: RankConfig) -> Result<()> {
+    let outcome = run_rank(cfg);
+    if let Err(e) = &outcome {
+        let line = RankLine::Failure {
+            class: super::failure::classify(e),
+            reason: endofm_shared::text::clip(&e.to_string(), endofm_shared::text::MESSAGE_CHARS),
+        };
+        println!("{}", line.to_json());
+    }
+    outcome
+}
+
+fn run_rank(cfg: RankConfig) -> Result<()> {
     exit_with_agent();
     let stop = pretrain::stop_on_signals()?;
     let (a, spec) = read_assignment(&cfg.assignment)?;

@@ -18,7 +18,10 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
+use endofm_shared::FailureClass;
+
 use super::devices::DeviceSlot;
+use super::failure;
 use super::metrics::Metrics;
 use super::protocol::{AssignmentFile, RankLine};
 use super::reports::ReportQueue;
@@ -243,14 +246,20 @@ impl Ranks {
             )
         });
         let exits = self.exits.clone();
+        let metrics = Arc::clone(&self.metrics);
         let grace = self.launch.stop_grace;
         tokio::spawn(
             async move {
                 let (status, stop_reason) = wait(&mut child, stop, grace).await;
                 drop(stdin);
-                if let Some(t) = stdout {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-                }
+                let class = match stdout {
+                    Some(t) => tokio::time::timeout(Duration::from_secs(5), t)
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok())
+                        .flatten(),
+                    None => None,
+                };
                 let last_error = match stderr {
                     Some(t) => tokio::time::timeout(Duration::from_secs(5), t)
                         .await
@@ -260,7 +269,8 @@ impl Ranks {
                     None => None,
                 };
                 drop(dir);
-                let exit = describe_exit(rank, status, stop_reason, last_error);
+                metrics.forget(&rank.job_id, rank.rank);
+                let exit = describe_exit(rank, status, stop_reason, last_error, class);
                 if exit.success {
                     tracing::info!(status = %exit.message, "rank exited");
                 } else {
@@ -314,14 +324,24 @@ async fn terminate(pid: u32) {
     }
 }
 
-/// The exit as reported to the coordinator.
+/// The exit as reported to the coordinator. `class` is the failure class the rank printed;
+/// without one, the exit status decides ([`failure::of_exit`]), and a rank stopped on order
+/// is `stopped`.
 pub fn describe_exit(
     rank: v1::RankRef,
     status: std::io::Result<std::process::ExitStatus>,
     stop_reason: Option<String>,
     last_error: Option<String>,
+    class: Option<FailureClass>,
 ) -> v1::RankExit {
     use std::os::unix::process::ExitStatusExt;
+    let class = match (&status, class) {
+        (Ok(s), _) if s.success() => None,
+        (_, Some(class)) => Some(class),
+        (_, None) if stop_reason.is_some() => Some(FailureClass::Stopped),
+        (Ok(s), None) => Some(failure::of_exit(s.code())),
+        (Err(_), None) => Some(FailureClass::Unknown),
+    };
     let (success, mut message) = match &status {
         Ok(s) if s.success() => (true, "exit status 0".to_string()),
         Ok(s) => {
@@ -342,7 +362,7 @@ pub fn describe_exit(
         rank: Some(rank),
         success,
         message,
-        failure_class: String::new(),
+        failure_class: class.map(|c| c.name().to_string()).unwrap_or_default(),
     }
 }
 
@@ -352,13 +372,16 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Turns stdout lines into reports and metrics; returns the failure class the rank printed
+/// last, if any.
 async fn read_stdout(
     out: tokio::process::ChildStdout,
     rank: v1::RankRef,
     reports: Arc<ReportQueue>,
     metrics: Arc<Metrics>,
-) {
+) -> Option<FailureClass> {
     use v1::rank_report::Report;
+    let mut failure = None;
     let mut lines = BufReader::new(out).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let report = match RankLine::parse(&line) {
@@ -391,6 +414,11 @@ async fn read_stdout(
                     unix_ms: now_ms(),
                 })
             }
+            Some(RankLine::Failure { class, reason }) => {
+                tracing::info!(%class, %reason, "failure class reported");
+                failure = Some(class);
+                continue;
+            }
             None => {
                 tracing::info!(line = %line, "rank stdout");
                 continue;
@@ -401,6 +429,7 @@ async fn read_stdout(
             report: Some(report),
         });
     }
+    failure
 }
 
 /// One stderr line: level and text.
@@ -498,20 +527,25 @@ mod tests {
             Ok(std::process::ExitStatus::from_raw(0)),
             None,
             None,
+            None,
         );
         assert!(ok.success);
+        assert_eq!(ok.failure_class, "");
         let failed = describe_exit(
             r.clone(),
             Ok(std::process::ExitStatus::from_raw(1 << 8)),
             None,
             Some("error: boom".into()),
+            None,
         );
         assert!(!failed.success);
         assert_eq!(failed.message, "exit status 1: error: boom");
+        assert_eq!(failed.failure_class, "unknown");
         let killed = describe_exit(
-            r,
+            r.clone(),
             Ok(std::process::ExitStatus::from_raw(9)),
             Some("cancel".into()),
+            None,
             None,
         );
         assert!(
@@ -519,5 +553,25 @@ mod tests {
             "{}",
             killed.message
         );
+        assert_eq!(killed.failure_class, "stopped");
+        // The class the rank printed wins; an orphaned rank lost its worker.
+        let nan = describe_exit(
+            r.clone(),
+            Ok(std::process::ExitStatus::from_raw(1 << 8)),
+            None,
+            Some("error: input `loss`: is NaN".into()),
+            Some(FailureClass::NonFiniteLoss),
+        );
+        assert_eq!(nan.failure_class, "non_finite_loss");
+        let orphan = describe_exit(
+            r,
+            Ok(std::process::ExitStatus::from_raw(
+                super::super::rank::EXIT_ORPHANED << 8,
+            )),
+            None,
+            None,
+            None,
+        );
+        assert_eq!(orphan.failure_class, "worker_lost");
     }
 }

@@ -1,7 +1,10 @@
 //! The agent's outgoing report queue: ranks' progress, checkpoints, results and log lines wait
 //! here until a `Report` call carries them. Bounded: while the coordinator is down the oldest
-//! reports are dropped (counted), so a long outage never grows the agent's memory. Reports are
-//! best effort, but ordered with exits: the agent [`ReportQueue::flush`]es the queue before a
+//! progress and log reports are dropped (counted), so a long outage never grows the agent's
+//! memory; checkpoints and results are never dropped: they are retried until a `Report` call
+//! is acknowledged (they are few, one per checkpoint). Every call has a deadline, so a stalled
+//! coordinator (SIGSTOP) holds nothing up for ever: the batch goes back and is sent again.
+//! Reports are ordered with exits: the agent [`ReportQueue::flush`]es the queue before a
 //! heartbeat carries a rank's exit, so a final checkpoint or result is known to the coordinator
 //! before the job ends (a dependent job starts from that checkpoint).
 
@@ -17,6 +20,17 @@ use super::client::Client;
 
 /// Reports sent per call at most.
 const BATCH: usize = 256;
+/// Deadline of one `Report` call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether a report must reach the coordinator (a committed checkpoint, a result), as opposed
+/// to progress and log lines, which later ones supersede.
+fn essential(report: &v1::RankReport) -> bool {
+    matches!(
+        report.report,
+        Some(v1::rank_report::Report::Checkpoint(_)) | Some(v1::rank_report::Report::Result(_))
+    )
+}
 
 /// The bounded queue.
 #[derive(Debug)]
@@ -45,14 +59,22 @@ impl ReportQueue {
         self.items.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues one report, dropping the oldest when full.
-    pub fn push(&self, report: v1::RankReport) {
-        let mut items = self.lock();
-        if items.len() >= self.capacity {
-            items.pop_front();
+    /// Drops the oldest reports that may be dropped until the queue fits its capacity.
+    fn shrink(&self, items: &mut VecDeque<v1::RankReport>) {
+        while items.len() > self.capacity {
+            let Some(i) = items.iter().position(|r| !essential(r)) else {
+                return; // only checkpoints and results: kept whatever the bound
+            };
+            items.remove(i);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Queues one report, dropping the oldest progress or log report when full.
+    pub fn push(&self, report: v1::RankReport) {
+        let mut items = self.lock();
         items.push_back(report);
+        self.shrink(&mut items);
         let full_batch = items.len() >= BATCH;
         drop(items);
         if full_batch {
@@ -73,10 +95,7 @@ impl ReportQueue {
         for r in batch.into_iter().rev() {
             items.push_front(r);
         }
-        while items.len() > self.capacity {
-            items.pop_front();
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        self.shrink(&mut items);
     }
 
     /// Reports dropped so far.
@@ -111,10 +130,16 @@ impl ReportQueue {
                 worker_id: worker_id.to_string(),
                 reports: batch.clone(),
             };
-            if let Err(s) = client.report(req).await {
-                self.requeue(batch);
-                return Err(s);
-            }
+            let status = match tokio::time::timeout(CALL_TIMEOUT, client.report(req)).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(s)) => s,
+                Err(_) => tonic::Status::deadline_exceeded(format!(
+                    "no answer within {} s",
+                    CALL_TIMEOUT.as_secs()
+                )),
+            };
+            self.requeue(batch);
+            return Err(status);
         }
     }
 }
@@ -196,5 +221,36 @@ mod tests {
         assert_eq!(ids(&q.take(10)), [3, 4, 5]);
         assert_eq!(q.dropped(), 3);
         assert!(q.is_empty());
+    }
+
+    /// Issue 11 item 9: a checkpoint report survives any number of progress and log lines
+    /// queued while the coordinator does not answer.
+    #[test]
+    fn checkpoints_and_results_are_never_dropped() {
+        let checkpoint = v1::RankReport {
+            rank: None,
+            report: Some(v1::rank_report::Report::Checkpoint(v1::CheckpointRef {
+                step: 6,
+                uri: "/out/checkpoints/step-000000006".into(),
+                generation: 1,
+            })),
+        };
+        let q = ReportQueue::new(3);
+        q.push(log(0));
+        q.push(checkpoint.clone());
+        for n in 1..100 {
+            q.push(log(n));
+        }
+        let batch = q.take(10);
+        assert_eq!(batch.len(), 3);
+        assert_eq!(batch[0], checkpoint, "the checkpoint stays, in order");
+        assert_eq!(ids(&batch[1..]), [98, 99]);
+        // Put back after a failed call: still there, still first.
+        q.push(log(100));
+        q.push(log(101));
+        q.requeue(batch);
+        let again = q.take(10);
+        assert_eq!(again[0], checkpoint);
+        assert_eq!(again.len(), 3);
     }
 }
