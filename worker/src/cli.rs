@@ -326,16 +326,17 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         steps: usize,
     },
-    /// One complete fine-tuning iteration (forward, cross-entropy, backward, SGD momentum) on
-    /// in-memory clips of the task's sizes.
+    /// One complete fine-tuning iteration of the task (classify: forward, cross-entropy,
+    /// backward, SGD momentum; segment: the TransUNet hybrid, CE + Dice, AdamW) on in-memory
+    /// inputs of the task's sizes.
     FinetuneStep {
-        /// The task (classify).
+        /// The task (classify, segment, detect).
         #[arg(long, default_value = "classify")]
         task: String,
         /// Backbone preset: tiny (8 frames, 112 px) or vit_b (8 frames, 224 px).
         #[arg(long, default_value = "tiny")]
         preset: String,
-        /// Videos per step.
+        /// Videos per step (classify), frames of the one sequence per step (segment).
         #[arg(long, default_value_t = 4)]
         batch: i64,
         /// Device: cpu, cuda or cuda:N.
@@ -789,10 +790,25 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
             let model = preset.parse::<Preset>()?.config();
             let precision: endofm_shared::TrainPrecision = serde_json::from_value(json!(precision))
                 .context("--precision (auto, fp32, bf16)")?;
+            if TaskKind::parse(&task)? == TaskKind::Detect {
+                let opts = crate::bench::detect::DetectStepOptions {
+                    preset,
+                    batch,
+                    device,
+                    precision,
+                    steps,
+                    cfg: endofm_shared::DetectConfig::default(),
+                };
+                let result = crate::bench::detect::detect_step(&model, &opts)?;
+                print_json(&serde_json::to_value(&result)?);
+                return Ok(());
+            }
+            let segmenter = crate::finetune::segmenter_for(Some(&preset), None);
             let opts = crate::bench::finetune::FinetuneStepOptions {
                 task: TaskKind::parse(&task)?,
                 preset,
                 batch,
+                segmenter,
                 device,
                 precision,
                 steps,
