@@ -169,7 +169,12 @@ const CLASSIFY_FIELDS: &[&str] = &[
 ];
 
 /// Fields only segmentation reads.
-const SEGMENT_FIELDS: &[&str] = &["train_resize", "rotation_degrees", "poly_power", "max_frames"];
+const SEGMENT_FIELDS: &[&str] = &[
+    "train_resize",
+    "rotation_degrees",
+    "poly_power",
+    "max_frames",
+];
 
 impl Default for FinetuneConfig {
     fn default() -> Self {
@@ -312,8 +317,8 @@ impl FinetuneConfig {
         overrides: Option<&serde_json::Value>,
     ) -> Result<Self> {
         let base = Self::for_task(task).sized_for(img);
-        let mut value = serde_json::to_value(&base)
-            .map_err(|e| Error::invalid("finetune", e.to_string()))?;
+        let mut value =
+            serde_json::to_value(&base).map_err(|e| Error::invalid("finetune", e.to_string()))?;
         if let Some(over) = overrides {
             let serde_json::Value::Object(over) = over else {
                 return Err(Error::invalid(
@@ -358,7 +363,10 @@ impl FinetuneConfig {
                 )
             })?;
             check(self.train_resize >= self.crop, "train_resize", || {
-                format!("{} is smaller than the crop {}", self.train_resize, self.crop)
+                format!(
+                    "{} is smaller than the crop {}",
+                    self.train_resize, self.crop
+                )
             })?;
             check(
                 self.rotation_degrees.is_finite() && (0.0..=180.0).contains(&self.rotation_degrees),
@@ -435,7 +443,10 @@ mod tests {
             (serde_json::json!({"momentum": 0.5}), "`momentum`"),
             (serde_json::json!({"batch_per_rank": 2}), "`batch_per_rank`"),
             (serde_json::json!({"train_resize": 10}), "`train_resize`"),
-            (serde_json::json!({"rotation_degrees": -1.0}), "`rotation_degrees`"),
+            (
+                serde_json::json!({"rotation_degrees": -1.0}),
+                "`rotation_degrees`",
+            ),
         ] {
             let err = FinetuneConfig::resolve(TaskKind::Segment, 64, Some(&doc))
                 .unwrap_err()

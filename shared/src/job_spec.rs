@@ -430,7 +430,12 @@ impl JobSpec {
     /// The `[finetune]` table over the defaults of `task` sized for the network
     /// ([`FinetuneConfig::resolve`]): only the keys the document wrote are taken from it, and a
     /// key of another task's settings is refused by name.
-    fn resolve_finetune_for(&mut self, task: TaskKind, img_size: usize, given: &Keys) -> Result<()> {
+    fn resolve_finetune_for(
+        &mut self,
+        task: TaskKind,
+        img_size: usize,
+        given: &Keys,
+    ) -> Result<()> {
         let parsed = serde_json::to_value(&self.finetune)
             .map_err(|e| Error::invalid("finetune", e.to_string()))?;
         // A field of another task at its default value (a serialised spec writes them all)
@@ -1184,13 +1189,20 @@ device = "cpu"
         }
         let err = JobSpec::from_toml(&FINETUNE.replace("\"classify\"", "\"detect\""))
             .expect_err("detect");
-        assert!(err.to_string().contains("`detect` is not implemented"), "{err}");
+        assert!(
+            err.to_string().contains("`detect` is not implemented"),
+            "{err}"
+        );
         // Segmentation: its own defaults, classification's settings refused by name, and a
         // [segmenter] table only with it.
-        let seg = JobSpec::from_toml(&FINETUNE.replace("\"classify\"", "\"segment\""))
-            .expect("segment");
+        let seg =
+            JobSpec::from_toml(&FINETUNE.replace("\"classify\"", "\"segment\"")).expect("segment");
         assert_eq!(
-            (seg.finetune.batch_per_rank, seg.finetune.lr, seg.finetune.mean),
+            (
+                seg.finetune.batch_per_rank,
+                seg.finetune.lr,
+                seg.finetune.mean
+            ),
             (1, 1e-4, 0.5)
         );
         assert_eq!(JobSpec::from_json(&seg.to_json()).expect("round trip"), seg);

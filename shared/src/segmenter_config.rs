@@ -92,14 +92,18 @@ impl SegmenterConfig {
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<()> {
         check(self.resnet_units.len() == 3, "resnet_units", || {
-            format!(
-                "{:?}: the stem has exactly three blocks",
-                self.resnet_units
-            )
+            format!("{:?}: the stem has exactly three blocks", self.resnet_units)
         })?;
-        check(self.resnet_units.iter().all(|&u| u >= 1), "resnet_units", || {
-            format!("{:?}: every block needs at least one unit", self.resnet_units)
-        })?;
+        check(
+            self.resnet_units.iter().all(|&u| u >= 1),
+            "resnet_units",
+            || {
+                format!(
+                    "{:?}: every block needs at least one unit",
+                    self.resnet_units
+                )
+            },
+        )?;
         check(
             self.resnet_width >= 32 && self.resnet_width.is_multiple_of(32),
             "resnet_width",
@@ -122,7 +126,12 @@ impl SegmenterConfig {
         check(
             self.decoder_channels.iter().all(|&c| c >= 1),
             "decoder_channels",
-            || format!("{:?}: every entry must be at least 1", self.decoder_channels),
+            || {
+                format!(
+                    "{:?}: every entry must be at least 1",
+                    self.decoder_channels
+                )
+            },
         )?;
         check(self.n_skip <= 3, "n_skip", || {
             format!("{}: the stem offers 3 skip features", self.n_skip)
@@ -141,9 +150,8 @@ impl SegmenterConfig {
     /// Parses a JSON object of these fields (missing ones take the published values) and
     /// validates it; `origin` names the source in errors.
     pub fn from_json_value(value: &serde_json::Value, origin: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_value(value.clone()).map_err(|e| {
-            Error::invalid("segmenter", format!("{origin}: {e}"))
-        })?;
+        let cfg: Self = serde_json::from_value(value.clone())
+            .map_err(|e| Error::invalid("segmenter", format!("{origin}: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -157,7 +165,10 @@ mod tests {
     fn presets_are_valid_and_skips_follow_the_stem() {
         SegmenterConfig::published().validate().unwrap();
         SegmenterConfig::tiny().validate().unwrap();
-        assert_eq!(SegmenterConfig::published().skip_channels(), [512, 256, 64, 0]);
+        assert_eq!(
+            SegmenterConfig::published().skip_channels(),
+            [512, 256, 64, 0]
+        );
         assert_eq!(SegmenterConfig::tiny().skip_channels(), [256, 128, 32, 0]);
         let none = SegmenterConfig {
             n_skip: 0,
@@ -172,7 +183,12 @@ mod tests {
             resnet_width: 48,
             ..SegmenterConfig::tiny()
         };
-        assert!(bad.validate().unwrap_err().to_string().contains("resnet_width"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("resnet_width")
+        );
         let bad = SegmenterConfig {
             decoder_channels: vec![16, 8],
             ..SegmenterConfig::tiny()

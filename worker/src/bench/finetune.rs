@@ -144,7 +144,10 @@ pub fn finetune_step(
             let disc = (r.unsqueeze(0).square() + r.unsqueeze(1).square())
                 .lt(side as f64 * side as f64 / 16.0)
                 .to_kind(Kind::Int64);
-            let labels = disc.unsqueeze(0).expand([opts.batch, side, side], false).contiguous();
+            let labels = disc
+                .unsqueeze(0)
+                .expand([opts.batch, side, side], false)
+                .contiguous();
             let times = time_steps(opts, |step| {
                 crate::finetune::segment::train_step(
                     &net,

@@ -133,11 +133,12 @@ pub fn transform(
     let (img, lab) = match draw {
         Some(d) => {
             let r = cfg.train_resize as i64;
-            let img = to_u8_grid(
-                frame
-                    .unsqueeze(0)
-                    .internal_upsample_bilinear2d_aa([r, r], false, None, None),
-            );
+            let img = to_u8_grid(frame.unsqueeze(0).internal_upsample_bilinear2d_aa(
+                [r, r],
+                false,
+                None,
+                None,
+            ));
             let lab = mask
                 .unsqueeze(0)
                 .internal_upsample_nearest_exact2d([r, r], None, None);
@@ -154,17 +155,22 @@ pub fn transform(
             )
         }
         None => (
-            to_u8_grid(
-                frame
-                    .unsqueeze(0)
-                    .internal_upsample_bilinear2d_aa([s, s], false, None, None),
-            ),
+            to_u8_grid(frame.unsqueeze(0).internal_upsample_bilinear2d_aa(
+                [s, s],
+                false,
+                None,
+                None,
+            )),
             mask.unsqueeze(0)
                 .internal_upsample_nearest_exact2d([s, s], None, None),
         ),
     };
     let img = (min_max(&img.squeeze_dim(0), 1.0) - cfg.mean) / cfg.std;
-    let lab = lab.squeeze_dim(0).squeeze_dim(0).round().to_kind(Kind::Int64);
+    let lab = lab
+        .squeeze_dim(0)
+        .squeeze_dim(0)
+        .round()
+        .to_kind(Kind::Int64);
     (img, lab)
 }
 

@@ -99,7 +99,10 @@ impl AdamW {
         let mut out = BTreeMap::new();
         for (((name, _), m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
             out.insert(format!("exp_avg.{name}"), crate::run::checkpoint::host(m));
-            out.insert(format!("exp_avg_sq.{name}"), crate::run::checkpoint::host(v));
+            out.insert(
+                format!("exp_avg_sq.{name}"),
+                crate::run::checkpoint::host(v),
+            );
         }
         out
     }
@@ -166,7 +169,11 @@ mod tests {
         }
         let v_hat: f64 = 0.004999 / (1.0 - 0.999f64.powi(2));
         let want = 0.8075 + 0.1 * (0.11 / 0.19) / (v_hat.sqrt() + 1e-8);
-        assert!((p.double_value(&[0]) - want).abs() < 1e-6, "{}", p.double_value(&[0]));
+        assert!(
+            (p.double_value(&[0]) - want).abs() < 1e-6,
+            "{}",
+            p.double_value(&[0])
+        );
         let state = opt.state();
         let mut other = AdamW::new(vec![("p".into(), p.shallow_clone())], 0.5);
         other

@@ -179,10 +179,7 @@ impl SegScores {
                 self.polyp_frames.1 as f64 / self.polyp_frames.0 as f64,
             );
         }
-        m.insert(
-            "false_alarm_frames".into(),
-            self.false_alarm_frames as f64,
-        );
+        m.insert("false_alarm_frames".into(), self.false_alarm_frames as f64);
         m.insert("sequences".into(), self.sequences.len() as f64);
         m.insert("frames".into(), self.frames as f64);
         m.insert("loss".into(), self.loss);
@@ -285,7 +282,10 @@ fn score_split(
         if r[0] != 1.0 {
             return Err(Error::Input {
                 name: format!("{split} split"),
-                reason: format!("sequence {} was scored {} times across the ranks", names[i], r[0]),
+                reason: format!(
+                    "sequence {} was scored {} times across the ranks",
+                    names[i], r[0]
+                ),
             });
         }
         let overlap = MaskOverlap {
@@ -452,7 +452,8 @@ impl Task for SegmentTask<'_> {
     }
     fn initialise(&mut self) -> Result<()> {
         if let Some(init) = &self.job.init {
-            let (tensors, origin, described) = super::backbone_tensors(init, self.job.cfg.init_from)?;
+            let (tensors, origin, described) =
+                super::backbone_tensors(init, self.job.cfg.init_from)?;
             let n = self.model.load_backbone_tensors(tensors, &origin)?;
             self.init = described;
             tracing::info!(init = %self.init, tensors = n, "Endo-FM blocks initialised");
@@ -507,7 +508,9 @@ impl Task for SegmentTask<'_> {
         if !loss.is_finite() {
             return Err(Error::Input {
                 name: "loss".into(),
-                reason: format!("non-finite loss {loss} at step {step} (lr {lr:e}); lower the learning rate"),
+                reason: format!(
+                    "non-finite loss {loss} at step {step} (lr {lr:e}); lower the learning rate"
+                ),
             });
         }
         self.state.epoch_loss.0 += loss;
@@ -871,7 +874,9 @@ fn load_segmenter(
             }
             (
                 info.model.clone(),
-                info.segmenter.clone().unwrap_or_else(SegmenterConfig::published),
+                info.segmenter
+                    .clone()
+                    .unwrap_or_else(SegmenterConfig::published),
                 FinetuneConfig::from_json_str(&ft.to_string(), "finetune settings")?,
             )
         }
@@ -1029,7 +1034,13 @@ pub fn predict(
             .internal_upsample_nearest_exact2d([h as i64, w as i64], None, None)
             .squeeze_dim(1);
         for k in 0..count {
-            let mask: Vec<u8> = Vec::try_from(classes.get(k as i64).flatten(0, -1).gt(0).to_kind(Kind::Uint8))?;
+            let mask: Vec<u8> = Vec::try_from(
+                classes
+                    .get(k as i64)
+                    .flatten(0, -1)
+                    .gt(0)
+                    .to_kind(Kind::Uint8),
+            )?;
             let share = mask.iter().map(|&v| f64::from(v)).sum::<f64>() / mask.len() as f64;
             let png: Vec<u8> = mask.iter().map(|&v| v * 255).collect();
             let name = format!("{:06}.png", start + k);

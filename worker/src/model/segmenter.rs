@@ -78,8 +78,11 @@ impl Segmenter {
             1,
             resnet::torch_conv_config(stem_ch, 1, 0, true),
         );
-        let position_embeddings =
-            emb.var("position_embeddings", &[1, grid * grid, d], nn::Init::Const(0.0));
+        let position_embeddings = emb.var(
+            "position_embeddings",
+            &[1, grid * grid, d],
+            nn::Init::Const(0.0),
+        );
         let cls_token = enc.var(
             "cls_token",
             &[1, 1, d],

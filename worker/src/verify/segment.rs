@@ -13,8 +13,8 @@ use tch::{Device, Kind, Tensor};
 use endofm_shared::{ModelConfig, SegmenterConfig};
 
 use super::downstream::{
-    Check, LOSS_REL, OUTPUT_REL, backbone_config, bad, compare_grads,
-    config_json, need, output_check, vectors,
+    Check, LOSS_REL, OUTPUT_REL, backbone_config, bad, compare_grads, config_json, need,
+    output_check, vectors,
 };
 use crate::eval::metrics::MaskOverlap;
 use crate::finetune::segment::loss::{predict_classes, seg_loss};
@@ -70,7 +70,10 @@ pub fn segment_config(dir: &ReferenceDir) -> Result<(ModelConfig, SegmenterConfi
         return Err(bad(
             dir,
             "encoder.embed_dim",
-            format!("{}: the tokens are hidden_size {hidden} wide", model.embed_dim),
+            format!(
+                "{}: the tokens are hidden_size {hidden} wide",
+                model.embed_dim
+            ),
         ));
     }
     let resnet_width = match vit.get("resnet_width").and_then(Value::as_u64) {
@@ -121,7 +124,10 @@ pub fn segment_config(dir: &ReferenceDir) -> Result<(ModelConfig, SegmenterConfi
             return Err(bad(
                 dir,
                 "vit_seg_config.patches.grid",
-                format!("{g:?}: the hybrid's token grid is img_size / 16 = {}", img / 16),
+                format!(
+                    "{g:?}: the hybrid's token grid is img_size / 16 = {}",
+                    img / 16
+                ),
             ));
         }
     }

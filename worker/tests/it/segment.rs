@@ -239,7 +239,10 @@ fn segmentation_learns_clear_polyps_and_reports_it() {
         "4",
     ]);
     let frames = std::fs::read_dir(&video).unwrap().count();
-    assert_eq!(std::fs::read_dir(pred.join("masks")).unwrap().count(), frames);
+    assert_eq!(
+        std::fs::read_dir(pred.join("masks")).unwrap().count(),
+        frames
+    );
     assert!(pred.join("overlay.mp4").metadata().unwrap().len() > 1000);
     assert_eq!(last_json(&text)["frames"], frames);
 }

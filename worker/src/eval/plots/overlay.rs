@@ -112,7 +112,10 @@ pub fn mask_grid(samples: &[OverlaySample], title: &str, path: &Path) -> Result<
             (220, y),
             font(14).pos(Pos::new(HPos::Left, VPos::Center)),
         ))?;
-        area.draw(&Rectangle::new([(420, y - 6), (434, y + 6)], YELLOW.filled()))?;
+        area.draw(&Rectangle::new(
+            [(420, y - 6), (434, y + 6)],
+            YELLOW.filled(),
+        ))?;
         area.draw(&Text::new(
             "true mask outline",
             (440, y),

@@ -69,7 +69,13 @@ struct ConvBnRelu {
 impl ConvBnRelu {
     fn new(p: nn::Path, cin: i64, cout: i64) -> Self {
         Self {
-            conv: nn::conv2d(&p / 0, cin, cout, 3, torch_conv_config(cin * 9, 1, 1, false)),
+            conv: nn::conv2d(
+                &p / 0,
+                cin,
+                cout,
+                3,
+                torch_conv_config(cin * 9, 1, 1, false),
+            ),
             bn: BatchNorm2d::new(&p / 1, cout),
         }
     }

@@ -2,8 +2,8 @@
 //! weight-standardised convolutions, GroupNorm, pre-activation bottleneck units, and the skip
 //! features the decoder reads (with the published zero padding of block 1's output).
 
-use tch::nn::{self, Module};
 use tch::Tensor;
+use tch::nn::{self, Module};
 
 use endofm_shared::SegmenterConfig;
 
@@ -146,7 +146,11 @@ impl ResNetV2 {
         let w = cfg.resnet_width as i64;
         let root = &p / "root";
         let body = &p / "body";
-        let shapes = [(w, 4 * w, w, 1), (4 * w, 8 * w, 2 * w, 2), (8 * w, 16 * w, 4 * w, 2)];
+        let shapes = [
+            (w, 4 * w, w, 1),
+            (4 * w, 8 * w, 2 * w, 2),
+            (8 * w, 16 * w, 4 * w, 2),
+        ];
         let blocks = shapes
             .iter()
             .zip(&cfg.resnet_units)
