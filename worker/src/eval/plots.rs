@@ -1,13 +1,15 @@
 //! PNG plots of a run report (800×500, plotters' bitmap backend): training loss and validation
-//! metric per epoch (`training`), confusion-matrix heat maps (`confusion`) and ROC curves
-//! (`roc`). Text is drawn with a TrueType font read once at run time (`font`: DejaVu Sans,
-//! installed by `scripts/setup.sh`); without one, every plot function returns an error that
-//! says what to install.
+//! metric per epoch (`training`), confusion-matrix heat maps (`confusion`), ROC curves
+//! (`roc`) and values per step in stacked panels (`series`, pre-training's report). Text is
+//! drawn with a TrueType font read once at run time (`font`: DejaVu Sans, installed by
+//! `scripts/setup.sh`); without one, every plot function returns an error that says what to
+//! install.
 
 mod confusion;
 mod font;
 mod overlay;
 mod roc;
+mod series;
 mod training;
 
 use std::io::Cursor;
@@ -21,6 +23,7 @@ pub use confusion::confusion_matrix;
 pub use font::{FONT_ENV, font_file};
 pub use overlay::{OverlaySample, mask_grid};
 pub use roc::roc_curve;
+pub use series::{Corner, Panel, Series, step_panels};
 pub use training::training_curves;
 
 use super::report::{Report, write_atomically};

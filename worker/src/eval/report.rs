@@ -289,7 +289,7 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8], action: &'static str) 
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` of a Unix time (proleptic Gregorian calendar, UTC).
-fn utc_timestamp(unix: u64) -> String {
+pub(crate) fn utc_timestamp(unix: u64) -> String {
     let (days, secs) = (unix / 86_400, unix % 86_400);
     // Civil date from days since 1970-01-01, counting in 400-year eras that start on March 1st
     // so that the leap day is the last day of its year.
