@@ -160,41 +160,46 @@ impl Corpus {
 }
 
 /// Parses a clip list (see [`Corpus::open`]); `name` names the list in errors, with the line.
+/// Each line is one CSV record (quoted fields may hold commas and quotes, not line breaks), so
+/// that errors carry the exact line number.
 pub fn parse_list(bytes: &[u8], name: &str) -> Result<Vec<String>> {
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .comment(Some(b'#'))
-        .trim(csv::Trim::All)
-        .from_reader(bytes);
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let mut clips = Vec::new();
-    for row in reader.records() {
-        let row = row.map_err(|e| Error::Input {
-            name: match e.position() {
-                Some(p) => format!("{name} line {}", p.line()),
-                None => name.to_string(),
-            },
-            reason: format!("not a CSV row: {e}"),
-        })?;
-        // The csv crate does not count comment lines: count line ends up to the row.
-        let line = row.position().map_or(0, |p| {
-            let at = (p.byte() as usize).min(bytes.len());
-            bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1
-        });
-        if row.iter().all(str::is_empty) {
+    for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line_no = n + 1;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let trimmed = line.trim_ascii();
+        if trimmed.is_empty() || trimmed.starts_with(b"#") {
             continue;
         }
-        let path = row.get(0).unwrap_or("");
+        let at = || format!("{name} line {line_no}");
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .trim(csv::Trim::All)
+            .from_reader(trimmed);
+        let mut record = csv::StringRecord::new();
+        match reader.read_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                return Err(Error::Input {
+                    name: at(),
+                    reason: format!("not a CSV row: {e}"),
+                });
+            }
+        }
+        let path = record.get(0).unwrap_or("");
         if path.is_empty()
             || path.starts_with('/')
             || path.split('/').any(|s| s == ".." || s == "." || s.is_empty())
             || path.chars().any(char::is_control)
         {
             return Err(Error::Input {
-                name: format!("{name} line {line}"),
+                name: at(),
                 reason: format!(
                     "`{}` is not `relative/path,label` (a relative path without `..`, empty parts or control characters)",
-                    row.iter().collect::<Vec<_>>().join(",").escape_debug()
+                    String::from_utf8_lossy(trimmed).escape_debug()
                 ),
             });
         }

@@ -595,6 +595,32 @@ mod tests {
         assert!(latest(&store).unwrap().is_none());
     }
 
+    #[test]
+    fn interrupted_writes_temporaries_are_removed_by_pruning() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            &StorageUri::parse(dir.path().to_str().unwrap()).unwrap(),
+            true,
+        )
+        .unwrap();
+        // What a write killed before its rename leaves: `NAME#N` beside the real files.
+        let step6 = dir.path().join(folder(6));
+        std::fs::create_dir_all(&step6).unwrap();
+        std::fs::write(step6.join("student.safetensors#1"), vec![0u8; 1024]).unwrap();
+        std::fs::write(step6.join("manifest.json#12"), b"{").unwrap();
+        std::fs::write(dir.path().join("metrics.jsonl#3"), b"x").unwrap();
+        // A name with `#` that is not a temporary stays.
+        std::fs::write(step6.join("notes#a.txt"), b"keep").unwrap();
+        prune(&store, 3).unwrap();
+        assert!(!step6.join("student.safetensors#1").exists());
+        assert!(!step6.join("manifest.json#12").exists());
+        assert!(step6.join("notes#a.txt").exists());
+        // Outside checkpoints/: removed by the next run's start (remove_temporaries of the root).
+        assert!(dir.path().join("metrics.jsonl#3").exists());
+        let removed = store.remove_temporaries("").unwrap();
+        assert_eq!(removed, vec!["metrics.jsonl#3".to_string()]);
+    }
+
     #[derive(Debug)]
     struct Counter(Tensor);
 

@@ -70,13 +70,40 @@ impl EncodeOptions {
     }
 }
 
+/// Attaches a display matrix asking players to rotate the stream `degrees` clockwise (what a
+/// phone writes for a portrait recording); the MP4 muxer stores it as the track matrix.
+#[allow(unsafe_code)]
+fn add_display_matrix(
+    stream: &mut format::stream::StreamMut<'_>,
+    degrees: i32,
+) -> std::result::Result<(), String> {
+    use ffmpeg_next::ffi;
+    // SAFETY: the stream belongs to an output context that is alive and not yet written;
+    // av_stream_new_side_data returns a zeroed buffer of the requested size (9 × i32) owned by
+    // the stream, or null, and av_display_rotation_set writes exactly 9 i32 into it.
+    unsafe {
+        let data = ffi::av_stream_new_side_data(
+            stream.as_mut_ptr(),
+            ffi::AVPacketSideDataType::AV_PKT_DATA_DISPLAYMATRIX,
+            9 * std::mem::size_of::<i32>(),
+        );
+        if data.is_null() {
+            return Err("cannot attach a display matrix (out of memory)".into());
+        }
+        // The matrix of `av_display_rotation_set(m, θ)` is one that FFmpeg's own
+        // autorotation (`-round(av_display_rotation_get(m))`) turns clockwise by θ.
+        ffi::av_display_rotation_set(data.cast::<i32>(), f64::from(degrees));
+    }
+    Ok(())
+}
+
 /// The container of [`Mp4Writer::create_in`] and what it says about display.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Container {
     /// FFmpeg muxer name: `mp4` (the default), `mpeg` (MPEG-PS `.mpg`), `avi`, `matroska`.
     pub format: String,
-    /// A display rotation in degrees (the `rotate` stream tag, written by the MP4 muxer as the
-    /// track matrix).
+    /// A display rotation in degrees clockwise (a display matrix on the stream, written by the
+    /// MP4 muxer as the track matrix).
     pub rotate: Option<i32>,
     /// Sample (pixel) aspect ratio, `(num, den)`.
     pub sample_aspect: Option<(i32, i32)>,
@@ -200,9 +227,7 @@ impl Mp4Writer {
         stream.set_parameters(&encoder);
         stream.set_time_base(time_base);
         if let Some(degrees) = container.rotate {
-            let mut tags = Dictionary::new();
-            tags.set("rotate", &degrees.to_string());
-            stream.set_metadata(tags);
+            add_display_matrix(&mut stream, degrees).map_err(fail)?;
         }
         let mut header_opts = Dictionary::new();
         if opts.faststart {
