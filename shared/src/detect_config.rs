@@ -256,7 +256,11 @@ pub struct DetectConfig {
     pub gamma: f64,
     /// Stochastic-depth rate of the backbone while fine-tuning (published 0.1).
     pub drop_path_rate: f64,
-    /// Short side frames are resized to (`INPUT.MIN_SIZE_TRAIN` / `MIN_SIZE_TEST`).
+    /// Resize every frame to `max_size × max_size`, as the published `Resize.get_size` does
+    /// (its aspect-keeping variant, `get_size_`, is unused); `false` keeps the aspect ratio
+    /// (short side `min_size`, long side at most `max_size`).
+    pub square_resize: bool,
+    /// Short side frames are resized to when `square_resize` is off (`INPUT.MIN_SIZE_TRAIN`).
     pub min_size: usize,
     /// Longest side allowed after resizing (`INPUT.MAX_SIZE_*`).
     pub max_size: usize,
@@ -302,6 +306,7 @@ impl Default for DetectConfig {
             decay_steps: vec![64000, 80000, 88000],
             gamma: 0.5,
             drop_path_rate: 0.1,
+            square_resize: true,
             min_size: 600,
             max_size: 640,
             size_divisor: 32,

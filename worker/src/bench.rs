@@ -2,6 +2,7 @@
 //! `ssl-step`, one complete self-supervised iteration on in-memory views of the right shapes,
 //! and `data`, MP4 clips through the pre-training loader to the normalised view tensors.
 
+pub mod detect;
 pub mod finetune;
 
 use std::sync::Arc;

@@ -12,6 +12,7 @@
 
 pub mod adamw;
 pub mod classify;
+pub mod detect;
 pub mod segment;
 pub mod sgd;
 

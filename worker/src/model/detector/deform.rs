@@ -15,9 +15,38 @@
 //! non-degenerate normalised grid. Gradients flow to the input and the weight through libtorch's
 //! own backward passes (the offsets of the STFT branch carry none).
 
-use tch::{Kind, Tensor};
+use std::cell::RefCell;
+
+use tch::Tensor;
 
 use crate::{Error, Result};
+
+/// The shapes of one call: input (N, C, H, W), weight (O, C, k, k), padding, groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallShape {
+    /// Input shape.
+    pub input: Vec<i64>,
+    /// Weight shape.
+    pub weight: Vec<i64>,
+    /// Padding.
+    pub padding: i64,
+    /// Deformable groups.
+    pub groups: i64,
+}
+
+thread_local! {
+    /// Calls recorded on this thread while [`record_calls`] runs.
+    static RECORDED: RefCell<Option<Vec<CallShape>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` and returns, with its result, the shapes of every [`deform_conv2d`] call it made on
+/// this thread (the benchmark replays them to time the operation's share of a step).
+pub fn record_calls<T>(f: impl FnOnce() -> T) -> (T, Vec<CallShape>) {
+    RECORDED.with(|r| *r.borrow_mut() = Some(Vec::new()));
+    let out = f();
+    let calls = RECORDED.with(|r| r.borrow_mut().take()).unwrap_or_default();
+    (out, calls)
+}
 
 /// Deformable convolution, stride 1, dilation 1, no bias.
 ///
@@ -43,7 +72,7 @@ pub fn deform_conv2d(
     let (n, c, h, w) = input
         .size4()
         .map_err(|_| bad(format!("input {:?} is not (N, C, H, W)", input.size())))?;
-    let (o, wc, kh, kw) = weight
+    let (_, wc, kh, kw) = weight
         .size4()
         .map_err(|_| bad(format!("weight {:?} is not (O, C, k, k)", weight.size())))?;
     if wc != c || kh != kw {
@@ -70,47 +99,50 @@ pub fn deform_conv2d(
             groups * 2 * kk
         )));
     }
+    RECORDED.with(|r| {
+        if let Some(calls) = r.borrow_mut().as_mut() {
+            calls.push(CallShape {
+                input: input.size(),
+                weight: weight.size(),
+                padding,
+                groups,
+            });
+        }
+    });
     let opts = (input.kind(), input.device());
     let off = offset
         .to_kind(input.kind())
-        .reshape([n, groups, kk, 2, ho, wo]);
+        .reshape([n, groups, k, k, 2, ho, wo]);
     // Tap (i, j) of output (y, x) reads (y − pad + i, x − pad + j); +1 for the zero pad below.
-    let taps = Tensor::arange(kk, (Kind::Int64, input.device()));
-    let tap_i = taps
-        .divide_scalar_mode(k, "floor")
-        .to_kind(input.kind())
-        .view([1, 1, kk, 1, 1]);
-    let tap_j = taps
-        .remainder(k)
-        .to_kind(input.kind())
-        .view([1, 1, kk, 1, 1]);
-    let ys = Tensor::arange(ho, opts).view([1, 1, 1, ho, 1]);
-    let xs = Tensor::arange(wo, opts).view([1, 1, 1, 1, wo]);
+    let tap_i = Tensor::arange(k, opts).view([1, 1, k, 1, 1, 1]);
+    let tap_j = Tensor::arange(k, opts).view([1, 1, 1, k, 1, 1]);
+    let ys = Tensor::arange(ho, opts).view([1, 1, 1, 1, ho, 1]);
+    let xs = Tensor::arange(wo, opts).view([1, 1, 1, 1, 1, wo]);
     let shift = (1 - padding) as f64;
-    let py = off.select(3, 0) + ys + tap_i + shift; // (N, G, k², Ho, Wo), padded pixels
-    let px = off.select(3, 1) + xs + tap_j + shift;
+    let py = off.select(4, 0) + ys + tap_i + shift; // (N, G, k, k, Ho, Wo), padded pixels
+    let px = off.select(4, 1) + xs + tap_j + shift;
     // align_corners = true: −1 ↦ pixel 0, +1 ↦ pixel S − 1 of the padded map (S = H + 2).
     let gy = py * (2.0 / (h + 1) as f64) - 1.0;
     let gx = px * (2.0 / (w + 1) as f64) - 1.0;
-    let grid = Tensor::stack(&[gx, gy], -1).view([n * groups, kk * ho, wo, 2]);
+    // Sample positions laid out as a k-times larger map: tap (i, j) of output (y, x) at
+    // (k·y + i, k·x + j), so that a k×k convolution of stride k is the matrix product.
+    let grid = Tensor::stack(&[gx, gy], -1)
+        .permute([0, 1, 4, 2, 5, 3, 6])
+        .reshape([n * groups, k * ho, k * wo, 2]);
     let padded =
         input
             .constant_pad_nd([1, 1, 1, 1])
             .reshape([n * groups, c / groups, h + 2, w + 2]);
-    // (N·G, C/G, k²·Ho, Wo) → (N, C·k², Ho·Wo): channel-major, taps within a channel.
-    let columns = padded
+    let sampled = padded
         .grid_sampler(&grid, 0, 0, true)
-        .reshape([n, c * kk, ho * wo]);
-    Ok(weight
-        .reshape([o, c * kk])
-        .matmul(&columns)
-        .view([n, o, ho, wo]))
+        .reshape([n, c, k * ho, k * wo]);
+    Ok(sampled.conv2d(weight, None::<Tensor>, [k, k], [0, 0], [1, 1], 1))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use tch::{Device, Kind};
 
     /// The published kernel written out per sample (`deformable_im2col_bilinear`), float64.
     fn naive(input: &Tensor, offset: &Tensor, weight: &Tensor, pad: i64, groups: i64) -> Tensor {

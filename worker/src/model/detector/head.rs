@@ -118,6 +118,20 @@ pub struct HeadOutput {
 }
 
 impl HeadOutput {
+    /// The outputs as float32 (after a reduced-precision forward).
+    pub fn to_float(&self) -> HeadOutput {
+        let f = |v: &[Tensor]| v.iter().map(|t| t.to_kind(Kind::Float)).collect();
+        HeadOutput {
+            cls_logits: f(&self.cls_logits),
+            bbox_reg: f(&self.bbox_reg),
+            centerness: f(&self.centerness),
+            stft_cls_logits: f(&self.stft_cls_logits),
+            stft_bbox_reg: f(&self.stft_bbox_reg),
+            pre_bbox: f(&self.pre_bbox),
+            locations: self.locations.iter().map(Tensor::shallow_clone).collect(),
+        }
+    }
+
     /// Number of samples.
     pub fn batch(&self) -> i64 {
         self.pre_bbox.first().map_or(0, |t| t.size()[0])
