@@ -16,6 +16,8 @@ use serde_json::Value;
 /// Heartbeat interval and lease of the test coordinators (short, so failures show fast).
 pub const HEARTBEAT_MS: u64 = 200;
 pub const LEASE_MS: u64 = 3000;
+/// Backoff before the first restart of a failed attempt (the default, 5 s, would slow tests).
+pub const RESTART_BACKOFF_MS: u64 = 300;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -164,6 +166,8 @@ impl Cluster {
                 &HEARTBEAT_MS.to_string(),
                 "--lease-ms",
                 &LEASE_MS.to_string(),
+                "--restart-backoff-ms",
+                &RESTART_BACKOFF_MS.to_string(),
             ])
             .args(&self.coordinator_args)
             .env("RUST_LOG", "info")
@@ -191,6 +195,26 @@ impl Cluster {
         self.url = format!("http://{grpc}");
         self.metrics = format!("http://{}", addr["metrics"].as_str().expect("metrics"));
         self.coordinator = Some(child);
+    }
+
+    /// Process id of the coordinator.
+    pub fn coordinator_pid(&self) -> u32 {
+        self.coordinator.as_ref().expect("coordinator running").id()
+    }
+
+    /// Waits up to `limit` for the coordinator to exit by itself: its exit status, or `None`
+    /// when it is still running (it is left running).
+    pub fn wait_coordinator(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            let child = self.coordinator.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.coordinator = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// `kill -9` of the coordinator.

@@ -4,6 +4,7 @@
 
 mod cluster;
 mod finetune;
+mod hardening;
 mod programs;
 mod service;
 mod up;
