@@ -159,8 +159,7 @@ fn finetune_args<'a>(data: &'a str, out: &'a str, cfg: &'a str) -> Vec<&'a str> 
 fn last_json(text: &str) -> Value {
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v.get("level").is_none())
-        .next_back()
+        .rfind(|v| v.get("level").is_none())
         .unwrap_or_else(|| panic!("no result line in {text}"))
 }
 

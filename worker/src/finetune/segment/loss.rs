@@ -33,7 +33,7 @@ pub fn seg_loss(logits: &Tensor, labels: &Tensor) -> SegLoss {
         let y_sum = (&t * &t).sum(Kind::Float);
         let z_sum = (&p * &p).sum(Kind::Float);
         let term = 1.0 - (intersect * 2.0 + SMOOTH) / (z_sum + y_sum + SMOOTH);
-        dice = dice + term;
+        dice += term;
     }
     let dice = dice / classes as f64;
     let loss = &ce * 0.5 + &dice * 0.5;
