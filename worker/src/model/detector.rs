@@ -198,6 +198,39 @@ impl Detector {
         Ok((out, dets))
     }
 
+    /// Initialises the ViT (`backbone.body.*`) from a pre-training checkpoint (ours or the
+    /// published one: a folder with `teacher`/`student` networks, a fine-tuned folder, one
+    /// safetensors file, or a `.pth`), through the fine-tuning loader
+    /// ([`crate::finetune::load_backbone`]: every backbone key required, position/time tables of
+    /// another size resized the reference's way). The pyramid and head keep their
+    /// initialisation. Returns the description of what was loaded.
+    pub fn init_backbone(
+        &mut self,
+        init: &crate::init::InitSource,
+        from: endofm_shared::InitFrom,
+    ) -> Result<String> {
+        // The checkpoint's `backbone.<key>` names, on a ViT of the same configuration.
+        let staging = nn::VarStore::new(Device::Cpu);
+        let _vit = TimeSformer::new(staging.root() / "backbone", &self.cfg);
+        let described = crate::finetune::load_backbone(&staging, init, from)?;
+        let ours = self.vs.variables();
+        tch::no_grad(|| -> Result<()> {
+            for (key, t) in staging.variables() {
+                let name = key.replacen("backbone.", "backbone.body.", 1);
+                let mut var = ours
+                    .get(&name)
+                    .ok_or_else(|| Error::Input {
+                        name: name.clone(),
+                        reason: "internal: the detector has no such ViT parameter".into(),
+                    })?
+                    .shallow_clone();
+                var.copy_(&t.to_device(var.device()).to_kind(var.kind()));
+            }
+            Ok(())
+        })?;
+        Ok(described)
+    }
+
     /// Loads parameters under the published keys (`module.` prefixes stripped; BatchNorm
     /// `num_batches_tracked` counters ignored).
     pub fn load(&mut self, path: &Path, mode: LoadMode) -> Result<LoadReport> {
@@ -288,6 +321,45 @@ mod tests {
         let a = &net.var_store().variables()["rpn.head.cls_logits.weight"];
         let b = &other.var_store().variables()["rpn.head.cls_logits.weight"];
         assert!(a.equal(b));
+    }
+
+    #[test]
+    fn the_backbone_loads_from_a_pretraining_checkpoint() {
+        let _rng = crate::test_support::rng_lock();
+        tch::manual_seed(4);
+        let (model, det) = tiny();
+        let pretrained = crate::model::EndoFm::new(&model, Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        pretrained
+            .save(&dir.path().join("teacher.safetensors"))
+            .unwrap();
+        let mut net = Detector::new(&model, &det, Device::Cpu).unwrap();
+        let head_before = net.var_store().variables()["rpn.head.cls_logits.weight"].copy();
+        net.init_backbone(
+            &crate::init::InitSource::Folder(dir.path().to_path_buf()),
+            endofm_shared::InitFrom::Teacher,
+        )
+        .unwrap();
+        let ours = net.var_store().variables();
+        let theirs = pretrained.var_store().variables();
+        for key in ["blocks.0.attn.qkv.weight", "pos_embed", "norm.bias"] {
+            assert!(
+                ours[&format!("backbone.body.{key}")].equal(&theirs[&format!("backbone.{key}")]),
+                "{key}"
+            );
+        }
+        assert!(ours["rpn.head.cls_logits.weight"].equal(&head_before));
+        // A file without the backbone is refused, naming it.
+        let empty = dir.path().join("empty.safetensors");
+        weights::write(&empty, &BTreeMap::new()).unwrap();
+        let err = net
+            .init_backbone(
+                &crate::init::InitSource::Weights(empty.clone()),
+                endofm_shared::InitFrom::Teacher,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("empty.safetensors"), "{err}");
     }
 
     #[test]
