@@ -585,11 +585,38 @@ fn metrics_are_valid_prometheus_and_scraped_by_prometheus() {
         &c.dir.path().join("out"),
         corpus().to_str().unwrap(),
         2,
-        "max_steps = 3",
+        "max_steps = 8",
         "",
     ));
+    // The ranks' series while they run.
+    let started = Instant::now();
+    let worker = loop {
+        // (The agent's endpoint may not be up yet: a failed GET is just not there yet.)
+        let got = Command::new("curl")
+            .args(["-sf", "--max-time", "5"])
+            .arg(format!("{}/metrics", c.worker_metrics[0]))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&got.stdout).to_string();
+        if text.contains("endofm_step_seconds_bucket{") && text.contains("endofm_loss{") {
+            break text;
+        }
+        assert!(
+            started.elapsed() < LONG,
+            "no per-rank series while the job ran:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let (code, _) = c.wait(&id, LONG);
     assert_eq!(code, 0);
+    // Issue 11 item 10: once the ranks exited, none of the job's series remain.
+    let after = cluster::http_get(&format!("{}/metrics", c.worker_metrics[0]));
+    let left: Vec<&str> = after
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains(&format!("job=\"{id}\"")))
+        .collect();
+    assert!(left.is_empty(), "series of an ended job remain: {left:#?}");
+    assert!(after.contains("endofm_worker_ranks_running 0"), "{after}");
     let coordinator = cluster::http_get(&format!("{}/metrics", c.metrics));
     for name in [
         "endofm_jobs{state=\"succeeded\"} 1",
@@ -602,7 +629,6 @@ fn metrics_are_valid_prometheus_and_scraped_by_prometheus() {
         assert!(coordinator.contains(name), "{name} missing:\n{coordinator}");
     }
     promtool_check(&coordinator, "coordinator");
-    let worker = cluster::http_get(&format!("{}/metrics", c.worker_metrics[0]));
     for name in [
         "endofm_steps_total",
         "endofm_step_seconds_bucket",
