@@ -1294,8 +1294,7 @@ fn run_model(cmd: ModelCommand) -> anyhow::Result<()> {
             }
             let forward = dir.file("forward.safetensors");
             let trajectory = trajectory::Trajectory::present(&dir);
-            if !forward.is_file() && !dir.file("train_step.safetensors").is_file() && !trajectory
-            {
+            if !forward.is_file() && !dir.file("train_step.safetensors").is_file() && !trajectory {
                 bail!(
                     "{}: no check to run (expected forward.safetensors, train_step.safetensors, trajectory.safetensors, or vectors.safetensors with a task in config.json)",
                     reference.display()

@@ -25,9 +25,9 @@ use crate::run::checkpoint::{Checkpointable, Committed, Manifest, Snapshot, host
 use crate::run::{self, RunSettings, StepOutcome, Task};
 use crate::store::Store;
 use crate::train::diagnostics::CollapseMonitor;
-use probe::{Probe, ProbeSpec};
 use crate::train::step::{LossScaler, SslTrainer};
 use crate::{Error, Result};
+use probe::{Probe, ProbeSpec};
 
 /// The configuration file of a run: every section optional, defaults = the reference's.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -387,21 +387,23 @@ impl Task for SslTask<'_> {
         extra.insert("teacher_temp".into(), serde_json::json!(stats.teacher_temp));
         extra.insert("skipped".into(), serde_json::json!(stats.skipped));
         let d = stats.diagnostics;
-        extra.insert("teacher_entropy".into(), serde_json::json!(d.teacher_entropy));
+        extra.insert(
+            "teacher_entropy".into(),
+            serde_json::json!(d.teacher_entropy),
+        );
         extra.insert("batch_entropy".into(), serde_json::json!(d.batch_entropy));
         extra.insert("kl".into(), serde_json::json!(d.kl));
-        if let Some(w) = self.monitor.observe(&d) {
-            if self.rank == 0 {
-                tracing::warn!(step, collapse = w.kind.name(), "{}", w.message);
-            }
+        if let Some(w) = self.monitor.observe(&d)
+            && self.rank == 0
+        {
+            tracing::warn!(step, collapse = w.kind.name(), "{}", w.message);
         }
         if let Some(kind) = self.monitor.active() {
             extra.insert("collapse".into(), serde_json::json!(kind.name()));
         }
-        let end = self
-            .job
-            .max_steps
-            .map_or(self.trainer.total_steps(), |m| m.min(self.trainer.total_steps()));
+        let end = self.job.max_steps.map_or(self.trainer.total_steps(), |m| {
+            m.min(self.trainer.total_steps())
+        });
         if self.probe.as_ref().is_some_and(|p| p.due(step + 1, end)) {
             self.probe(&mut extra, "probe_acc");
         }
@@ -431,7 +433,11 @@ impl Task for SslTask<'_> {
             ));
         }
         msg.push_str(&format!(" {:.2} clips/s", line.samples_per_s));
-        if let Some(kind) = line.extra.get("collapse").and_then(serde_json::Value::as_str) {
+        if let Some(kind) = line
+            .extra
+            .get("collapse")
+            .and_then(serde_json::Value::as_str)
+        {
             msg.push_str(&format!(" COLLAPSE ({kind})"));
         }
         msg
@@ -462,7 +468,12 @@ pub fn run(job: &PretrainJob, collective: &mut dyn Collective) -> Result<Summary
     }
     // The probe set is read (and decoded) before the output location is touched.
     let probe = match &job.probe {
-        Some(spec) => Some(Probe::open(spec.clone(), &job.model, job.data_threads, ipe)?),
+        Some(spec) => Some(Probe::open(
+            spec.clone(),
+            &job.model,
+            job.data_threads,
+            ipe,
+        )?),
         None => None,
     };
     let out = Store::open(&job.out, true)?;

@@ -204,9 +204,9 @@ mod tests {
     #[test]
     fn collapse_diagnostics_ride_on_progress_lines() {
         // A line without them (another task, an older rank) reads as NaN / no collapse.
-        let Some(RankLine::Progress(old)) =
-            RankLine::parse(r#"{"type":"progress","step":1,"total_steps":2,"epoch":0,"loss":1.0,"lr":0.1,"samples_per_s":1.0,"data_wait_s":0.0,"step_s":1.0,"eta_s":1.0,"allreduce_s":0.0,"allreduce_bytes":0,"clips_failed":0}"#)
-        else {
+        let Some(RankLine::Progress(old)) = RankLine::parse(
+            r#"{"type":"progress","step":1,"total_steps":2,"epoch":0,"loss":1.0,"lr":0.1,"samples_per_s":1.0,"data_wait_s":0.0,"step_s":1.0,"eta_s":1.0,"allreduce_s":0.0,"allreduce_bytes":0,"clips_failed":0}"#,
+        ) else {
             panic!("older line not parsed");
         };
         assert!(old.teacher_entropy.is_nan() && old.kl.is_nan() && old.collapse.is_empty());
@@ -217,7 +217,8 @@ mod tests {
             collapse: "uniform".into(),
             ..Default::default()
         };
-        let Some(RankLine::Progress(back)) = RankLine::parse(&RankLine::Progress(p.clone()).to_json())
+        let Some(RankLine::Progress(back)) =
+            RankLine::parse(&RankLine::Progress(p.clone()).to_json())
         else {
             panic!("not parsed");
         };

@@ -194,7 +194,9 @@ impl Probe {
                 .iter()
                 .map(|b| tch::no_grad(|| model.features(&b.to_device(device), false)))
                 .collect();
-            Tensor::cat(&feats, 0).to_device(Device::Cpu).to_kind(Kind::Float)
+            Tensor::cat(&feats, 0)
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Float)
         };
         Ok(match &clips.batches {
             Some(b) => run(b),

@@ -408,13 +408,16 @@ mod tests {
             line(0, serde_json::json!({"probe_acc_before": 0.5})),
             line(1, serde_json::json!({"probe_acc": 0.6})),
             line(2, serde_json::json!({"collapse": "uniform"})),
-            line(3, serde_json::json!({"collapse": "uniform", "probe_acc": 0.55})),
+            line(
+                3,
+                serde_json::json!({"collapse": "uniform", "probe_acc": 0.55}),
+            ),
             line(4, serde_json::json!({})),
             line(5, serde_json::json!({"collapse": "dominant_prototype"})),
             serde_json::json!({"epoch_end": 0, "step": 5}),
         ];
-        let r = PretrainReport::from_metrics(&lines, serde_json::Value::Null, 10, false, 6.0)
-            .unwrap();
+        let r =
+            PretrainReport::from_metrics(&lines, serde_json::Value::Null, 10, false, 6.0).unwrap();
         assert_eq!(r.steps, 6);
         assert_eq!(
             r.collapse,

@@ -103,7 +103,9 @@ impl Collapse {
     /// One sentence for `endofm status`: the kind and what usually helps.
     pub fn sentence(self) -> String {
         let what = match self {
-            Self::Uniform => "uniform collapse (the teacher's distribution is flat, entropy ≈ ln K)",
+            Self::Uniform => {
+                "uniform collapse (the teacher's distribution is flat, entropy ≈ ln K)"
+            }
             Self::DominantPrototype => {
                 "dominant-prototype collapse (one prototype takes nearly all the batch's mass)"
             }

@@ -13,9 +13,9 @@ use endofm_shared::{ModelConfig, PretrainConfig, TrainPrecision};
 use crate::collective::Collective;
 use crate::model::{EndoFm, LoadMode, LoadReport};
 use crate::precision::{Precision, with_precision};
+use crate::train::diagnostics::{self, Diagnostics};
 use crate::train::loss::{SslLoss, SslLossConfig};
 use crate::train::optim::{AdamW, AdamWConfig, FlatParams};
-use crate::train::diagnostics::{self, Diagnostics};
 use crate::train::schedule::{self, Schedule};
 use crate::train::ssl;
 use crate::{Error, Result};
@@ -624,10 +624,7 @@ impl SslTrainer {
             teacher_temp,
             loss_value,
         );
-        let mut summed = Tensor::cat(
-            &[SslLoss::batch_sum(&teacher_out).reshape([-1]), sums],
-            0,
-        );
+        let mut summed = Tensor::cat(&[SslLoss::batch_sum(&teacher_out).reshape([-1]), sums], 0);
         collective.all_reduce_sum(&mut summed)?;
         let diagnostics = diagnostics::from_sums(&summed.narrow(0, k, summed.size()[0] - k), world);
         let rows = teacher_out.size()[0] * world as i64;

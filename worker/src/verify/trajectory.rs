@@ -148,7 +148,10 @@ fn int_list(v: &serde_json::Value, key: &str) -> Result<Option<Vec<i64>>> {
             })
             .collect::<Result<Vec<_>>>()
             .map(Some),
-        Some(other) => Err(refuse(key, format!("{other} is not a list of frame counts"))),
+        Some(other) => Err(refuse(
+            key,
+            format!("{other} is not a list of frame counts"),
+        )),
     }
 }
 
@@ -178,8 +181,8 @@ impl Trajectory {
         let section = obj
             .remove("trajectory")
             .ok_or_else(|| refuse("trajectory", "missing: no hyper-parameters to replay with"))?;
-        let hp: Section = serde_json::from_value(section)
-            .map_err(|e| refuse("trajectory", format!("{e}")))?;
+        let hp: Section =
+            serde_json::from_value(section).map_err(|e| refuse("trajectory", format!("{e}")))?;
         let model = ModelConfig::from_json_str(&doc.to_string(), &path.display().to_string())?;
         let top = &doc;
 
@@ -446,13 +449,7 @@ fn host_params(model: &crate::model::EndoFm) -> BTreeMap<String, Tensor> {
 /// with ≥ 2 libtorch threads and a narrow network, unless `ENDOFM_ONE_THREAD_STEP` is set).
 pub fn replay(traj: &Trajectory, device: Device, two_threads: Option<bool>) -> Result<Replay> {
     let file = weights::read(&traj.file())?;
-    let mut trainer = SslTrainer::new(
-        &traj.model,
-        &traj.train,
-        device,
-        traj.iters_per_epoch,
-        1,
-    )?;
+    let mut trainer = SslTrainer::new(&traj.model, &traj.train, device, traj.iters_per_epoch, 1)?;
     if let Some(on) = two_threads {
         trainer.set_two_threads(on)?;
     }
@@ -586,7 +583,10 @@ pub fn compare(
     }
     let mut loss = Worst::new(tol.loss_rel);
     for (s, (a, b)) in ours.loss.iter().zip(&reference_losses).enumerate() {
-        loss.see(format!("step{s}"), (a - b).abs() / b.abs().max(f64::MIN_POSITIVE));
+        loss.see(
+            format!("step{s}"),
+            (a - b).abs() / b.abs().max(f64::MIN_POSITIVE),
+        );
     }
     let mut schedules = Worst::new(tol.schedule_rel);
     for (key, mine) in [
@@ -712,13 +712,20 @@ mod tests {
         let (_t, dir) = dir_with(config());
         let t = Trajectory::open(&dir).unwrap();
         let c = &t.train;
-        assert_eq!((c.epochs, c.batch_per_rank, t.iters_per_epoch, t.steps), (4, 2, 2, 6));
+        assert_eq!(
+            (c.epochs, c.batch_per_rank, t.iters_per_epoch, t.steps),
+            (4, 2, 2, 6)
+        );
         assert!((c.scaled_lr(1) - 0.128 * 2.0 / 256.0).abs() < 1e-15);
         assert_eq!((c.min_lr, c.warmup_epochs), (1e-5, 1));
         assert_eq!((c.weight_decay, c.weight_decay_end), (2.0, 8.0));
         assert_eq!(c.momentum_teacher, 0.9);
         assert_eq!(
-            (c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_temp_epochs),
+            (
+                c.warmup_teacher_temp,
+                c.teacher_temp,
+                c.warmup_teacher_temp_epochs
+            ),
             (0.04, 0.07, 2)
         );
         assert_eq!((c.student_temp, c.center_momentum), (0.1, 0.9));
@@ -731,14 +738,26 @@ mod tests {
     #[test]
     fn settings_the_step_cannot_honour_are_refused_by_name() {
         let cases: [(&str, serde_json::Value, &str); 8] = [
-            ("/trajectory/momentum_shedule", serde_json::json!(1), "momentum_shedule"),
+            (
+                "/trajectory/momentum_shedule",
+                serde_json::json!(1),
+                "momentum_shedule",
+            ),
             ("/drop_path_rate", serde_json::json!(0.1), "drop_path_rate"),
             ("/trajectory/world_size", serde_json::json!(2), "world_size"),
-            ("/trajectory/optimizer", serde_json::json!("sgd"), "optimizer"),
+            (
+                "/trajectory/optimizer",
+                serde_json::json!("sgd"),
+                "optimizer",
+            ),
             ("/trajectory/use_fp16", serde_json::json!(true), "use_fp16"),
             ("/trajectory/steps", serde_json::json!(9), "steps"),
             ("/trajectory/betas", serde_json::json!([0.9, 0.99]), "betas"),
-            ("/trajectory/local_crops_number", serde_json::json!(8), "local_crops_number"),
+            (
+                "/trajectory/local_crops_number",
+                serde_json::json!(8),
+                "local_crops_number",
+            ),
         ];
         for (pointer, value, named) in cases {
             let mut c = config();

@@ -97,7 +97,13 @@ fn replay_writes_loss_and_final_networks_under_published_keys() {
     ] {
         assert!(names.contains(&key), "{key} missing from {names:?}");
     }
-    assert_eq!(names.iter().filter(|k| k.starts_with("final.student.")).count(), 55);
+    assert_eq!(
+        names
+            .iter()
+            .filter(|k| k.starts_with("final.student."))
+            .count(),
+        55
+    );
 }
 
 /// A copy of the trajectory directory (tensors linked) with `edit` applied to config.json.

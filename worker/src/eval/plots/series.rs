@@ -138,8 +138,12 @@ pub fn step_panels(title: &str, x_desc: &str, panels: &[Panel], path: &Path) -> 
             mesh.draw()?;
             for (j, s) in p.series.iter().enumerate() {
                 let colour = [BLUE, ORANGE, GREY][j % 3];
-                let points: Vec<(f64, f64)> =
-                    s.points.iter().copied().filter(|q| q.1.is_finite()).collect();
+                let points: Vec<(f64, f64)> = s
+                    .points
+                    .iter()
+                    .copied()
+                    .filter(|q| q.1.is_finite())
+                    .collect();
                 chart
                     .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?
                     .label(s.name.as_str())
@@ -147,7 +151,8 @@ pub fn step_panels(title: &str, x_desc: &str, panels: &[Panel], path: &Path) -> 
                         PathElement::new([(x, y), (x + 22, y)], colour.stroke_width(2))
                     });
                 if s.markers || points.len() == 1 {
-                    chart.draw_series(points.iter().map(|&q| Circle::new(q, 4, colour.filled())))?;
+                    chart
+                        .draw_series(points.iter().map(|&q| Circle::new(q, 4, colour.filled())))?;
                 }
             }
             for (label, value) in &p.references {
