@@ -8,7 +8,10 @@
 //! the update.
 //!
 //! Also here: the published input size ([`input_size`]) and reference-frame draw
-//! ([`reference_frames`]).
+//! ([`reference_frames`]), and the scores ([`metrics`]: the paper's image-level F1 and box-level
+//! P/R/F1, AP50, AP50:95).
+
+pub mod metrics;
 
 use rand::Rng;
 use tch::{Kind, Tensor};
