@@ -122,7 +122,7 @@ pub fn import_checked(
                 &format!("{} ({name})", src.display()),
             );
             Error::Convert(format!(
-                "{}: the imported {name} weights do not fit: {text}; nothing was written to {}",
+                "{}: the imported {name} does not fit the configuration: {text}; nothing was written to {}",
                 src.display(),
                 out_dir.display()
             ))
