@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)] // tests fail by panicking
 
 mod cluster;
+mod collapse;
 mod finetune;
 mod hardening;
 mod programs;
