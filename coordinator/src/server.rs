@@ -21,6 +21,7 @@ use endofm_proto::v1 as pb;
 use endofm_proto::v1::jobs_server::{Jobs, JobsServer};
 use endofm_proto::v1::workers_server::{Workers, WorkersServer};
 use endofm_shared::JobSpec;
+use endofm_shared::text::echo;
 use futures::Stream;
 use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, mpsc, watch};
@@ -36,6 +37,10 @@ use crate::{Error, Result};
 
 /// Largest request accepted (a job spec, a batch of reports).
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Longest worker id a worker may register with (bytes).
+const MAX_WORKER_ID: usize = 128;
+/// Most device slots one worker may offer.
+const MAX_DEVICES: usize = 4096;
 /// How long an RPC waits for its changes to become durable.
 const COMMIT_WAIT: Duration = Duration::from_secs(30);
 /// Pause after a failed commit before the batch is written again.
@@ -192,7 +197,7 @@ impl Jobs for JobsSvc {
         let core = self.0.lock()?;
         core.job(&id)
             .map(|j| Response::new(j.to_pb()))
-            .ok_or_else(|| Status::not_found(format!("no job `{id}`")))
+            .ok_or_else(|| Status::not_found(format!("no job `{}`", echo(&id))))
     }
 
     async fn list_jobs(
@@ -221,7 +226,7 @@ impl Jobs for JobsSvc {
             let mut core = self.0.lock()?;
             let job = core
                 .cancel(&req.id, &req.reason, Instant::now())
-                .ok_or_else(|| Status::not_found(format!("no job `{}`", req.id)))?;
+                .ok_or_else(|| Status::not_found(format!("no job `{}`", echo(&req.id))))?;
             (job.to_pb(), core.epoch())
         };
         self.0.durable(epoch).await?;
@@ -241,7 +246,7 @@ impl Jobs for JobsSvc {
             let job = core
                 .job(&req.id)
                 .map(|j| j.to_pb())
-                .ok_or_else(|| Status::not_found(format!("no job `{}`", req.id)))?;
+                .ok_or_else(|| Status::not_found(format!("no job `{}`", echo(&req.id))))?;
             let updates = core.subscribe(&req.id);
             (updates, core.events_after(&req.id, req.after_seq), job)
         };
@@ -326,6 +331,11 @@ impl Workers for WorkersSvc {
                 "devices: a worker must offer at least one device",
             ));
         }
+        if req.worker_id.len() > MAX_WORKER_ID || req.devices.len() > MAX_DEVICES {
+            return Err(Status::invalid_argument(format!(
+                "worker_id: at most {MAX_WORKER_ID} bytes; devices: at most {MAX_DEVICES}"
+            )));
+        }
         if let Some(bad) = req
             .devices
             .iter()
@@ -333,7 +343,7 @@ impl Workers for WorkersSvc {
         {
             return Err(Status::invalid_argument(format!(
                 "devices.kind: `{}` is not a device kind (cpu, cuda)",
-                bad.kind
+                echo(&bad.kind)
             )));
         }
         let (id, timing, epoch) = {
