@@ -844,6 +844,17 @@ impl Core {
         let Some(job) = self.jobs.get_mut(&key.0) else {
             return;
         };
+        if job.state == State::Queued
+            && job.generation == key.1
+            && !success
+            && !exit.class.restartable()
+        {
+            // The attempt already failed (another rank's exit, e.g. a peer's collective error
+            // when this rank stopped on a NaN loss) and waits for its restart: a deterministic
+            // cause from the same attempt means the restart would fail the same way.
+            self.fail_waiting_restart(key, &exit, worker_id);
+            return;
+        }
         if job.state != State::Running || job.generation != key.1 {
             return;
         }
@@ -978,6 +989,36 @@ impl Core {
                 self.emit_job(id);
             }
         }
+    }
+
+    /// Ends a job whose failed attempt waits for its restart, because a rank of that attempt
+    /// reported a deterministic failure after the attempt was failed for another reason.
+    fn fail_waiting_restart(&mut self, key: &RankKey, exit: &Exit, worker_id: &str) {
+        let (id, generation, rank) = key.clone();
+        let reason = format!(
+            "rank {rank} on {worker_id} failed ({}): {}",
+            exit.class, exit.message
+        );
+        self.event(&id, "rank_failed", reason.clone(), generation, rank as i32);
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let queue_key = job.queue_key();
+        let class = exit.class;
+        let message = format!(
+            "failed without a restart: {} ({class}), which another attempt would repeat: {reason}",
+            class.describe()
+        );
+        job.state = State::Failed;
+        job.finished_ms = now_ms();
+        job.failure_class = Some(class);
+        job.not_before_ms = 0;
+        job.message = message.clone();
+        self.queue.remove(&queue_key);
+        self.queued_since.remove(&id);
+        self.not_before.remove(&id);
+        self.event(&id, "failed", message, generation, -1);
+        self.emit_job(&id);
     }
 
     /// The lease timer's work: grants every worker a fresh lease after a gap in the timer (the
@@ -2591,5 +2632,47 @@ mod tests {
             }
         }
         assert!(c.job(&queued.id).unwrap().message.len() < 300);
+    }
+
+    /// Issue 11 item 8: when a peer's collective error reaches the coordinator before the rank
+    /// that hit the NaN, the restart it queued is cancelled by the deterministic cause.
+    #[test]
+    fn a_deterministic_cause_arriving_second_still_ends_the_job() {
+        let mut c = core_with(Timing {
+            restart_backoff: Duration::from_secs(1),
+            ..Timing::default()
+        });
+        let now = Instant::now();
+        register(&mut c, "a", 2, now);
+        let job = submit(&mut c, spec(2, 0, 3), now);
+        beat(&mut c, "a", vec![], now);
+        exit_with(
+            &mut c,
+            "a",
+            (job.id.clone(), 1, 0),
+            FailureClass::Collective,
+            "peer closed",
+            now,
+        );
+        assert_eq!(
+            c.job(&job.id).map(|j| (j.state, j.restarts)),
+            Some((State::Queued, 1))
+        );
+        exit_with(
+            &mut c,
+            "a",
+            (job.id.clone(), 1, 1),
+            FailureClass::NonFiniteLoss,
+            "loss is NaN",
+            now,
+        );
+        let j = c.job(&job.id).expect("job");
+        assert_eq!(j.state, State::Failed);
+        assert_eq!(j.failure_class, Some(FailureClass::NonFiniteLoss));
+        assert!(j.message.contains("non_finite_loss"), "{}", j.message);
+        // It is not placed when the backoff ends.
+        c.tick(now + Duration::from_secs(2));
+        assert_eq!(state(&c, &job.id), Some(State::Failed));
+        assert!(c.queue.is_empty());
     }
 }
