@@ -42,6 +42,25 @@ use crate::{Error, Result};
 const REPORT_QUEUE: usize = 20_000;
 /// Heartbeat interval until the coordinator says otherwise.
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+/// Deadline of one register or heartbeat call: a coordinator that stalls (SIGSTOP, a frozen VM)
+/// must not stall the agent, which still has exits to take and stop orders to carry out.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `rpc` with [`CALL_TIMEOUT`]: a call that gets no answer in time fails with
+/// DEADLINE_EXCEEDED (and is retried like any failed call).
+async fn call<T>(
+    rpc: impl std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+) -> std::result::Result<T, tonic::Status> {
+    tokio::time::timeout(CALL_TIMEOUT, rpc)
+        .await
+        .unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!(
+                "no answer within {} s",
+                CALL_TIMEOUT.as_secs()
+            )))
+        })
+}
+
 /// Heartbeats that hold exits back while the reports before them cannot be sent; after that the
 /// exits go anyway (reports are best effort, a slot must not stay busy).
 const EXIT_HOLDS: u32 = 3;
@@ -143,7 +162,13 @@ impl Agent {
             .into_iter()
             .collect(),
         };
-        match self.client.register(req).await {
+        // A first registration is not cut short: repeating it would register a second worker.
+        let answer = if self.worker_id.is_empty() {
+            self.client.register(req).await
+        } else {
+            call(self.client.register(req)).await
+        };
+        match answer {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 if !self.worker_id.is_empty() && resp.worker_id != self.worker_id {
@@ -219,7 +244,7 @@ impl Agent {
             running: self.ranks.refs(),
             exited: exits,
         };
-        let resp = match self.client.heartbeat(req).await {
+        let resp = match call(self.client.heartbeat(req)).await {
             Ok(r) => r.into_inner(),
             Err(s) => {
                 self.failed("heartbeat", &s);
