@@ -107,6 +107,11 @@ pub trait Task: Checkpointable {
     fn inputs_failed(&self) -> u64 {
         0
     }
+    /// The inputs this rank skipped, each once: (URI, reason). Written to the output as
+    /// `bad_inputs/rank-R.json` when the run ends.
+    fn bad_inputs(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
     /// Called on every rank after the last step of `epoch` (before that step's checkpoint):
     /// validation, model selection. A returned record is appended to `metrics.jsonl`.
     fn end_epoch(
@@ -416,6 +421,23 @@ pub fn drive<T: Task>(
     }
     if let Some(bar) = bar {
         bar.finish();
+    }
+    let bad = task.bad_inputs();
+    if !bad.is_empty() {
+        let list: Vec<serde_json::Value> = bad
+            .iter()
+            .map(|(uri, reason)| serde_json::json!({"uri": uri, "reason": reason}))
+            .collect();
+        let key = format!("bad_inputs/rank-{rank}.json");
+        // After the last step: the training thread has nothing left to wait for.
+        if let Err(e) = out.put(
+            &key,
+            Bytes::from(serde_json::to_vec_pretty(&list).unwrap_or_default()),
+        ) {
+            tracing::warn!(key, error = %e, "writing the list of bad inputs failed");
+        } else {
+            tracing::warn!(count = bad.len(), list = %out.describe(&key), "inputs were skipped; their list and reasons");
+        }
     }
     if let Some(w) = writer {
         if summary.interrupted {

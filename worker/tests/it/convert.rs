@@ -121,6 +121,36 @@ fn refuses_unsafe_pickles_unless_trusted_and_names_bad_files() {
         err.contains("does not fit") && err.contains("backbone."),
         "{err}"
     );
+    // A failed import leaves nothing in --out.
+    let written: Vec<_> = std::fs::read_dir(&out)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(written.is_empty(), "a failed import left {written:?}");
+
+    // A bare state dict (an image ViT's keys) is checked too, naming the file and the key.
+    let bare = dir.path().join("vit.pth");
+    support::run_python(
+        "import sys, torch\ntorch.save({'patch_embed.proj.weight': torch.zeros(192, 3, 16, 16), 'cls_token': torch.zeros(1, 1, 192)}, sys.argv[1])",
+        &[bare.to_str().unwrap()],
+    );
+    let err = support::worker_err(&[
+        "model",
+        "import",
+        "--checkpoint",
+        bare.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--preset",
+        "tiny",
+    ]);
+    assert!(
+        err.contains("vit.pth") && err.contains("state_dict") && err.contains("`"),
+        "{err}"
+    );
+    let written: Vec<_> = std::fs::read_dir(&out)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(written.is_empty(), "a failed import left {written:?}");
 }
 
 /// Reads the exported pickle with `weights_only=True` and compares it, key by key and value by

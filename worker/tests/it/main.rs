@@ -7,6 +7,7 @@
 mod agent;
 mod cli;
 mod convert;
+mod corpus;
 mod datasets;
 mod faults;
 mod detect;
