@@ -11,6 +11,7 @@
 //! ([`reference_frames`]), and the scores ([`metrics`]: the paper's image-level F1 and box-level
 //! P/R/F1, AP50, AP50:95).
 
+pub mod data;
 pub mod metrics;
 
 use rand::Rng;

@@ -130,3 +130,87 @@ fn model_verify_and_forward_serve_detection_directories() {
     let err = worker_err(&["model", "verify", "--reference", copy.to_str().unwrap()]);
     assert!(err.contains("reference check failed"), "{err}");
 }
+
+/// A generated KUMC-layout dataset: the detector trains on its frames (current frame and two
+/// references, the published step) and scores a split; the scores are proper fractions and the
+/// image-level numbers follow from the box lists.
+#[test]
+fn a_tiny_detector_trains_and_scores_on_generated_kumc_frames() {
+    use endofm_shared::{DetectConfig, DetectorConfig};
+    use endofm_worker::datasets::Split;
+    use endofm_worker::datasets::kumc::Kumc;
+    use endofm_worker::finetune::detect::data::{evaluate_split, frame_index, load_sample};
+    use endofm_worker::finetune::detect::{DetectOptimizer, reference_frames, train_step};
+    use endofm_worker::model::Detector;
+    use endofm_worker::synth::datasets::{DownstreamKind, DownstreamSpec, write_downstream};
+    use rand::SeedableRng;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = DownstreamSpec::new(DownstreamKind::Kumc);
+    spec.videos = 3;
+    spec.frames = [6, 8];
+    spec.short_side = 64;
+    spec.threads = 1;
+    spec.val_fraction = 0.34;
+    spec.test_fraction = 0.34;
+    write_downstream(tmp.path(), &spec).unwrap();
+    let ds = Kumc::open(&endofm_shared::StorageUri::parse(tmp.path().to_str().unwrap()).unwrap())
+        .unwrap();
+
+    let mut model = endofm_shared::Preset::Tiny.config();
+    model.depth = 1;
+    model.embed_dim = 64;
+    model.num_heads = 2;
+    let cfg = DetectConfig {
+        detector: DetectorConfig {
+            fpn_channels: 32,
+            num_convs: 1,
+            ..DetectorConfig::default()
+        },
+        max_size: 96,
+        min_size: 64,
+        warmup_iters: 2,
+        drop_path_rate: 0.0,
+        ..DetectConfig::default()
+    };
+    tch::manual_seed(0);
+    let net = Detector::new(&model, &cfg.detector, Device::Cpu).unwrap();
+    let mut opt = DetectOptimizer::new(&net, &cfg);
+    let train = ds.split(Split::Train).unwrap();
+    let index = frame_index(train);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut totals = Vec::new();
+    for step in 0..4 {
+        let i = step % train.len();
+        let f = &train[i];
+        let refs = reference_frames(&mut rng, f.number, f.video_frames, cfg.ref_max_offset);
+        let s = load_sample(&ds, train, &index, i, &refs, &cfg, step % 2 == 1).unwrap();
+        assert_eq!(s.clip.size(), [3, 3, 96, 96]);
+        let losses = train_step(
+            &net,
+            &mut opt,
+            endofm_worker::precision::Precision::Fp32,
+            &s.clip.unsqueeze(0),
+            &[s.targets],
+            step as u64,
+            cfg.lr_at(step),
+            &mut endofm_worker::collective::Solo,
+        )
+        .unwrap();
+        assert!(losses.total.is_finite(), "{losses:?}");
+        totals.push(losses.total);
+    }
+    let (scores, frames) = evaluate_split(&net, &ds, Split::Val, &cfg, 10, 0).unwrap();
+    assert_eq!(frames.len(), ds.split(Split::Val).unwrap().len());
+    for v in [
+        scores.image.precision,
+        scores.image.recall,
+        scores.overall.at_threshold.f1,
+        scores.overall.ap50,
+        scores.overall.ap50_95,
+    ] {
+        assert!((0.0..=1.0).contains(&v), "{scores:?}");
+    }
+    let with_polyp = frames.iter().filter(|f| !f.truth.is_empty()).count() as u64;
+    assert_eq!(scores.image.tp + scores.image.fn_, with_polyp);
+}
