@@ -87,7 +87,11 @@ pub fn import_checked(
             path: parent.clone(),
             source,
         })?;
-    let mut args = vec!["import".as_ref(), src.as_os_str(), staging.path().as_os_str()];
+    let mut args = vec![
+        "import".as_ref(),
+        src.as_os_str(),
+        staging.path().as_os_str(),
+    ];
     if trust {
         args.push("--trust".as_ref());
     }

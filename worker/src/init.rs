@@ -205,7 +205,11 @@ impl Localised {
         match (&self._tmp, path.file_name()) {
             (Some(tmp), Some(name)) if path.starts_with(tmp.path()) => {
                 if matches!(self.source, InitSource::Folder(_)) {
-                    format!("{}/{}", self.origin.trim_end_matches('/'), name.to_string_lossy())
+                    format!(
+                        "{}/{}",
+                        self.origin.trim_end_matches('/'),
+                        name.to_string_lossy()
+                    )
                 } else {
                     self.origin.clone()
                 }

@@ -350,8 +350,8 @@ pub fn drive<T: Task>(
                     lr = line.lr,
                     samples_per_s = line.samples_per_s,
                     data_wait_s = wait_s,
-                    "step: {}",
-                    task.progress_message(&line)
+                    progress = %task.progress_message(&line),
+                    "step"
                 );
             }
         }
@@ -561,7 +561,10 @@ pub fn stop_grace() -> std::time::Duration {
         .ok()
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s >= 0.0)
-        .map_or(std::time::Duration::from_secs(20), std::time::Duration::from_secs_f64)
+        .map_or(
+            std::time::Duration::from_secs(20),
+            std::time::Duration::from_secs_f64,
+        )
 }
 
 /// A flag set by SIGTERM and SIGINT (Kubernetes eviction, Ctrl-C): the run checkpoints at the

@@ -192,7 +192,9 @@ pub fn parse_list(bytes: &[u8], name: &str) -> Result<Vec<String>> {
         let path = record.get(0).unwrap_or("");
         if path.is_empty()
             || path.starts_with('/')
-            || path.split('/').any(|s| s == ".." || s == "." || s.is_empty())
+            || path
+                .split('/')
+                .any(|s| s == ".." || s == "." || s.is_empty())
             || path.chars().any(char::is_control)
         {
             return Err(Error::Input {
@@ -345,7 +347,10 @@ pub struct BadClip {
 /// Whether an error means the clip itself is bad (missing, unreadable as a video or frame
 /// folder): it is skipped. Anything else (storage unavailable, libtorch, a panic) fails.
 fn is_bad_clip(e: &Error) -> bool {
-    matches!(e, Error::ClipDecode { .. } | Error::Storage { .. } | Error::Dataset { .. })
+    matches!(
+        e,
+        Error::ClipDecode { .. } | Error::Storage { .. } | Error::Dataset { .. }
+    )
 }
 
 /// The text of a panic payload.
@@ -992,7 +997,9 @@ mod tests {
             parse(b"# path,label\r\n\r\nx/y z.mpg\n  w.mkv , 1, extra\n").expect("mixed"),
             ["x/y z.mpg", "w.mkv"]
         );
-        let err = parse(b"ok.mp4\n\"a/../b.mp4\",1\n").expect_err("dotdot").to_string();
+        let err = parse(b"ok.mp4\n\"a/../b.mp4\",1\n")
+            .expect_err("dotdot")
+            .to_string();
         assert!(err.contains("list.csv line 2"), "{err}");
         let err = parse(b"\"unterminated\n").map(|_| ()).err();
         if let Some(err) = err {
@@ -1018,8 +1025,14 @@ mod tests {
         let corpus = Arc::new(open(dir.path(), "panic.csv").expect("open"));
         let started = Instant::now();
         let mut loader = Loader::start(corpus, loader_config(2, 0, 1), 0).expect("start");
-        let err = loader.next_batch().expect_err("a panic must fail the batch").to_string();
-        assert!(err.contains("panicked") && err.contains("injected panic"), "{err}");
+        let err = loader
+            .next_batch()
+            .expect_err("a panic must fail the batch")
+            .to_string();
+        assert!(
+            err.contains("panicked") && err.contains("injected panic"),
+            "{err}"
+        );
         assert!(started.elapsed() < Duration::from_secs(20));
     }
 }

@@ -466,7 +466,12 @@ impl Writer {
             manifest,
             after,
         };
-        let deadline = Instant::now() + if self.stuck { Duration::ZERO } else { self.queue_wait };
+        let deadline = Instant::now()
+            + if self.stuck {
+                Duration::ZERO
+            } else {
+                self.queue_wait
+            };
         loop {
             match tx.try_send(job) {
                 Ok(()) => {

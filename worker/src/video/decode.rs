@@ -383,15 +383,16 @@ impl Clip {
 /// matrices are refused (a clip shown differently from what we would train on).
 fn display_rotation(stream: &format::stream::Stream<'_>) -> std::result::Result<u32, String> {
     let matrix = stream.side_data().find_map(|sd| {
-        (sd.kind() == codec::packet::side_data::Type::DisplayMatrix && sd.data().len() >= 36)
-            .then(|| {
+        (sd.kind() == codec::packet::side_data::Type::DisplayMatrix && sd.data().len() >= 36).then(
+            || {
                 let d = sd.data();
                 let mut m = [0i32; 9];
                 for (i, v) in m.iter_mut().enumerate() {
                     *v = i32::from_ne_bytes([d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]]);
                 }
                 m
-            })
+            },
+        )
     });
     let degrees = if let Some(m) = matrix {
         // libavutil's av_display_rotation_get (16.16 fixed point), negated: clockwise.
@@ -810,7 +811,10 @@ mod tests {
         let frames = test_frames(4, 32, 48);
         let plain = dir.path().join("plain.mp4");
         encode_in(&plain, &frames, &Container::default());
-        let reference = Clip::open(&plain).expect("open").decode_all().expect("decode");
+        let reference = Clip::open(&plain)
+            .expect("open")
+            .decode_all()
+            .expect("decode");
         // Every container FFmpeg reads, whatever the name (no extension, a wrong one).
         for (format, name) in [
             ("mpeg", "clip.mpg"),

@@ -22,9 +22,14 @@ fn encode(path: &Path, frames: &Frames, format: &str) {
         format: format.into(),
         ..Container::default()
     };
-    let mut w =
-        Mp4Writer::create_in(path, frames.w, frames.h, &EncodeOptions::default(), &container)
-            .unwrap();
+    let mut w = Mp4Writer::create_in(
+        path,
+        frames.w,
+        frames.h,
+        &EncodeOptions::default(),
+        &container,
+    )
+    .unwrap();
     for i in 0..frames.t {
         w.push(frames.frame(i)).unwrap();
     }
@@ -74,7 +79,11 @@ fn mixed_corpus(dir: &Path) -> usize {
 
 fn read_everything(corpus: Corpus, n: usize) {
     assert_eq!(corpus.len(), n);
-    assert_eq!(corpus.clips()[0], "a.mpg", "the byte-order mark is not part of a name");
+    assert_eq!(
+        corpus.clips()[0],
+        "a.mpg",
+        "the byte-order mark is not part of a name"
+    );
     assert_eq!(corpus.clips()[4], "e,1 x.mp4");
     let opts = EmbedOptions {
         frames: 4,
@@ -109,7 +118,12 @@ fn read_everything(corpus: Corpus, n: usize) {
     }
     seen.sort_unstable();
     assert_eq!(seen, (0..n).collect::<Vec<_>>());
-    assert_eq!(loader.stats().clips_failed.load(Ordering::Relaxed), 0, "{:?}", loader.bad_clips());
+    assert_eq!(
+        loader.stats().clips_failed.load(Ordering::Relaxed),
+        0,
+        "{:?}",
+        loader.bad_clips()
+    );
 }
 
 #[test]
@@ -118,7 +132,11 @@ fn every_command_reads_every_container_and_frame_folder_locally_and_on_s3() {
     let n = mixed_corpus(dir.path());
     let root = dir.path().join("mixed");
     read_everything(
-        Corpus::open(&StorageUri::parse(root.to_str().unwrap()).unwrap(), "train.csv").unwrap(),
+        Corpus::open(
+            &StorageUri::parse(root.to_str().unwrap()).unwrap(),
+            "train.csv",
+        )
+        .unwrap(),
         n,
     );
 

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use endofm_shared::StorageUri;
-use endofm_worker::data::loader::{Corpus, Loader, LoaderConfig};
 use endofm_worker::data::ViewConfig;
+use endofm_worker::data::loader::{Corpus, Loader, LoaderConfig};
 use endofm_worker::run::checkpoint::{self, Checkpointable, Committed, Manifest, Snapshot, Writer};
 use endofm_worker::store::Store;
 
@@ -243,7 +243,10 @@ fn every_legal_name_round_trips_on_s3_and_locally() {
     let server = S3Server::start();
     server.create_bucket(BUCKET);
     let proxy = FaultProxy::start(server_addr(&server));
-    let s3 = open(&format!("s3://{BUCKET}/names"), &settings(&proxy.endpoint(), 5.0));
+    let s3 = open(
+        &format!("s3://{BUCKET}/names"),
+        &settings(&proxy.endpoint(), 5.0),
+    );
     let dir = tempfile::tempdir().unwrap();
     let local = Store::open(
         &StorageUri::parse(dir.path().to_str().unwrap()).unwrap(),
@@ -260,7 +263,11 @@ fn every_legal_name_round_trips_on_s3_and_locally() {
     for store in [&s3, &local] {
         for (i, name) in names.iter().enumerate() {
             store.put(name, Bytes::from(vec![i as u8; 3])).unwrap();
-            assert_eq!(&store.get(name).unwrap()[..], &[i as u8; 3], "{store:?} {name}");
+            assert_eq!(
+                &store.get(name).unwrap()[..],
+                &[i as u8; 3],
+                "{store:?} {name}"
+            );
             assert!(store.exists(name).unwrap(), "{store:?} {name}");
         }
         let mut listed: Vec<String> = store.list("").unwrap().into_iter().map(|l| l.key).collect();
@@ -272,8 +279,12 @@ fn every_legal_name_round_trips_on_s3_and_locally() {
     // Encoded once on the wire: `%` travels as %25, never %2525.
     let requests = proxy.requests();
     assert!(
-        requests.iter().any(|(r, _)| r == "GET /faults/names/100%25.mp4")
-            && requests.iter().any(|(r, _)| r == "GET /faults/names/%252F%2525.mp4")
+        requests
+            .iter()
+            .any(|(r, _)| r == "GET /faults/names/100%25.mp4")
+            && requests
+                .iter()
+                .any(|(r, _)| r == "GET /faults/names/%252F%2525.mp4")
             && !requests.iter().any(|(r, _)| r.contains("100%2525")),
         "{requests:?}"
     );
@@ -322,11 +333,17 @@ fn a_read_brownout_is_ridden_out_honouring_retry_after_and_changes_nothing() {
     server.create_bucket(BUCKET);
     upload_corpus(&server);
     let proxy = FaultProxy::start(server_addr(&server));
-    let direct = open(&format!("s3://{BUCKET}/corpus"), &settings(&server.endpoint(), 5.0));
+    let direct = open(
+        &format!("s3://{BUCKET}/corpus"),
+        &settings(&server.endpoint(), 5.0),
+    );
     let (reference, _) = batches(direct, 2).unwrap();
 
     // Every clip read answers 503 SlowDown, Retry-After 1, for 2.5 s.
-    let through = open(&format!("s3://{BUCKET}/corpus"), &settings(&proxy.endpoint(), 30.0));
+    let through = open(
+        &format!("s3://{BUCKET}/corpus"),
+        &settings(&proxy.endpoint(), 30.0),
+    );
     let started = Instant::now();
     proxy.brownout("GET", "/corpus/synth/", Some(1), 2.5);
     let (got, failed) = batches(through, 2).unwrap();
@@ -335,7 +352,10 @@ fn a_read_brownout_is_ridden_out_honouring_retry_after_and_changes_nothing() {
         assert!(a.equal(b), "the brownout changed the training data");
     }
     let refused = proxy.refused.load(Ordering::SeqCst);
-    assert!(started.elapsed() >= Duration::from_secs(2), "not retried through the brownout");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "not retried through the brownout"
+    );
     // One data thread, Retry-After 1 s over 2.5 s: about three refusals, not a burst of ten.
     assert!((1..=5).contains(&refused), "{refused} requests refused");
 }
@@ -347,7 +367,10 @@ fn a_persistent_read_brownout_fails_the_step_without_skipping_a_clip() {
     upload_corpus(&server);
     let proxy = FaultProxy::start(server_addr(&server));
     proxy.brownout("GET", "/corpus/synth/", None, 600.0);
-    let through = open(&format!("s3://{BUCKET}/corpus"), &settings(&proxy.endpoint(), 1.0));
+    let through = open(
+        &format!("s3://{BUCKET}/corpus"),
+        &settings(&proxy.endpoint(), 1.0),
+    );
     let started = Instant::now();
     let err = batches(through, 2).map(|_| ()).unwrap_err();
     assert!(
@@ -355,7 +378,10 @@ fn a_persistent_read_brownout_fails_the_step_without_skipping_a_clip() {
         "{err}"
     );
     let text = err.to_string();
-    assert!(text.contains("synth/") && text.contains("ENDOFM_STORAGE_RETRY_S"), "{text}");
+    assert!(
+        text.contains("synth/") && text.contains("ENDOFM_STORAGE_RETRY_S"),
+        "{text}"
+    );
     assert!(started.elapsed() < Duration::from_secs(20));
 }
 
@@ -391,7 +417,10 @@ fn a_failed_periodic_checkpoint_is_a_warning_and_the_final_one_fails() {
     let server = S3Server::start();
     server.create_bucket(BUCKET);
     let proxy = FaultProxy::start(server_addr(&server));
-    let store = open(&format!("s3://{BUCKET}/run"), &settings(&proxy.endpoint(), 0.5));
+    let store = open(
+        &format!("s3://{BUCKET}/run"),
+        &settings(&proxy.endpoint(), 0.5),
+    );
     proxy.brownout("PUT", "step-000000001/", Some(1), 600.0);
     let mut writer = Writer::new(store.clone(), 5);
     for step in 1..=3 {
@@ -405,7 +434,10 @@ fn a_failed_periodic_checkpoint_is_a_warning_and_the_final_one_fails() {
     proxy.brownout("PUT", "step-000000004/", None, 600.0);
     let mut writer = Writer::new(store.clone(), 5);
     writer.save(&Value(4.0), manifest(4)).unwrap();
-    let err = writer.finish().expect_err("the final checkpoint failed").to_string();
+    let err = writer
+        .finish()
+        .expect_err("the final checkpoint failed")
+        .to_string();
     assert!(err.contains("step-000000004"), "{err}");
     assert_eq!(checkpoint::committed(&store).unwrap(), vec![2, 3]);
 }
@@ -415,7 +447,10 @@ fn a_frozen_endpoint_fails_within_the_deadlines_and_stops_in_time() {
     let server = S3Server::start();
     server.create_bucket(BUCKET);
     let proxy = FaultProxy::start(server_addr(&server));
-    let patient = open(&format!("s3://{BUCKET}/run"), &settings(&proxy.endpoint(), 60.0));
+    let patient = open(
+        &format!("s3://{BUCKET}/run"),
+        &settings(&proxy.endpoint(), 60.0),
+    );
     let mut s = settings(&proxy.endpoint(), 1.0);
     s.retain(|(k, _)| *k != "endofm_request_timeout_s");
     s.push(("endofm_request_timeout_s", "0.5".into()));
@@ -433,13 +468,21 @@ fn a_frozen_endpoint_fails_within_the_deadlines_and_stops_in_time() {
 
     let started = Instant::now();
     let err = store.get("before").unwrap_err();
-    assert!(matches!(err, endofm_worker::Error::StorageUnavailable { .. }), "{err}");
+    assert!(
+        matches!(err, endofm_worker::Error::StorageUnavailable { .. }),
+        "{err}"
+    );
     let text = err.to_string();
     assert!(
-        text.contains("no answer within 0.5 s") && text.contains("ENDOFM_STORAGE_REQUEST_TIMEOUT_S"),
+        text.contains("no answer within 0.5 s")
+            && text.contains("ENDOFM_STORAGE_REQUEST_TIMEOUT_S"),
         "{text}"
     );
-    assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
 
     // The training thread never waits on the stalled writer for long, and a stop is bounded.
     let started = Instant::now();
@@ -447,13 +490,20 @@ fn a_frozen_endpoint_fails_within_the_deadlines_and_stops_in_time() {
     for step in 1..=4 {
         writer.save(&Value(1.0), manifest(step)).unwrap();
     }
-    assert!(writer.failed() >= 1, "a checkpoint past the queue is skipped");
+    assert!(
+        writer.failed() >= 1,
+        "a checkpoint past the queue is skipped"
+    );
     let err = writer
         .finish_within(Duration::from_secs(1))
         .expect_err("nothing was written")
         .to_string();
     assert!(err.contains("abandoned"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
     proxy.freeze(false);
     assert!(checkpoint::committed(&store).unwrap().is_empty());
 }
@@ -470,7 +520,11 @@ fn start_up_names_a_silent_endpoint_and_missing_credentials_within_seconds() {
         err.contains("train.csv") && err.contains("no answer within 2 s"),
         "{err}"
     );
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 
     let creds = [
         "AWS_ACCESS_KEY_ID",
