@@ -123,7 +123,7 @@ impl DetectorConfig {
             check(v >= 1, &f(name), || "must be at least 1".into())?;
         }
         check(
-            self.fpn_channels % self.group_norm_groups == 0,
+            self.fpn_channels.is_multiple_of(self.group_norm_groups),
             &f("group_norm_groups"),
             || {
                 format!(
@@ -133,7 +133,7 @@ impl DetectorConfig {
             },
         )?;
         check(
-            self.fpn_channels % self.deformable_groups == 0,
+            self.fpn_channels.is_multiple_of(self.deformable_groups),
             &f("deformable_groups"),
             || {
                 format!(

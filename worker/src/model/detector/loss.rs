@@ -290,7 +290,7 @@ fn focal_sum(logits: &Tensor, targets: &Tensor, alpha: f64, gamma: f64) -> Tenso
     let modulator = (-&p_t + 1.0).pow_tensor_scalar(gamma);
     let mut loss = ce * modulator;
     if alpha >= 0.0 {
-        loss = loss * (targets * alpha + (1.0 - targets) * (1.0 - alpha));
+        loss *= targets * alpha + (1.0 - targets) * (1.0 - alpha);
     }
     loss.sum(Kind::Float)
 }
