@@ -46,7 +46,22 @@ impl<T> Shared<T> {
             if self.stop.load(Ordering::SeqCst) {
                 return;
             }
-            let item = (self.produce)(seq);
+            // A panic producing an item becomes that item's error: the consumer never waits
+            // for an item nobody will produce.
+            let item = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.produce)(seq)))
+                .unwrap_or_else(|payload| {
+                    let text = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic without a message".into());
+                    Err(Error::Input {
+                        name: "data loader".into(),
+                        reason: format!(
+                            "a data thread panicked producing item {seq}: {text}; this is a bug, please report it"
+                        ),
+                    })
+                });
             self.ready
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -127,6 +142,13 @@ impl<T: Send + 'static> Prefetch<T> {
             if let Some(item) = ready.remove(&seq) {
                 break item;
             }
+            // Liveness: threads end only past `end` or when stopped; all gone means no item.
+            if self.threads.iter().all(|t| t.is_finished()) {
+                return Err(Error::Input {
+                    name: "data loader".into(),
+                    reason: format!("every data thread ended before item {seq} was produced"),
+                });
+            }
             ready = self
                 .shared
                 .changed
@@ -158,6 +180,24 @@ impl<T> Drop for Prefetch<T> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_panicking_producer_is_an_error_not_a_hang() {
+        let mut pool = super::Prefetch::start("t", 2, 2, (0, Some(4)), |i| {
+            if i == 1 {
+                panic!("odd clip");
+            }
+            Ok(i)
+        })
+        .expect("start");
+        assert_eq!(pool.take().expect("item 0"), 0);
+        let err = pool.take().expect_err("item 1 panicked").to_string();
+        assert!(
+            err.contains("panicked") && err.contains("odd clip"),
+            "{err}"
+        );
+        assert_eq!(pool.take().expect("item 2"), 2);
+    }
+
     use super::*;
 
     #[test]
