@@ -138,6 +138,15 @@ pub struct FinetuneConfig {
     pub max_frames: usize,
 }
 
+/// `cfg` as a JSON object.
+fn base_map(cfg: &FinetuneConfig) -> Result<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::to_value(cfg) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Error::invalid("finetune", "settings are not an object")),
+        Err(e) => Err(Error::invalid("finetune", e.to_string())),
+    }
+}
+
 /// Fields every task reads.
 const COMMON_FIELDS: &[&str] = &[
     "epochs",
@@ -316,7 +325,16 @@ impl FinetuneConfig {
         img: usize,
         overrides: Option<&serde_json::Value>,
     ) -> Result<Self> {
-        let base = Self::for_task(task).sized_for(img);
+        // Segmentation's resize follows the crop the overrides give (published `crop + 32`);
+        // classification's short sides follow the network's input size.
+        let crop = overrides
+            .and_then(|o| o.get("crop"))
+            .and_then(serde_json::Value::as_u64)
+            .map_or(img, |c| c as usize);
+        let mut base = Self::for_task(task).sized_for(img);
+        if task == TaskKind::Segment {
+            base.train_resize = crop + 32;
+        }
         let mut value =
             serde_json::to_value(&base).map_err(|e| Error::invalid("finetune", e.to_string()))?;
         if let Some(over) = overrides {
@@ -343,6 +361,16 @@ impl FinetuneConfig {
             }
             if let serde_json::Value::Object(map) = &mut value {
                 for (k, v) in over {
+                    // Each value alone over the defaults, so that a bad one is named.
+                    let mut single = base_map(&base)?;
+                    single.insert(k.clone(), v.clone());
+                    if let Err(e) =
+                        serde_json::from_value::<Self>(serde_json::Value::Object(single))
+                    {
+                        let reason = e.to_string();
+                        let reason = reason.split(" at line ").next().unwrap_or(&reason);
+                        return Err(Error::invalid(k.clone(), format!("{v}: {reason}")));
+                    }
                     map.insert(k.clone(), v.clone());
                 }
             }
@@ -362,6 +390,16 @@ impl FinetuneConfig {
                     self.batch_per_rank
                 )
             })?;
+            check(
+                self.crop >= 32 && self.crop.is_multiple_of(16),
+                "crop",
+                || {
+                    format!(
+                        "{}: the segmentation network takes square frames of at least 32 px, a multiple of 16",
+                        self.crop
+                    )
+                },
+            )?;
             check(self.train_resize >= self.crop, "train_resize", || {
                 format!(
                     "{} is smaller than the crop {}",
@@ -439,6 +477,18 @@ mod tests {
         assert_eq!((s.crop, s.train_resize, s.poly_power), (224, 256, 0.9));
         let small = FinetuneConfig::resolve(TaskKind::Segment, 64, None).unwrap();
         assert_eq!((small.crop, small.train_resize), (64, 96));
+        // A crop given over a bigger network's defaults carries its own resize.
+        let given = serde_json::json!({"crop": 64});
+        let cropped = FinetuneConfig::resolve(TaskKind::Segment, 112, Some(&given)).unwrap();
+        assert_eq!((cropped.crop, cropped.train_resize), (64, 96));
+        let err = FinetuneConfig::resolve(
+            TaskKind::Segment,
+            64,
+            Some(&serde_json::json!({"std": [0.5, 0.5]})),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`std`"), "{err}");
         for (doc, field) in [
             (serde_json::json!({"momentum": 0.5}), "`momentum`"),
             (serde_json::json!({"batch_per_rank": 2}), "`batch_per_rank`"),

@@ -282,6 +282,7 @@ type Keys = std::collections::BTreeSet<String>;
 struct Given {
     train: Keys,
     finetune: Keys,
+    segmenter: Keys,
 }
 
 /// `e` with its field named below `prefix` (`finetune.lr`).
@@ -325,6 +326,7 @@ impl JobSpec {
         spec.validated(&Given {
             train: keys("train"),
             finetune: keys("finetune"),
+            segmenter: keys("segmenter"),
         })
     }
 
@@ -345,6 +347,7 @@ impl JobSpec {
         spec.validated(&Given {
             train: keys("train"),
             finetune: keys("finetune"),
+            segmenter: keys("segmenter"),
         })
     }
 
@@ -393,6 +396,21 @@ impl JobSpec {
                 }
                 _ => self.size_finetune_for(model.img_size, &given.finetune),
             }
+        }
+        if let Some(seg) = &self.segmenter {
+            // Fields left out come from the preset's network, not the published one.
+            let parsed = serde_json::to_value(seg)
+                .map_err(|e| Error::invalid("segmenter", e.to_string()))?;
+            let over: serde_json::Map<String, serde_json::Value> = given
+                .segmenter
+                .iter()
+                .filter_map(|k| parsed.get(k).map(|v| (k.clone(), v.clone())))
+                .collect();
+            let preset = self.model.config.is_none().then_some(self.model.preset.as_str());
+            self.segmenter = Some(
+                crate::SegmenterConfig::resolve(preset, Some(&serde_json::Value::Object(over)))
+                    .map_err(|e| prefixed("segmenter", e))?,
+            );
         }
         if self.kind == JobKind::Evaluate && self.split.is_none() {
             self.split = Some(DEFAULT_EVAL_SPLIT.to_string());
@@ -1221,7 +1239,10 @@ device = "cpu"
             FINETUNE.replace("\"classify\"", "\"segment\"")
         ))
         .expect("segmenter");
-        assert_eq!(ok.segmenter.map(|s| s.n_skip), Some(2));
+        let seg = ok.segmenter.expect("segmenter");
+        assert_eq!(seg.n_skip, 2);
+        // The tiny preset's network completes the table.
+        assert_eq!(seg.resnet_units, vec![2, 1, 1]);
         let message = field_of(
             JobSpec::from_toml(&FINETUNE.replace("finetune\"", "finetune-all\""))
                 .expect_err("kind"),

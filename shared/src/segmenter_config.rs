@@ -147,6 +147,41 @@ impl SegmenterConfig {
         Ok(())
     }
 
+    /// The network of a run: the fields of `given` (a JSON object) over the preset's network
+    /// (`tiny` → [`SegmenterConfig::tiny`], anything else or none → the published one),
+    /// validated.
+    ///
+    /// # Errors
+    /// `given` not an object, an unknown field or a bad value; the error names the field.
+    pub fn resolve(preset: Option<&str>, given: Option<&serde_json::Value>) -> Result<Self> {
+        let base = preset
+            .and_then(Self::for_preset)
+            .unwrap_or_else(Self::published);
+        let Some(given) = given else {
+            return Ok(base);
+        };
+        let serde_json::Value::Object(given) = given else {
+            return Err(Error::invalid(
+                "segmenter",
+                "expected an object of segmentation network sizes",
+            ));
+        };
+        let mut value = serde_json::to_value(&base)
+            .map_err(|e| Error::invalid("segmenter", e.to_string()))?;
+        if let serde_json::Value::Object(map) = &mut value {
+            for (k, v) in given {
+                map.insert(k.clone(), v.clone());
+            }
+        }
+        let cfg: Self = serde_json::from_value(value).map_err(|e| {
+            let reason = e.to_string();
+            let reason = reason.split(" at line ").next().unwrap_or(&reason);
+            Error::invalid("segmenter", reason.to_string())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// Parses a JSON object of these fields (missing ones take the published values) and
     /// validates it; `origin` names the source in errors.
     pub fn from_json_value(value: &serde_json::Value, origin: &str) -> Result<Self> {
@@ -175,6 +210,26 @@ mod tests {
             ..SegmenterConfig::tiny()
         };
         assert_eq!(none.skip_channels(), [0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_partial_section_completes_the_presets_network() {
+        let given = serde_json::json!({"head_channels": 64});
+        let tiny = SegmenterConfig::resolve(Some("tiny"), Some(&given)).unwrap();
+        assert_eq!(
+            (tiny.head_channels, tiny.resnet_units.clone()),
+            (64, vec![2, 1, 1])
+        );
+        let published = SegmenterConfig::resolve(Some("vit_b"), Some(&given)).unwrap();
+        assert_eq!(published.resnet_units, vec![3, 4, 9]);
+        assert_eq!(
+            SegmenterConfig::resolve(Some("tiny"), None).unwrap(),
+            SegmenterConfig::tiny()
+        );
+        let err = SegmenterConfig::resolve(None, Some(&serde_json::json!({"n_skip": 5})))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("n_skip"), "{err}");
     }
 
     #[test]

@@ -46,9 +46,10 @@ pub struct FinetuneRunConfig {
     /// section does not give `crop`).
     #[serde(default)]
     pub finetune: Option<serde_json::Value>,
-    /// Segmentation: the stem/decoder sizes (default: the preset's, else the published).
+    /// Segmentation: the stem/decoder sizes over the preset's network (the published one
+    /// unless the preset is `tiny`); see [`SegmenterConfig::resolve`].
     #[serde(default)]
-    pub segmenter: Option<SegmenterConfig>,
+    pub segmenter: Option<serde_json::Value>,
 }
 
 /// The stem/decoder of a segmentation run: `given`, else the preset's (`tiny`), else the
@@ -128,6 +129,27 @@ pub fn run(
         TaskKind::Segment => segment::finetune(job, collective),
         other => Err(not_implemented(other)),
     }
+}
+
+/// Refuses to start a fine-tuning run in a location that holds another run's results without
+/// checkpoints of its own (an evaluation's or prediction's `report.json`, a `best/` model):
+/// the run would replace them. A location with checkpoints is resumed (the run checks that
+/// they are its own).
+pub fn refuse_foreign_output(out: &Store, uri: &StorageUri) -> Result<()> {
+    if !out.list(crate::run::checkpoint::DIR)?.is_empty() {
+        return Ok(());
+    }
+    for key in [crate::eval::report::REPORT_FILE, &format!("{BEST}/model.safetensors")] {
+        if out.exists(key)? {
+            return Err(Error::Input {
+                name: "--out".into(),
+                reason: format!(
+                    "{uri} holds {key} but no checkpoints: results of another run (an evaluation?) that this run would replace; give it its own location"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The error for a task this build cannot run.
@@ -413,6 +435,8 @@ pub struct EvaluateJob {
     pub weights: String,
     /// The backbone when the model folder does not say (`info.json` missing).
     pub model: Option<ModelConfig>,
+    /// Segmentation: the stem/decoder when the model folder does not say.
+    pub segmenter: Option<SegmenterConfig>,
     /// Sampling settings overrides (JSON object of [`FinetuneConfig`] fields).
     pub overrides: Option<serde_json::Value>,
     /// Dataset root.

@@ -126,6 +126,12 @@ pub fn evaluate_job_for(a: &AssignmentFile, spec: &JobSpec) -> Result<EvaluateJo
             .clone()
             .ok_or_else(|| missing("init (the model)"))?,
         model: Some(spec.model.resolve()?),
+        segmenter: spec
+            .model
+            .config
+            .is_none()
+            .then(|| endofm_shared::SegmenterConfig::for_preset(&spec.model.preset))
+            .flatten(),
         overrides: None,
         data: StorageUri::parse(&spec.data.uri)?,
         split: Split::parse(spec.split.as_deref().unwrap_or("test"))?,

@@ -86,18 +86,52 @@ pub struct ModelArgs {
     pub threads: Option<i32>,
 }
 
+/// The network a model's weights need when they do not say (no `info.json`).
+#[derive(Debug, Clone, Default)]
+struct Fallback {
+    model: Option<ModelConfig>,
+    segmenter: Option<endofm_shared::SegmenterConfig>,
+}
+
 impl ModelArgs {
     /// The task (implemented ones only), the device (threads applied) and the fallback network.
-    fn resolve(&self) -> anyhow::Result<(TaskKind, tch::Device, Option<ModelConfig>)> {
+    fn resolve(&self) -> anyhow::Result<(TaskKind, tch::Device, Fallback)> {
         let task = task_of(&self.task)?;
         let device = parse_device(&self.device)?;
         set_threads(self.threads)?;
         Ok((
             task,
             device,
-            model_of(self.preset.as_deref(), self.config.as_ref())?,
+            fallback_of(self.preset.as_deref(), self.config.as_ref())?,
         ))
     }
+}
+
+/// `--preset` (its network, and for segmentation its stem/decoder) or `--config`: a model
+/// configuration, or a run's configuration (`config.json` of a fine-tuning output: its `model`
+/// and `segmenter` sections).
+fn fallback_of(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result<Fallback> {
+    if let (None, Some(path)) = (preset, config) {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading model configuration {}", path.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("model configuration {} is not JSON", path.display()))?;
+        if let Some(model) = value.get("model") {
+            let origin = format!("{} (model)", path.display());
+            return Ok(Fallback {
+                model: Some(ModelConfig::from_json_str(&model.to_string(), &origin)?),
+                segmenter: value
+                    .get("segmenter")
+                    .map(|s| endofm_shared::SegmenterConfig::resolve(None, Some(s)))
+                    .transpose()
+                    .with_context(|| format!("{} (segmenter)", path.display()))?,
+            });
+        }
+    }
+    Ok(Fallback {
+        model: model_of(preset, config)?,
+        segmenter: preset.and_then(endofm_shared::SegmenterConfig::for_preset),
+    })
 }
 
 /// `evaluate` arguments.
@@ -136,9 +170,9 @@ pub struct PredictArgs {
     /// ./prediction-<video name>).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Segmentation: frames the network sees at once (a run of consecutive frames).
-    #[arg(long, default_value_t = 8)]
-    pub frames: usize,
+    /// Segmentation: frames the network sees at once (a run of consecutive frames; default 8).
+    #[arg(long)]
+    pub frames: Option<usize>,
 }
 
 fn task_of(text: &str) -> anyhow::Result<TaskKind> {
@@ -197,6 +231,9 @@ pub fn finetune_job(args: &FinetuneArgs) -> anyhow::Result<FinetuneJob> {
         (None, None) => bail!("give --preset (vit_b, tiny) or a \"model\" section in --config"),
     };
     model.validate()?;
+    if run.segmenter.is_some() && task != TaskKind::Segment {
+        bail!("the \"segmenter\" section of --config is for --task segment (this is --task {task})");
+    }
     let mut over = match run.finetune.take() {
         Some(serde_json::Value::Object(m)) => m,
         Some(_) => bail!("the \"finetune\" section of --config must be an object"),
@@ -224,7 +261,10 @@ pub fn finetune_job(args: &FinetuneArgs) -> anyhow::Result<FinetuneJob> {
         data: StorageUri::parse(&args.data).context("--data")?,
         out: StorageUri::parse(&args.out).context("--out")?,
         preset: args.preset.clone(),
-        segmenter: finetune::segmenter_for(args.preset.as_deref(), run.segmenter.take()),
+        segmenter: endofm_shared::SegmenterConfig::resolve(
+            args.preset.as_deref(),
+            run.segmenter.as_ref(),
+        )?,
         model,
         cfg,
         init: args
@@ -262,7 +302,7 @@ pub fn run_finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
 
 /// Runs `evaluate`.
 pub fn run_evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
-    let (task, device, model) = args.model.resolve()?;
+    let (task, device, fallback) = args.model.resolve()?;
     let split = Split::parse(&args.split)?;
     let out = args
         .out
@@ -271,7 +311,8 @@ pub fn run_evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
     let job = EvaluateJob {
         task,
         weights: args.model.weights.clone(),
-        model,
+        model: fallback.model,
+        segmenter: fallback.segmenter,
         overrides: None,
         data: StorageUri::parse(&args.data).context("--data")?,
         split,
@@ -287,12 +328,14 @@ pub fn run_evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
 
 /// Runs `predict`: one JSON object, or with --window one JSON line per window.
 pub fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
-    let (task, device, model) = args.model.resolve()?;
+    let (task, device, fallback) = args.model.resolve()?;
+    let model = fallback.model.clone();
     if task == TaskKind::Segment {
         if args.window {
             bail!("--window is for classification; segmentation predicts every frame");
         }
-        if args.frames == 0 {
+        let window = args.frames.unwrap_or(8);
+        if window == 0 {
             bail!("--frames must be at least 1");
         }
         let out = args.out.clone().unwrap_or_else(|| {
@@ -311,9 +354,10 @@ pub fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
         let frames = finetune::segment::predict(
             &args.model.weights,
             model.as_ref(),
+            fallback.segmenter.as_ref(),
             &args.video,
             &out,
-            args.frames,
+            window,
             device,
         )?;
         for f in &frames {
@@ -326,8 +370,10 @@ pub fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
         }));
         return Ok(());
     }
-    if args.out.is_some() {
-        bail!("--out is for segmentation; classification prints its predictions");
+    if args.out.is_some() || args.frames.is_some() {
+        bail!(
+            "--out and --frames are for segmentation; classification prints its predictions and samples frames as the model was trained"
+        );
     }
     let predictions = finetune::classify::predict(
         &args.model.weights,

@@ -82,13 +82,20 @@ impl AdamW {
                 if !g.defined() {
                     continue;
                 }
+                // In place, like torch's single-tensor AdamW: two temporaries per parameter.
                 if self.weight_decay != 0.0 {
                     let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
                 }
-                let _ = m.g_mul_scalar_(BETA1).g_add_(&(&g * (1.0 - BETA1)));
-                let _ = v.g_mul_scalar_(BETA2).g_add_(&(&g * &g * (1.0 - BETA2)));
-                let denom = v.sqrt() / bc2.sqrt() + EPS;
-                let _ = p.g_sub_(&(&*m / denom * (lr / bc1)));
+                let _ = m.lerp_(&g, 1.0 - BETA1);
+                let _ = v.g_mul_scalar_(BETA2);
+                let _ = v.addcmul_(&(&g * (1.0 - BETA2)), &g);
+                if lr != 0.0 {
+                    let mut denom = v.sqrt();
+                    let _ = denom.g_div_scalar_(bc2.sqrt()).g_add_scalar_(EPS);
+                    // p += m / (denom · (−bc1/lr)) = p − (lr/bc1) · m / denom.
+                    let _ = denom.g_mul_scalar_(-bc1 / lr);
+                    let _ = p.addcdiv_(m, &denom);
+                }
                 let _ = g.zero_();
             }
         });

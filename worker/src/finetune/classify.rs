@@ -352,6 +352,15 @@ impl Task for ClassifyTask<'_> {
             lr,
             collective,
         )?;
+        if !value.is_finite() {
+            // Another attempt would repeat it: the failure class is `non_finite_loss`.
+            return Err(Error::Input {
+                name: "loss".into(),
+                reason: format!(
+                    "non-finite loss {value} at step {step} (lr {lr:e}); lower the learning rate"
+                ),
+            });
+        }
         self.state.epoch_loss.0 += value;
         self.state.epoch_loss.1 += 1;
         Ok(StepOutcome {
@@ -529,6 +538,7 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
         })
         .collect();
     let out = Store::open(&job.out, true)?;
+    super::refuse_foreign_output(&out, &job.out)?;
     // Initialisation is seeded so every rank starts from the same classifier.
     let model = {
         // The training loop never reads libtorch's global generator (drop-path uses per-step
@@ -685,9 +695,14 @@ pub(super) fn publish(report: &mut Report, out: &Store, rank: usize) -> Result<O
             })?;
             out.put(&format!("plots/{f}"), Bytes::from(bytes))?;
         }
-        report
-            .plots
-            .extend(files.iter().map(|f| format!("plots/{f}")));
+        // `write_report_plots` lists the bare names; the report lists them where they are.
+        report.plots.retain(|p| !files.contains(p));
+        for f in &files {
+            let listed = format!("plots/{f}");
+            if !report.plots.contains(&listed) {
+                report.plots.push(listed);
+            }
+        }
         let local = tmp.path().join(REPORT_FILE);
         report.write(&local)?;
         let bytes = std::fs::read(&local).map_err(|source| Error::Io {

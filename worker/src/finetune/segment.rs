@@ -434,9 +434,25 @@ impl Task for SegmentTask<'_> {
         }
         let seg: SegmenterConfig = m.field("segmenter")?;
         if seg != self.job.segmenter {
+            let (theirs, ours) = (
+                serde_json::to_value(&seg).unwrap_or_default(),
+                serde_json::to_value(&self.job.segmenter).unwrap_or_default(),
+            );
+            let changed: Vec<String> = ours
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| theirs.get(k.as_str()) != Some(*v))
+                .map(|(k, v)| {
+                    format!(
+                        "segmenter.{k} {} (here {v})",
+                        theirs.get(k.as_str()).cloned().unwrap_or_default()
+                    )
+                })
+                .collect();
             return Err(refuse(format!(
-                "another segmentation network: {seg:?} (here {:?})",
-                self.job.segmenter
+                "another segmentation network: {}",
+                changed.join(", ")
             )));
         }
         let init: Option<String> = m.field("init_source").unwrap_or(None);
@@ -691,6 +707,7 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
         })
         .collect();
     let out = Store::open(&job.out, true)?;
+    super::refuse_foreign_output(&out, &job.out)?;
     let model = {
         tch::manual_seed(job.cfg.seed as i64);
         Segmenter::new(&model_cfg, &job.segmenter, job.device)?
@@ -849,6 +866,7 @@ fn publish(
 fn load_segmenter(
     weights_text: &str,
     fallback: Option<&endofm_shared::ModelConfig>,
+    fallback_segmenter: Option<&SegmenterConfig>,
     overrides: Option<&serde_json::Value>,
     device: Device,
 ) -> Result<(Segmenter, FinetuneConfig)> {
@@ -882,7 +900,9 @@ fn load_segmenter(
         }
         (None, Some(model)) => (
             model.clone(),
-            SegmenterConfig::published(),
+            fallback_segmenter
+                .cloned()
+                .unwrap_or_else(SegmenterConfig::published),
             super::finetune_config(TaskKind::Segment, model, overrides)?,
         ),
         (None, None) => {
@@ -905,6 +925,7 @@ pub fn evaluate(job: &EvaluateJob, collective: &mut dyn Collective) -> Result<Ou
     let (model, cfg) = load_segmenter(
         &job.weights,
         job.model.as_ref(),
+        job.segmenter.as_ref(),
         job.overrides.as_ref(),
         job.device,
     )?;
@@ -982,12 +1003,13 @@ pub struct FramePrediction {
 pub fn predict(
     weights_text: &str,
     fallback: Option<&endofm_shared::ModelConfig>,
+    fallback_segmenter: Option<&SegmenterConfig>,
     video: &str,
     out: &Path,
     window: usize,
     device: Device,
 ) -> Result<Vec<FramePrediction>> {
-    let (model, cfg) = load_segmenter(weights_text, fallback, None, device)?;
+    let (model, cfg) = load_segmenter(weights_text, fallback, fallback_segmenter, None, device)?;
     let precision = resolve_precision(cfg.precision, device)?;
     let mut media = crate::datasets::media::Media::open_uri(video)?;
     let info = media.info();
@@ -998,6 +1020,15 @@ pub fn predict(
         });
     }
     let masks_dir = out.join("masks");
+    if std::fs::read_dir(&masks_dir).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(Error::Input {
+            name: "--out".into(),
+            reason: format!(
+                "{} already holds masks (of another prediction?); give an empty or new folder",
+                out.display()
+            ),
+        });
+    }
     std::fs::create_dir_all(&masks_dir).map_err(|source| Error::Io {
         action: "creating",
         path: masks_dir.clone(),

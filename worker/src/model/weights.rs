@@ -65,7 +65,11 @@ pub fn write(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
         path: tmp.clone(),
         reason: e.to_string(),
     })?;
-    std::fs::rename(&tmp, path).map_err(io)
+    std::fs::rename(&tmp, path).map_err(|e| {
+        // Nothing half-written stays behind (e.g. when `path` is a directory).
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
 }
 
 /// Saves every variable of `vs` (frozen ones included) under its path.

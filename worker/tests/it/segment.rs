@@ -244,6 +244,43 @@ fn segmentation_learns_clear_polyps_and_reports_it() {
     );
     assert!(pred.join("overlay.mp4").metadata().unwrap().len() > 1000);
     assert_eq!(last_json(&text)["frames"], frames);
+    // A second prediction into the same folder is refused (its masks would mix).
+    let err = worker_err(&[
+        "predict",
+        "--task",
+        "segment",
+        "--weights",
+        o,
+        "--video",
+        video.to_str().unwrap(),
+        "--out",
+        pred.to_str().unwrap(),
+    ]);
+    assert!(err.contains("already holds masks"), "{err}");
+    // The bare weights file with the run's config.json (its model and segmenter sections).
+    let bare = last_json(&worker_ok(&[
+        "evaluate",
+        "--task",
+        "segment",
+        "--weights",
+        out.join("best/model.safetensors").to_str().unwrap(),
+        "--config",
+        out.join("config.json").to_str().unwrap(),
+        "--data",
+        d,
+        "--split",
+        "val",
+        "--out",
+        tmp.path().join("eval-bare").to_str().unwrap(),
+        "--threads",
+        "2",
+    ]));
+    assert_eq!(bare["metrics"]["val_dice"], result["metrics"]["val_dice"]);
+    // A fine-tuning run pointed at the evaluation's output is refused; the report stays.
+    let before = std::fs::read(eval_out.join("report.json")).unwrap();
+    let err = worker_err(&finetune_args(d, eval_out.to_str().unwrap(), c));
+    assert!(err.contains("no checkpoints"), "{err}");
+    assert_eq!(std::fs::read(eval_out.join("report.json")).unwrap(), before);
 }
 
 #[test]
@@ -324,13 +361,16 @@ fn bad_segmentation_inputs_are_refused_naming_the_file() {
     }
     let err = run(&data, "o3");
     assert!(err.contains("005"), "{err}");
-    // Settings of another task, or a batch of sequences, are refused by name.
+    // Settings of another task, a batch of sequences, a frame size the stem cannot take and
+    // a value of the wrong type are refused by name.
     let data = cvc(tmp.path(), 8, 14);
-    for (doc, field) in [
-        (r#""momentum": 0.5"#, "momentum"),
-        (r#""batch_per_rank": 2"#, "batch_per_rank"),
+    for (name, doc, field) in [
+        ("momentum", r#""momentum": 0.5"#, "momentum"),
+        ("batch", r#""batch_per_rank": 2"#, "batch_per_rank"),
+        ("crop", r#""epochs": 1, "crop": 50"#, "`crop`"),
+        ("std", r#""std": [0.5, 0.5]"#, "`std`"),
     ] {
-        let bad = seg_config(tmp.path(), field, doc);
+        let bad = seg_config(tmp.path(), name, doc);
         let err = worker_err(&finetune_args(
             data.to_str().unwrap(),
             tmp.path().join("o4").to_str().unwrap(),

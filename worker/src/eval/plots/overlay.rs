@@ -79,7 +79,8 @@ pub fn mask_grid(samples: &[OverlaySample], title: &str, path: &Path) -> Result<
         }
     }
     render(path, title, |area| {
-        let (cols, rows) = (4i32, 2i32);
+        let cols = 4i32;
+        let rows = (samples.len().min(8) as i32 + cols - 1) / cols;
         let legend = 30;
         let cell_w = WIDTH as i32 / cols;
         let cell_h = (HEIGHT as i32 - 46 - legend) / rows;
