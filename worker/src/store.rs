@@ -561,16 +561,13 @@ impl Store {
     /// Whether an object exists.
     pub fn exists(&self, key: &str) -> Result<bool> {
         let path = self.path(key)?;
-        match self.run(key, "stat", async {
+        self.run(key, "stat", async {
             match self.inner.head(&path).await {
                 Ok(_) => Ok(true),
                 Err(object_store::Error::NotFound { .. }) => Ok(false),
                 Err(e) => Err(e),
             }
-        }) {
-            Ok(b) => Ok(b),
-            Err(e) => Err(e),
-        }
+        })
     }
 
     /// Writes a whole object (replacing it). Transient failures are retried like every request;
