@@ -721,6 +721,43 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_is_read_in_seconds_or_as_a_date_and_limits_parse() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert(http::header::RETRY_AFTER, "3".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(30);
+        h.insert(
+            http::header::RETRY_AFTER,
+            httpdate::fmt_http_date(later).parse().unwrap(),
+        );
+        let wait = retry_after(&h).unwrap();
+        assert!(
+            (Duration::from_secs(28)..=Duration::from_secs(30)).contains(&wait),
+            "{wait:?}"
+        );
+        assert!(transient_status(http::StatusCode::SERVICE_UNAVAILABLE));
+        assert!(transient_status(http::StatusCode::TOO_MANY_REQUESTS));
+        assert!(!transient_status(http::StatusCode::FORBIDDEN));
+        assert!(backoff(0) < backoff(3) && backoff(40) <= Duration::from_secs_f64(15.0 * 1.25));
+        assert!(is_temporary_name("student.safetensors#1") && !is_temporary_name("a#b.mp4"));
+
+        let mut limits = StorageLimits::default();
+        assert_eq!(limits.set("endofm_retry_s", "2.5"), Ok(true));
+        assert_eq!(limits.retry_for, Duration::from_millis(2500));
+        assert_eq!(limits.set("aws_endpoint", "x"), Ok(false));
+        assert!(limits.set("endofm_startup_s", "-1").is_err());
+        let uri = StorageUri::parse("s3://some-bucket/p").unwrap();
+        let err = Store::open_with(&uri, false, &[("endofm_request_timeout_s", "soon")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("endofm_request_timeout_s") && err.contains("soon"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn local_round_trip_list_delete() {
         let dir = tempfile::tempdir().unwrap();
         let uri = StorageUri::parse(&dir.path().join("out").display().to_string()).unwrap();
