@@ -392,8 +392,8 @@ impl Shared {
             .unwrap_or_else(|payload| {
                 let text = panic_text(payload.as_ref());
                 tracing::error!(sample = seq, panic = %text, "a data thread panicked");
-                Err(Error::Input {
-                    name: "data loader".into(),
+                Err(Error::Service {
+                    what: "data loader".into(),
                     reason: format!(
                         "a data thread panicked producing sample {seq}: {text}; this is a bug, please report it with the clip"
                     ),
@@ -594,8 +594,8 @@ impl Loader {
     /// An error when a data thread has ended (it only ends when the loader stops).
     fn check_threads(&self) -> Result<()> {
         match self.threads.iter().find(|t| t.is_finished()) {
-            Some(t) => Err(Error::Input {
-                name: "data loader".into(),
+            Some(t) => Err(Error::Service {
+                what: "data loader".into(),
                 reason: format!(
                     "data thread {} ended unexpectedly (a panic outside clip decoding?); the rank cannot get its batches",
                     t.thread().name().unwrap_or("?")
@@ -622,8 +622,9 @@ impl Loader {
                 if STOP_FLAG.get().is_some_and(|f| f.load(Ordering::SeqCst)) {
                     let since = *stop_seen.get_or_insert_with(Instant::now);
                     if since.elapsed() >= STOP_WAIT {
-                        return Err(Error::Input {
-                            name: "data loader".into(),
+                        // A stop (class `stopped`: the attempt restarts from its checkpoint).
+                        return Err(Error::Service {
+                            what: "training".into(),
                             reason: format!(
                                 "stop requested while waiting {:.0} s for sample {seq} (storage stalled?); exiting without a new checkpoint, the newest committed one is intact",
                                 started.elapsed().as_secs_f64()

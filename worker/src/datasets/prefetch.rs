@@ -55,8 +55,8 @@ impl<T> Shared<T> {
                         .map(|s| s.to_string())
                         .or_else(|| payload.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "a panic without a message".into());
-                    Err(Error::Input {
-                        name: "data loader".into(),
+                    Err(Error::Service {
+                        what: "data loader".into(),
                         reason: format!(
                             "a data thread panicked producing item {seq}: {text}; this is a bug, please report it"
                         ),
@@ -144,8 +144,8 @@ impl<T: Send + 'static> Prefetch<T> {
             }
             // Liveness: threads end only past `end` or when stopped; all gone means no item.
             if self.threads.iter().all(|t| t.is_finished()) {
-                return Err(Error::Input {
-                    name: "data loader".into(),
+                return Err(Error::Service {
+                    what: "data loader".into(),
                     reason: format!("every data thread ended before item {seq} was produced"),
                 });
             }
