@@ -283,20 +283,34 @@ pub fn backbone_tensors(
                     name: "--init".into(),
                     reason: format!(
                         "{} has no {}.safetensors (--init-from {}) and no model.safetensors",
-                        dir.display(),
+                        local.origin(),
                         from.name(),
                         from.name()
                     ),
                 });
             };
-            let described = format!("{} ({what})", path.display());
-            Ok((weights::read(&path)?, path, described))
+            // Named as the user gave it (a downloaded folder's temporary copy is gone later).
+            let shown = PathBuf::from(local.name_of(&path));
+            let described = format!("{} ({what})", shown.display());
+            let tensors = weights::read(&path).map_err(|e| Error::Input {
+                name: "--init".into(),
+                reason: e
+                    .to_string()
+                    .replace(&path.display().to_string(), &shown.display().to_string()),
+            })?;
+            Ok((tensors, shown, described))
         }
-        InitSource::Weights(path) => Ok((
-            weights::read(path)?,
-            path.clone(),
-            path.display().to_string(),
-        )),
+        InitSource::Weights(path) => {
+            let shown = PathBuf::from(local.name_of(path));
+            let tensors = weights::read(path).map_err(|e| Error::Input {
+                name: "--init".into(),
+                reason: e
+                    .to_string()
+                    .replace(&path.display().to_string(), &shown.display().to_string()),
+            })?;
+            let described = shown.display().to_string();
+            Ok((tensors, shown, described))
+        }
         InitSource::Pickle(path) => {
             let tmp = crate::init::temp_dir()?;
             crate::convert::import(&crate::convert::python(None), path, tmp.path(), false)?;

@@ -120,23 +120,19 @@ fn load_init(trainer: &mut SslTrainer, init: &InitSource) -> Result<()> {
     match &local.source {
         InitSource::Remote(_) => unreachable!("localise returns a local source"),
         InitSource::Folder(dir) => {
-            let teacher = dir.join("teacher.safetensors");
-            if !dir.join("student.safetensors").is_file() {
-                return Err(Error::Input {
-                    name: "--init".into(),
-                    reason: format!(
-                        "{} has no student.safetensors (a fine-tuned model cannot initialise pre-training)",
-                        dir.display()
-                    ),
-                });
-            }
-            trainer.load_weights(
-                &dir.join("student.safetensors"),
-                teacher.is_file().then_some(teacher.as_path()),
+            let student = local.require(
+                "student.safetensors",
+                "pre-training starts from a student; a fine-tuned model cannot initialise it",
             )?;
+            let teacher = dir.join("teacher.safetensors");
+            trainer
+                .load_weights(&student, teacher.is_file().then_some(teacher.as_path()))
+                .map_err(|e| named_for_user(e, dir, local.origin()))?;
         }
         InitSource::Weights(path) => {
-            trainer.load_weights(path, None)?;
+            trainer
+                .load_weights(path, None)
+                .map_err(|e| named_for_user(e, path, local.origin()))?;
         }
         InitSource::Pickle(path) => {
             let tmp = tempfile::tempdir().map_err(|source| Error::Io {
@@ -145,10 +141,25 @@ fn load_init(trainer: &mut SslTrainer, init: &InitSource) -> Result<()> {
                 source,
             })?;
             crate::convert::import(&crate::convert::python(None), path, tmp.path(), false)?;
-            load_init(trainer, &InitSource::Folder(tmp.path().to_path_buf()))?;
+            load_init(trainer, &InitSource::Folder(tmp.path().to_path_buf()))
+                .map_err(|e| named_for_user(e, tmp.path(), &path.display().to_string()))?;
         }
     }
     Ok(())
+}
+
+/// `e` with the temporary or downloaded location `local` replaced by what the user named
+/// (`origin`), so that a message never points at a file that is gone when it is read.
+fn named_for_user(e: Error, local: &std::path::Path, origin: &str) -> Error {
+    let text = e.to_string();
+    let shown = local.display().to_string();
+    if shown == origin || !text.contains(&shown) {
+        return e;
+    }
+    Error::Input {
+        name: "--init".into(),
+        reason: text.replace(&shown, origin.trim_end_matches('/')),
+    }
 }
 
 /// Pre-training as a [`Task`]: the trainer, the corpus and (once started) its loader.
@@ -309,6 +320,18 @@ impl Checkpointable for SslTask<'_> {
 
 impl Task for SslTask<'_> {
     type Batch = Vec<Tensor>;
+
+    fn bad_inputs(&self) -> Vec<(String, String)> {
+        self.loader
+            .as_ref()
+            .map(|l| {
+                l.bad_clips()
+                    .into_values()
+                    .map(|b| (b.uri, b.reason))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 
     fn iters_per_epoch(&self) -> usize {
         self.trainer.iters_per_epoch()

@@ -177,6 +177,26 @@ fn bad_input_is_refused_before_any_work() {
     let e = run(&good, d, o, &[]);
     assert!(e.contains("--preset"), "{e}");
 
+    // An initialisation folder without a student names the user's folder and what it holds.
+    let teacher_only = dir.path().join("teacher-only");
+    std::fs::create_dir_all(&teacher_only).unwrap();
+    std::fs::copy(
+        support::tiny().join("weights.safetensors"),
+        teacher_only.join("teacher.safetensors"),
+    )
+    .unwrap();
+    let e = run(
+        &good,
+        d,
+        o,
+        &["--preset", "tiny", "--init", teacher_only.to_str().unwrap()],
+    );
+    assert!(
+        e.contains(teacher_only.to_str().unwrap()) && e.contains("student.safetensors"),
+        "{e}"
+    );
+    assert!(e.contains("teacher.safetensors"), "what it holds: {e}");
+
     // Missing corpus, empty corpus, a corpus smaller than one batch, a bad URI.
     let e = run(&good, "/no/such/corpus", o, &["--preset", "tiny"]);
     assert!(e.contains("/no/such/corpus"), "{e}");
@@ -447,7 +467,10 @@ fn a_forced_uniform_collapse_is_diagnosed_and_warned_about() {
     }
     // The window of a 9-step run is 3 steps: collapsed from the third step on.
     let flagged: Vec<bool> = lines.iter().map(|l| l["collapse"] == "uniform").collect();
-    assert_eq!(flagged, [false, false, true, true, true, true, true, true, true]);
+    assert_eq!(
+        flagged,
+        [false, false, true, true, true, true, true, true, true]
+    );
     let warnings: Vec<&str> = stderr
         .lines()
         .filter(|l| l.contains("uniform collapse"))
@@ -496,4 +519,25 @@ fn a_forced_uniform_collapse_is_diagnosed_and_warned_about() {
         let bytes = std::fs::read(out.join(p)).unwrap();
         assert!(bytes.starts_with(b"\x89PNG"), "{p} is not a PNG");
     }
+}
+
+#[test]
+fn a_broken_clip_is_counted_once_and_listed_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 4, 8, 48, 2);
+    std::fs::write(data.join("synth/00001.mp4"), b"not a video at all").unwrap();
+    let config = run_config(dir.path(), r#"{"epochs": 3, "batch_per_rank": 2}"#);
+    let out = dir.path().join("out");
+    let summary = pretrain(&data, &out, &config, &[]);
+    assert_eq!(summary["clips_failed"], 1, "{summary}");
+    let list: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("bad_inputs/rank-0.json")).unwrap())
+            .unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert!(
+        list[0]["uri"].as_str().unwrap().ends_with("00001.mp4"),
+        "{list:?}"
+    );
+    assert!(!list[0]["reason"].as_str().unwrap().is_empty());
 }
