@@ -5,8 +5,8 @@
 pub mod classifier;
 pub mod detector;
 pub mod head;
-pub mod timesformer;
 pub mod segmenter;
+pub mod timesformer;
 pub mod weights;
 
 use std::path::Path;
@@ -19,9 +19,9 @@ use crate::Result;
 pub use classifier::Classifier;
 pub use detector::Detector;
 pub use head::DinoHead;
+pub use segmenter::Segmenter;
 pub use timesformer::TimeSformer;
 pub use weights::{LoadMode, LoadReport};
-pub use segmenter::Segmenter;
 
 /// The runs of consecutive views with the same (T, H, W), as index ranges in order: the
 /// batches [`EndoFm::forward_views`] runs the backbone on.

@@ -5,8 +5,8 @@
 
 pub mod detect;
 pub mod downstream;
-pub mod trajectory;
 pub mod segment;
+pub mod trajectory;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
