@@ -19,7 +19,7 @@ use tch::{Device, Kind, Tensor};
 use endofm_shared::{DetectorConfig, IouLossKind, ModelConfig};
 
 use super::downstream::{
-    Check, LOSS_REL, OUTPUT_REL, backbone_config, compare_grads, config_json, vectors,
+    Check, LOSS_REL, backbone_config, bad, compare_grads, config_json, need, output_check, vectors,
 };
 use crate::infer::{Precision, with_precision};
 use crate::model::LoadMode;
@@ -31,31 +31,6 @@ use crate::{Error, Result};
 pub const BOX_ABS_PX: f64 = 1e-3;
 /// Detection scores: absolute tolerance.
 pub const SCORE_ABS: f64 = 1e-5;
-
-fn bad(dir: &ReferenceDir, field: &str, reason: impl Into<String>) -> Error {
-    Error::Input {
-        name: format!("{}: {field}", dir.file("config.json").display()),
-        reason: reason.into(),
-    }
-}
-
-fn need<'a>(dir: &ReferenceDir, v: &'a BTreeMap<String, Tensor>, key: &str) -> Result<&'a Tensor> {
-    v.get(key).ok_or_else(|| Error::Input {
-        name: key.to_string(),
-        reason: format!("missing from {}", dir.file("vectors.safetensors").display()),
-    })
-}
-
-fn output_check(name: &str, ours: &Tensor, reference: &Tensor) -> Check {
-    let e = crate::verify::rel_err(ours, reference);
-    Check {
-        check: name.to_string(),
-        worst_err: e,
-        tolerance: OUTPUT_REL,
-        worst_key: None,
-        pass: e <= OUTPUT_REL,
-    }
-}
 
 /// Names of the head outputs per level, as the vectors store them.
 pub const HEAD_OUTPUTS: [&str; 6] = [
