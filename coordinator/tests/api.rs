@@ -387,9 +387,9 @@ async fn dependencies_are_checked_at_submit_and_followed() {
             err.message()
         );
     }
-    let err = refused(&mut jobs, finetune("").replace("classify", "segment")).await;
+    let err = refused(&mut jobs, finetune("").replace("classify", "detect")).await;
     assert!(
-        err.message().contains("`task`") && err.message().contains("classify"),
+        err.message().contains("`task`") && err.message().contains("detect"),
         "{}",
         err.message()
     );
