@@ -255,7 +255,8 @@ threads_per_rank = 1
     assert!(events.contains(&broken), "{events}");
 }
 
-/// A small generated CVC-layout dataset (8 sequences of 4 frames at 64 px), once per process.
+/// A small generated CVC-layout dataset (12 sequences of 4 frames at 64 px: at least two per
+/// evaluated split, so that both ranks score), once per process.
 fn cvc() -> PathBuf {
     static DATA: OnceLock<PathBuf> = OnceLock::new();
     DATA.get_or_init(|| {
@@ -265,7 +266,7 @@ fn cvc() -> PathBuf {
             .arg(&dir)
             .args([
                 "--videos",
-                "8",
+                "12",
                 "--size",
                 "64",
                 "--frames",
@@ -347,4 +348,46 @@ decoder_channels = [16, 16, 8, 8]
     assert_eq!(config["world_size"], 2);
     assert_eq!(config["segmenter"]["head_channels"], 32);
     assert_eq!(config["finetune"]["batch_per_rank"], 1);
+    let val_list = std::fs::read_to_string(cvc().join("splits/val.txt")).unwrap();
+    assert!(
+        val_list.lines().count() >= 2,
+        "both ranks validate: {val_list}"
+    );
+    // Both ranks validated with one model (rank 0's BatchNorm statistics, given to every rank
+    // after each step): a one-process evaluation of the chosen model on the validation split
+    // gives the numbers recorded for the chosen epoch.
+    let eval = Command::new(bin("endofm-worker").unwrap())
+        .args(["evaluate", "--task", "segment", "--weights"])
+        .arg(&out)
+        .arg("--data")
+        .arg(cvc())
+        .args(["--split", "val", "--threads", "1", "--out"])
+        .arg(dir.join("seg-eval"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running evaluate");
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let line: Value = String::from_utf8_lossy(&eval.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .last()
+        .expect("evaluate prints its outcome");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let chosen = report["selection"]["epoch"].as_u64().unwrap() as usize;
+    let recorded = &report["history"][chosen]["val"];
+    for key in ["dice", "frame_iou", "loss"] {
+        let (a, b) = (
+            line["metrics"][format!("val_{key}")].as_f64().unwrap(),
+            recorded[key].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() < 1e-6,
+            "{key}: evaluate {a}, recorded at epoch {chosen} {b}"
+        );
+    }
 }

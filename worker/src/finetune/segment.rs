@@ -521,6 +521,9 @@ impl Task for SegmentTask<'_> {
             lr,
             collective,
         )?;
+        if self.world > 1 {
+            broadcast_buffers(&self.model, self.rank, collective)?;
+        }
         if !loss.is_finite() {
             return Err(Error::Input {
                 name: "loss".into(),
@@ -642,6 +645,42 @@ pub fn train_step(
         l.ce.double_value(&[]),
         l.dice.double_value(&[]),
     ))
+}
+
+/// Gives every rank rank 0's BatchNorm running statistics (what DistributedDataParallel's
+/// `broadcast_buffers` does before each forward), so that all ranks validate, score and
+/// checkpoint one model. Done after each step as a sum over ranks of rank 0's values.
+fn broadcast_buffers(
+    model: &Segmenter,
+    rank: usize,
+    collective: &mut dyn Collective,
+) -> Result<()> {
+    let mut buffers: Vec<(String, Tensor)> = model
+        .var_store()
+        .variables()
+        .into_iter()
+        .filter(|(k, _)| k.ends_with("running_mean") || k.ends_with("running_var"))
+        .collect();
+    buffers.sort_by(|a, b| a.0.cmp(&b.0));
+    if buffers.is_empty() {
+        return Ok(());
+    }
+    let flat: Vec<Tensor> = buffers.iter().map(|(_, t)| t.reshape([-1])).collect();
+    let mut all = Tensor::cat(&flat, 0);
+    if rank != 0 {
+        let _ = all.zero_();
+    }
+    collective.all_reduce_sum(&mut all)?;
+    let mut offset = 0;
+    tch::no_grad(|| {
+        for (_, t) in &buffers {
+            let n = t.numel() as i64;
+            let mut t = t.shallow_clone();
+            t.copy_(&all.narrow(0, offset, n).view_as(&t));
+            offset += n;
+        }
+    });
+    Ok(())
 }
 
 /// Opens the dataset and reads every sequence of every split once, so a bad frame or mask
