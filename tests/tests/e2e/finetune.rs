@@ -373,8 +373,8 @@ decoder_channels = [16, 16, 8, 8]
     );
     let line: Value = String::from_utf8_lossy(&eval.stdout)
         .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .last()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
         .expect("evaluate prints its outcome");
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
