@@ -171,7 +171,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let logs = run_dir.join("logs");
 
     let data = match &args.data {
-        Some(d) => d.clone(),
+        Some(d) => local_absolute(d, "--data")?,
         None => {
             let corpus = args.dir.join(format!(
                 "corpus-{}c-{}f-{}px",
@@ -203,7 +203,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
 
     let downstream = match (&args.ft_data, args.pipeline) {
         (_, false) => None,
-        (Some(d), true) => Some(d.clone()),
+        (Some(d), true) => Some(local_absolute(d, "--ft-data")?),
         (None, true) => Some(polypdiag_dataset(&worker, &args.dir, args.ft_videos)?),
     };
 
@@ -327,6 +327,20 @@ pub fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Generates (once; later runs reuse it) a PolypDiag-layout dataset with
+/// A location given to `up` as the jobs will name it: object-store URIs as given, a local path
+/// made absolute (the local workers of `up` share this machine, so the user's relative path
+/// means this working directory; a job spec refuses relative paths).
+fn local_absolute(text: &str, flag: &str) -> anyhow::Result<String> {
+    if text.contains("://") {
+        return Ok(text.to_string());
+    }
+    let path = std::path::Path::new(text);
+    let absolute = path
+        .canonicalize()
+        .with_context(|| format!("{flag} {text}: no such file or folder here"))?;
+    Ok(absolute.display().to_string())
+}
+
 /// `endofm-worker synth --kind polypdiag`; returns its absolute path.
 fn polypdiag_dataset(worker: &Path, dir: &Path, videos: Option<usize>) -> anyhow::Result<String> {
     const SEED: u64 = 0;
@@ -519,5 +533,33 @@ async fn cancel_all(c: &mut client::Jobs, ids: &[String], reason: &str) {
                 reason: reason.into(),
             })
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_locations_become_absolute_and_uris_stay() {
+        let here = std::env::current_dir().unwrap();
+        let got = local_absolute("src", "--data").unwrap();
+        assert_eq!(
+            got,
+            here.join("src")
+                .canonicalize()
+                .unwrap()
+                .display()
+                .to_string()
+        );
+        assert_eq!(
+            local_absolute("s3://bucket/corpus", "--data").unwrap(),
+            "s3://bucket/corpus"
+        );
+        let err = local_absolute("no/such/folder", "--ft-data").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("--ft-data no/such/folder"),
+            "{err:#}"
+        );
     }
 }
