@@ -406,7 +406,11 @@ impl JobSpec {
                 .iter()
                 .filter_map(|k| parsed.get(k).map(|v| (k.clone(), v.clone())))
                 .collect();
-            let preset = self.model.config.is_none().then_some(self.model.preset.as_str());
+            let preset = self
+                .model
+                .config
+                .is_none()
+                .then_some(self.model.preset.as_str());
             self.segmenter = Some(
                 crate::SegmenterConfig::resolve(preset, Some(&serde_json::Value::Object(over)))
                     .map_err(|e| prefixed("segmenter", e))?,

@@ -166,8 +166,8 @@ impl SegmenterConfig {
                 "expected an object of segmentation network sizes",
             ));
         };
-        let mut value = serde_json::to_value(&base)
-            .map_err(|e| Error::invalid("segmenter", e.to_string()))?;
+        let mut value =
+            serde_json::to_value(&base).map_err(|e| Error::invalid("segmenter", e.to_string()))?;
         if let serde_json::Value::Object(map) = &mut value {
             for (k, v) in given {
                 map.insert(k.clone(), v.clone());

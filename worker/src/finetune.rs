@@ -139,7 +139,10 @@ pub fn refuse_foreign_output(out: &Store, uri: &StorageUri) -> Result<()> {
     if !out.list(crate::run::checkpoint::DIR)?.is_empty() {
         return Ok(());
     }
-    for key in [crate::eval::report::REPORT_FILE, &format!("{BEST}/model.safetensors")] {
+    for key in [
+        crate::eval::report::REPORT_FILE,
+        &format!("{BEST}/model.safetensors"),
+    ] {
         if out.exists(key)? {
             return Err(Error::Input {
                 name: "--out".into(),

@@ -232,7 +232,9 @@ pub fn finetune_job(args: &FinetuneArgs) -> anyhow::Result<FinetuneJob> {
     };
     model.validate()?;
     if run.segmenter.is_some() && task != TaskKind::Segment {
-        bail!("the \"segmenter\" section of --config is for --task segment (this is --task {task})");
+        bail!(
+            "the \"segmenter\" section of --config is for --task segment (this is --task {task})"
+        );
     }
     let mut over = match run.finetune.take() {
         Some(serde_json::Value::Object(m)) => m,

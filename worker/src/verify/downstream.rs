@@ -263,7 +263,11 @@ pub struct Check {
 }
 
 /// The vector `key`, or an error naming it and the file.
-pub(crate) fn need<'a>(dir: &ReferenceDir, v: &'a BTreeMap<String, Tensor>, key: &str) -> Result<&'a Tensor> {
+pub(crate) fn need<'a>(
+    dir: &ReferenceDir,
+    v: &'a BTreeMap<String, Tensor>,
+    key: &str,
+) -> Result<&'a Tensor> {
     v.get(key).ok_or_else(|| Error::Input {
         name: key.to_string(),
         reason: format!("missing from {}", dir.file("vectors.safetensors").display()),
