@@ -131,6 +131,161 @@ pub fn run(
     }
 }
 
+/// The fields of `ours` whose value differs in `theirs` (both serialised to JSON objects), as
+/// `<prefix><field> <theirs> (here <ours>)`.
+pub(crate) fn changed_fields<T: Serialize>(theirs: &T, ours: &T, prefix: &str) -> Vec<String> {
+    let (theirs, ours) = (
+        serde_json::to_value(theirs).unwrap_or_default(),
+        serde_json::to_value(ours).unwrap_or_default(),
+    );
+    ours.as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| theirs.get(k.as_str()) != Some(*v))
+        .map(|(k, v)| {
+            format!(
+                "{prefix}{k} {} (here {v})",
+                theirs.get(k.as_str()).cloned().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// Settings that change what is trained (everything but bookkeeping).
+fn trained_fields(c: &FinetuneConfig) -> FinetuneConfig {
+    FinetuneConfig {
+        checkpoint_every: 0,
+        keep_checkpoints: 1,
+        log_every: 1,
+        ..c.clone()
+    }
+}
+
+/// The resume check every fine-tuning task shares: the checkpoints in `m` must be of `task`,
+/// trained with the same settings and the same initialisation as `job`; `network` checks
+/// what the task adds (its network's sizes) and builds its refusal with the function given.
+/// Errors name the output location and every setting that differs.
+pub(crate) fn check_resume(
+    m: &crate::run::Manifest,
+    task: TaskKind,
+    job: &FinetuneJob,
+    network: impl FnOnce(&dyn Fn(String) -> Error) -> Result<()>,
+) -> Result<()> {
+    let theirs_task: TaskKind = m.field("task").map_err(|_| Error::Input {
+        name: "--out".into(),
+        reason: format!(
+            "{} holds checkpoints of another kind of run (pre-training?); use a new output location",
+            job.out
+        ),
+    })?;
+    let refuse = |what: String| Error::Input {
+        name: "--out".into(),
+        reason: format!(
+            "{} holds checkpoints of a {theirs_task} run with {what}; use a new output location or the same settings",
+            job.out
+        ),
+    };
+    if theirs_task != task {
+        return Err(refuse("another task".into()));
+    }
+    let cfg: FinetuneConfig = m.field("finetune")?;
+    let changed = changed_fields(&trained_fields(&cfg), &trained_fields(&job.cfg), "");
+    if !changed.is_empty() {
+        return Err(refuse(format!("other settings: {}", changed.join(", "))));
+    }
+    network(&refuse)?;
+    let init: Option<String> = m.field("init_source").unwrap_or(None);
+    let here = job.init.as_ref().map(InitSource::describe);
+    if init != here {
+        return Err(refuse(format!(
+            "another initialisation: {} (here {})",
+            init.as_deref().unwrap_or("random"),
+            here.as_deref().unwrap_or("random")
+        )));
+    }
+    Ok(())
+}
+
+/// The mean of per-rank sums (`sum` over `count` items on this rank) over every rank, on
+/// every rank (float32, like every collective buffer).
+pub(crate) fn mean_over_ranks(
+    sum: f64,
+    count: u64,
+    device: Device,
+    collective: &mut dyn crate::collective::Collective,
+) -> Result<f64> {
+    let mut totals = Tensor::from_slice(&[sum as f32, count as f32]).to_device(device);
+    if collective.world_size() > 1 {
+        collective.all_reduce_sum(&mut totals)?;
+    }
+    let totals: Vec<f64> = Vec::try_from(totals.to_device(Device::Cpu).to_kind(tch::Kind::Double))?;
+    Ok(totals[0] / totals[1].max(1.0))
+}
+
+/// The settings a fine-tuned model was trained with, with `overrides` (a JSON object of
+/// [`FinetuneConfig`] fields) laid over them for evaluation or prediction.
+pub(crate) fn settings_with(
+    trained: &FinetuneConfig,
+    overrides: Option<&serde_json::Value>,
+) -> Result<FinetuneConfig> {
+    let mut ft = serde_json::to_value(trained).unwrap_or_default();
+    if let (Some(serde_json::Value::Object(over)), serde_json::Value::Object(map)) =
+        (overrides, &mut ft)
+    {
+        for (k, v) in over {
+            map.insert(k.clone(), v.clone());
+        }
+    }
+    Ok(FinetuneConfig::from_json_str(
+        &ft.to_string(),
+        "finetune settings",
+    )?)
+}
+
+/// After [`crate::run::drive`]: when the run finished its `total` steps, loads the model chosen
+/// on validation (`best/model.safetensors` in `out`) into `vs` and returns the chosen epoch
+/// and value (`best`); otherwise (stopped, or `--max-steps` before the end) `None`, logged when
+/// not a stop: there is no final scoring or report.
+pub(crate) fn load_chosen(
+    vs: &tch::nn::VarStore,
+    out: &Store,
+    summary: &Summary,
+    total: usize,
+    best: Option<(usize, f64)>,
+) -> Result<Option<(usize, f64)>> {
+    let complete = summary.steps >= total && !summary.interrupted;
+    let Some(chosen) = best.filter(|_| complete) else {
+        if !summary.interrupted {
+            tracing::warn!(
+                steps = summary.steps,
+                "the run ended before its last epoch: no final scoring or report"
+            );
+        }
+        return Ok(None);
+    };
+    let key = format!("{BEST}/model.safetensors");
+    let tensors = crate::run::checkpoint::read_file(out, &key)?;
+    weights::load_tensors(
+        vs,
+        tensors,
+        Path::new(&out.describe(&key)),
+        LoadMode::Strict,
+    )?;
+    Ok(Some(chosen))
+}
+
+impl Outcome {
+    /// The outcome of a run that ended before its last step: its summary, no report.
+    pub(crate) fn unfinished(summary: Summary) -> Self {
+        Self {
+            run: Some(summary),
+            report: String::new(),
+            headline: None,
+            metrics: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
 /// Refuses to start a fine-tuning run in a location that holds another run's results without
 /// checkpoints of its own (an evaluation's or prediction's `report.json`, a `best/` model):
 /// the run would replace them. A location with checkpoints is resumed (the run checks that

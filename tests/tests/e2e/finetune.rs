@@ -14,15 +14,32 @@ use crate::cluster::{Cluster, corpus, serial, tiny_spec};
 
 const LONG: Duration = Duration::from_secs(300);
 
+/// `endofm-worker synth --kind <kind> --out <temp>/endofm-e2e-<kind>-<pid> <args>`; returns
+/// the dataset's folder.
+fn synth(kind: &str, args: &[&str]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("endofm-e2e-{kind}-{}", std::process::id()));
+    let out = Command::new(bin("endofm-worker").unwrap())
+        .args(["synth", "--kind", kind, "--out"])
+        .arg(&dir)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running synth");
+    assert!(
+        out.status.success(),
+        "synth failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
 /// A small generated PolypDiag-layout dataset, once per test process.
 fn polypdiag() -> PathBuf {
     static DATA: OnceLock<PathBuf> = OnceLock::new();
     DATA.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("endofm-e2e-polypdiag-{}", std::process::id()));
-        let out = Command::new(bin("endofm-worker").unwrap())
-            .args(["synth", "--kind", "polypdiag", "--out"])
-            .arg(&dir)
-            .args([
+        synth(
+            "polypdiag",
+            &[
                 "--videos",
                 "12",
                 "--size",
@@ -33,16 +50,8 @@ fn polypdiag() -> PathBuf {
                 "32",
                 "--seed",
                 "4",
-            ])
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("running synth");
-        assert!(
-            out.status.success(),
-            "synth failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir
+            ],
+        )
     })
     .clone()
 }
@@ -260,11 +269,9 @@ threads_per_rank = 1
 fn cvc() -> PathBuf {
     static DATA: OnceLock<PathBuf> = OnceLock::new();
     DATA.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("endofm-e2e-cvc-{}", std::process::id()));
-        let out = Command::new(bin("endofm-worker").unwrap())
-            .args(["synth", "--kind", "cvc", "--out"])
-            .arg(&dir)
-            .args([
+        synth(
+            "cvc",
+            &[
                 "--videos",
                 "12",
                 "--size",
@@ -277,16 +284,8 @@ fn cvc() -> PathBuf {
                 "4",
                 "--seed",
                 "6",
-            ])
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("running synth");
-        assert!(
-            out.status.success(),
-            "synth failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir
+            ],
+        )
     })
     .clone()
 }

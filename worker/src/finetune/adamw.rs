@@ -6,11 +6,11 @@
 
 use std::collections::BTreeMap;
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use super::sgd::average_grads;
+use super::sgd::{average_grads, buffers_like};
+use crate::Result;
 use crate::collective::Collective;
-use crate::{Error, Result};
 
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
@@ -122,27 +122,8 @@ impl AdamW {
         origin: &std::path::Path,
         steps: u64,
     ) -> Result<()> {
-        let mut first = Vec::with_capacity(self.params.len());
-        let mut second = Vec::with_capacity(self.params.len());
-        for (name, p) in &self.params {
-            for (prefix, into) in [("exp_avg", &mut first), ("exp_avg_sq", &mut second)] {
-                let key = format!("{prefix}.{name}");
-                let t = state.get(&key).ok_or_else(|| Error::MissingKey {
-                    path: origin.to_path_buf(),
-                    key: key.clone(),
-                    expected: p.size(),
-                })?;
-                if t.size() != p.size() {
-                    return Err(Error::ShapeMismatch {
-                        path: origin.to_path_buf(),
-                        key,
-                        expected: p.size(),
-                        found: t.size(),
-                    });
-                }
-                into.push(t.to_kind(Kind::Float).to_device(p.device()));
-            }
-        }
+        let first = buffers_like(&self.params, state, "exp_avg", origin)?;
+        let second = buffers_like(&self.params, state, "exp_avg_sq", origin)?;
         self.exp_avg = first;
         self.exp_avg_sq = second;
         self.steps = steps;
@@ -153,6 +134,7 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     #[test]
     fn poly_decay_is_the_published_one() {

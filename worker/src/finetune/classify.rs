@@ -25,7 +25,7 @@ use crate::eval::report::{EpochRecord, REPORT_FILE, Report, Selection, SplitMetr
 use crate::init::InitSource;
 use crate::model::{Classifier, LoadMode, weights};
 use crate::precision::{Precision, with_precision};
-use crate::run::checkpoint::{Checkpointable, Committed, Manifest, Snapshot, host_vars, read_file};
+use crate::run::checkpoint::{Checkpointable, Committed, Manifest, Snapshot, host_vars};
 use crate::run::{self, MetricsLine, RunSettings, StepOutcome, Task};
 use crate::store::Store;
 use crate::train::step::step_seed;
@@ -125,16 +125,6 @@ impl Checkpointable for ClassifyTask<'_> {
         self.init = c.manifest().field("init").unwrap_or_default();
         self.state = state;
         Ok(())
-    }
-}
-
-/// Settings that change what is trained (everything but bookkeeping).
-fn trained_fields(c: &FinetuneConfig) -> FinetuneConfig {
-    FinetuneConfig {
-        checkpoint_every: 0,
-        keep_checkpoints: 1,
-        log_every: 1,
-        ..c.clone()
     }
 }
 
@@ -251,53 +241,7 @@ impl Task for ClassifyTask<'_> {
         self.job.cfg.batch_per_rank * self.world
     }
     fn check_resume(&self, m: &Manifest) -> Result<()> {
-        let task: TaskKind = m.field("task").map_err(|_| Error::Input {
-            name: "--out".into(),
-            reason: format!(
-                "{} holds checkpoints of another kind of run (pre-training?); use a new output location",
-                self.job.out
-            ),
-        })?;
-        let refuse = |what: String| Error::Input {
-            name: "--out".into(),
-            reason: format!(
-                "{} holds checkpoints of a {task} run with {what}; use a new output location or the same settings",
-                self.job.out
-            ),
-        };
-        if task != TaskKind::Classify {
-            return Err(refuse("another task".into()));
-        }
-        let cfg: FinetuneConfig = m.field("finetune")?;
-        let (theirs, ours) = (
-            serde_json::to_value(trained_fields(&cfg)).unwrap_or_default(),
-            serde_json::to_value(trained_fields(&self.job.cfg)).unwrap_or_default(),
-        );
-        if theirs != ours {
-            let changed: Vec<String> = ours
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(k, v)| theirs.get(k.as_str()) != Some(*v))
-                .map(|(k, v)| {
-                    format!(
-                        "{k} {} (here {v})",
-                        theirs.get(k.as_str()).cloned().unwrap_or_default()
-                    )
-                })
-                .collect();
-            return Err(refuse(format!("other settings: {}", changed.join(", "))));
-        }
-        let init: Option<String> = m.field("init_source").unwrap_or(None);
-        let here = self.job.init.as_ref().map(InitSource::describe);
-        if init != here {
-            return Err(refuse(format!(
-                "another initialisation: {} (here {})",
-                init.as_deref().unwrap_or("random"),
-                here.as_deref().unwrap_or("random")
-            )));
-        }
-        Ok(())
+        super::check_resume(m, TaskKind::Classify, self.job, |_| Ok(()))
     }
     fn initialise(&mut self) -> Result<()> {
         if let Some(init) = &self.job.init {
@@ -376,13 +320,7 @@ impl Task for ClassifyTask<'_> {
         collective: &mut dyn Collective,
     ) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
         let (sum, count) = std::mem::take(&mut self.state.epoch_loss);
-        // Float32 like every collective buffer (the loss sum needs no more precision).
-        let mut totals = Tensor::from_slice(&[sum as f32, count as f32]).to_device(self.job.device);
-        if self.world > 1 {
-            collective.all_reduce_sum(&mut totals)?;
-        }
-        let totals: Vec<f64> = Vec::try_from(totals.to_device(Device::Cpu).to_kind(Kind::Double))?;
-        let train_loss = totals[0] / totals[1].max(1.0);
+        let train_loss = super::mean_over_ranks(sum, count, self.job.device, collective)?;
         let mut record = EpochRecord {
             epoch,
             train_loss_mean: Some(train_loss),
@@ -586,30 +524,16 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
     };
     let summary = run::drive(&mut task, &settings, &out, collective)?;
     task.loader = None;
-    let complete = summary.steps >= task.total_steps() && !summary.interrupted;
-    let Some((best_epoch, best_value)) = task.state.best.filter(|_| complete) else {
-        if !summary.interrupted {
-            tracing::warn!(
-                steps = summary.steps,
-                "the run ended before its last epoch: no final scoring or report"
-            );
-        }
-        return Ok(Outcome {
-            run: Some(summary),
-            report: String::new(),
-            headline: None,
-            metrics: BTreeMap::new(),
-        });
-    };
-
-    // The chosen model, scored once on every split.
-    let best = read_file(&out, &format!("{BEST}/model.safetensors"))?;
-    weights::load_tensors(
+    let Some((best_epoch, best_value)) = super::load_chosen(
         task.model.var_store(),
-        best,
-        std::path::Path::new(&out.describe(&format!("{BEST}/model.safetensors"))),
-        LoadMode::Strict,
-    )?;
+        &out,
+        &summary,
+        task.total_steps(),
+        task.state.best,
+    )?
+    else {
+        return Ok(Outcome::unfinished(summary));
+    };
     let mut report = Report::new(
         TaskKind::Classify,
         task.init.clone(),
@@ -737,17 +661,9 @@ fn load_classifier(
                     reason: format!("{weights_text} is a {} model, not a classifier", info.task),
                 });
             }
-            let mut ft = serde_json::to_value(&info.finetune).unwrap_or_default();
-            if let (Some(serde_json::Value::Object(over)), serde_json::Value::Object(map)) =
-                (overrides, &mut ft)
-            {
-                for (k, v) in over {
-                    map.insert(k.clone(), v.clone());
-                }
-            }
             (
                 info.model.clone(),
-                FinetuneConfig::from_json_str(&ft.to_string(), "finetune settings")?,
+                super::settings_with(&info.finetune, overrides)?,
             )
         }
         (None, Some(model)) => {

@@ -27,7 +27,7 @@ use crate::eval::report::{EpochRecord, Report, Selection, SplitMetrics};
 use crate::init::InitSource;
 use crate::model::{LoadMode, Segmenter, weights};
 use crate::precision::{Precision, with_precision};
-use crate::run::checkpoint::{Checkpointable, Committed, Manifest, Snapshot, host_vars, read_file};
+use crate::run::checkpoint::{Checkpointable, Committed, Manifest, Snapshot, host_vars};
 use crate::run::{self, MetricsLine, RunSettings, StepOutcome, Task};
 use crate::store::Store;
 use crate::train::step::step_seed;
@@ -63,17 +63,6 @@ struct SegmentTask<'a> {
     precision: Precision,
     state: State,
     init: String,
-}
-
-/// Settings that change what is trained (everything but bookkeeping).
-fn trained_fields(c: &FinetuneConfig) -> FinetuneConfig {
-    FinetuneConfig {
-        checkpoint_every: 0,
-        keep_checkpoints: 1,
-        log_every: 1,
-        val_every: 1,
-        ..c.clone()
-    }
 }
 
 impl Checkpointable for SegmentTask<'_> {
@@ -399,72 +388,18 @@ impl Task for SegmentTask<'_> {
         self.world
     }
     fn check_resume(&self, m: &Manifest) -> Result<()> {
-        let task: TaskKind = m.field("task").map_err(|_| Error::Input {
-            name: "--out".into(),
-            reason: format!(
-                "{} holds checkpoints of another kind of run (pre-training?); use a new output location",
-                self.job.out
-            ),
-        })?;
-        let refuse = |what: String| Error::Input {
-            name: "--out".into(),
-            reason: format!(
-                "{} holds checkpoints of a {task} run with {what}; use a new output location or the same settings",
-                self.job.out
-            ),
-        };
-        if task != TaskKind::Segment {
-            return Err(refuse("another task".into()));
-        }
-        let cfg: FinetuneConfig = m.field("finetune")?;
-        let (theirs, ours) = (
-            serde_json::to_value(trained_fields(&cfg)).unwrap_or_default(),
-            serde_json::to_value(trained_fields(&self.job.cfg)).unwrap_or_default(),
-        );
-        if let Some((k, v)) = ours
-            .as_object()
-            .into_iter()
-            .flatten()
-            .find(|(k, v)| theirs.get(k.as_str()) != Some(*v))
-        {
-            return Err(refuse(format!(
-                "another setting: {k} {} (here {v})",
-                theirs.get(k.as_str()).cloned().unwrap_or_default()
-            )));
-        }
-        let seg: SegmenterConfig = m.field("segmenter")?;
-        if seg != self.job.segmenter {
-            let (theirs, ours) = (
-                serde_json::to_value(&seg).unwrap_or_default(),
-                serde_json::to_value(&self.job.segmenter).unwrap_or_default(),
-            );
-            let changed: Vec<String> = ours
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(k, v)| theirs.get(k.as_str()) != Some(*v))
-                .map(|(k, v)| {
-                    format!(
-                        "segmenter.{k} {} (here {v})",
-                        theirs.get(k.as_str()).cloned().unwrap_or_default()
-                    )
-                })
-                .collect();
-            return Err(refuse(format!(
-                "another segmentation network: {}",
-                changed.join(", ")
-            )));
-        }
-        let init: Option<String> = m.field("init_source").unwrap_or(None);
-        let here = self.job.init.as_ref().map(InitSource::describe);
-        if init != here {
-            return Err(refuse(format!(
-                "another initialisation: {} (here {})",
-                init.as_deref().unwrap_or("random"),
-                here.as_deref().unwrap_or("random")
-            )));
-        }
-        Ok(())
+        super::check_resume(m, TaskKind::Segment, self.job, |refuse| {
+            let seg: SegmenterConfig = m.field("segmenter")?;
+            let changed = super::changed_fields(&seg, &self.job.segmenter, "segmenter.");
+            if changed.is_empty() {
+                Ok(())
+            } else {
+                Err(refuse(format!(
+                    "another segmentation network: {}",
+                    changed.join(", ")
+                )))
+            }
+        })
     }
     fn initialise(&mut self) -> Result<()> {
         if let Some(init) = &self.job.init {
@@ -550,12 +485,7 @@ impl Task for SegmentTask<'_> {
         collective: &mut dyn Collective,
     ) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
         let (sum, count) = std::mem::take(&mut self.state.epoch_loss);
-        let mut totals = Tensor::from_slice(&[sum as f32, count as f32]).to_device(self.job.device);
-        if self.world > 1 {
-            collective.all_reduce_sum(&mut totals)?;
-        }
-        let totals: Vec<f64> = Vec::try_from(totals.to_device(Device::Cpu).to_kind(Kind::Double))?;
-        let train_loss = totals[0] / totals[1].max(1.0);
+        let train_loss = super::mean_over_ranks(sum, count, self.job.device, collective)?;
         let mut record = EpochRecord {
             epoch,
             train_loss_mean: Some(train_loss),
@@ -792,28 +722,16 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
     };
     let summary = run::drive(&mut task, &settings, &out, collective)?;
     task.loader = None;
-    let complete = summary.steps >= task.total_steps() && !summary.interrupted;
-    let Some((best_epoch, best_value)) = task.state.best.filter(|_| complete) else {
-        if !summary.interrupted {
-            tracing::warn!(
-                steps = summary.steps,
-                "the run ended before its last epoch: no final scoring or report"
-            );
-        }
-        return Ok(Outcome {
-            run: Some(summary),
-            report: String::new(),
-            headline: None,
-            metrics: BTreeMap::new(),
-        });
-    };
-    let best = read_file(&out, &format!("{BEST}/model.safetensors"))?;
-    weights::load_tensors(
+    let Some((best_epoch, best_value)) = super::load_chosen(
         task.model.var_store(),
-        best,
-        Path::new(&out.describe(&format!("{BEST}/model.safetensors"))),
-        LoadMode::Strict,
-    )?;
+        &out,
+        &summary,
+        task.total_steps(),
+        task.state.best,
+    )?
+    else {
+        return Ok(Outcome::unfinished(summary));
+    };
     let mut report = Report::new(
         TaskKind::Segment,
         task.init.clone(),
@@ -921,20 +839,12 @@ fn load_segmenter(
                     ),
                 });
             }
-            let mut ft = serde_json::to_value(&info.finetune).unwrap_or_default();
-            if let (Some(serde_json::Value::Object(over)), serde_json::Value::Object(map)) =
-                (overrides, &mut ft)
-            {
-                for (k, v) in over {
-                    map.insert(k.clone(), v.clone());
-                }
-            }
             (
                 info.model.clone(),
                 info.segmenter
                     .clone()
                     .unwrap_or_else(SegmenterConfig::published),
-                FinetuneConfig::from_json_str(&ft.to_string(), "finetune settings")?,
+                super::settings_with(&info.finetune, overrides)?,
             )
         }
         (None, Some(model)) => (

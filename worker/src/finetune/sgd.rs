@@ -50,6 +50,36 @@ pub fn average_grads(params: &[(String, Tensor)], collective: &mut dyn Collectiv
     Ok(())
 }
 
+/// The optimiser buffers `<prefix>.<name>` of every parameter in `state`, each checked to have
+/// its parameter's shape and moved to its device (`origin` names the file in errors).
+pub(crate) fn buffers_like(
+    params: &[(String, Tensor)],
+    state: &BTreeMap<String, Tensor>,
+    prefix: &str,
+    origin: &std::path::Path,
+) -> Result<Vec<Tensor>> {
+    params
+        .iter()
+        .map(|(name, p)| {
+            let key = format!("{prefix}.{name}");
+            let t = state.get(&key).ok_or_else(|| Error::MissingKey {
+                path: origin.to_path_buf(),
+                key: key.clone(),
+                expected: p.size(),
+            })?;
+            if t.size() != p.size() {
+                return Err(Error::ShapeMismatch {
+                    path: origin.to_path_buf(),
+                    key,
+                    expected: p.size(),
+                    found: t.size(),
+                });
+            }
+            Ok(t.to_kind(Kind::Float).to_device(p.device()))
+        })
+        .collect()
+}
+
 /// SGD with momentum over named parameters (every trainable variable of a store).
 #[derive(Debug)]
 pub struct Sgd {
@@ -138,24 +168,7 @@ impl Sgd {
         origin: &std::path::Path,
         steps: u64,
     ) -> Result<()> {
-        let mut loaded = Vec::with_capacity(self.buffers.len());
-        for (name, p) in &self.params {
-            let key = format!("momentum_buffer.{name}");
-            let t = state.get(&key).ok_or_else(|| Error::MissingKey {
-                path: origin.to_path_buf(),
-                key: key.clone(),
-                expected: p.size(),
-            })?;
-            if t.size() != p.size() {
-                return Err(Error::ShapeMismatch {
-                    path: origin.to_path_buf(),
-                    key,
-                    expected: p.size(),
-                    found: t.size(),
-                });
-            }
-            loaded.push(t.to_kind(Kind::Float).to_device(p.device()));
-        }
+        let loaded = buffers_like(&self.params, state, "momentum_buffer", origin)?;
         self.buffers = loaded;
         self.steps = steps;
         Ok(())
