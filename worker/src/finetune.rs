@@ -286,30 +286,6 @@ impl Outcome {
     }
 }
 
-/// Refuses to start a fine-tuning run in a location that holds another run's results without
-/// checkpoints of its own (an evaluation's or prediction's `report.json`, a `best/` model):
-/// the run would replace them. A location with checkpoints is resumed (the run checks that
-/// they are its own).
-pub fn refuse_foreign_output(out: &Store, uri: &StorageUri) -> Result<()> {
-    if !out.list(crate::run::checkpoint::DIR)?.is_empty() {
-        return Ok(());
-    }
-    for key in [
-        crate::eval::report::REPORT_FILE,
-        &format!("{BEST}/model.safetensors"),
-    ] {
-        if out.exists(key)? {
-            return Err(Error::Input {
-                name: "--out".into(),
-                reason: format!(
-                    "{uri} holds {key} but no checkpoints: results of another run (an evaluation?) that this run would replace; give it its own location"
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// The error for a task this build cannot run.
 pub fn not_implemented(task: TaskKind) -> Error {
     Error::Input {

@@ -189,6 +189,10 @@ fn refuse(out: &StorageUri, reason: String) -> Error {
     }
 }
 
+/// Results runs write beside their checkpoints (`report.json`; a fine-tuning run's chosen
+/// model): an output holding one of them without checkpoints belongs to another run.
+const RESULT_FILES: [&str; 2] = [crate::eval::report::REPORT_FILE, "best/model.safetensors"];
+
 /// Runs (or resumes) `task` on this rank until the end of its schedule, `max_steps`, or a stop
 /// request. `out` must be the store of `settings.out`.
 pub fn drive<T: Task>(
@@ -253,7 +257,21 @@ pub fn drive<T: Task>(
             start_step = m.step;
             tracing::info!(step = start_step, epoch = m.epoch, out = %settings.out, "resuming from checkpoint");
         }
-        None => task.initialise()?,
+        None => {
+            // A fresh run would replace results that another run left without checkpoints
+            // (an evaluation's report, a model folder): refused, naming what is there.
+            for key in RESULT_FILES {
+                if first.exists(key)? {
+                    return Err(refuse(
+                        &settings.out,
+                        format!(
+                            "holds {key} but no checkpoints: results of another run (an evaluation?) that this run would replace"
+                        ),
+                    ));
+                }
+            }
+            task.initialise()?
+        }
     }
     // Written once the output is known to be this run's (a refused run changes nothing).
     if rank == 0 {

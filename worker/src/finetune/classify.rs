@@ -476,7 +476,6 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
         })
         .collect();
     let out = Store::open(&job.out, true)?;
-    super::refuse_foreign_output(&out, &job.out)?;
     // Initialisation is seeded so every rank starts from the same classifier.
     let model = {
         // The training loop never reads libtorch's global generator (drop-path uses per-step

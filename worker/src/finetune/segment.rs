@@ -676,7 +676,6 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
         })
         .collect();
     let out = Store::open(&job.out, true)?;
-    super::refuse_foreign_output(&out, &job.out)?;
     let model = {
         tch::manual_seed(job.cfg.seed as i64);
         Segmenter::new(&model_cfg, &job.segmenter, job.device)?

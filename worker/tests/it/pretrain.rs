@@ -197,6 +197,17 @@ fn bad_input_is_refused_before_any_work() {
     );
     assert!(e.contains("teacher.safetensors"), "what it holds: {e}");
 
+    // An output holding another run's report and no checkpoints is not taken over.
+    let results = dir.path().join("evaluation");
+    std::fs::create_dir_all(&results).unwrap();
+    std::fs::write(results.join("report.json"), "{}").unwrap();
+    let e = run(&good, d, results.to_str().unwrap(), &["--preset", "tiny"]);
+    assert!(e.contains("report.json but no checkpoints"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(results.join("report.json")).unwrap(),
+        "{}"
+    );
+
     // Missing corpus, empty corpus, a corpus smaller than one batch, a bad URI.
     let e = run(&good, "/no/such/corpus", o, &["--preset", "tiny"]);
     assert!(e.contains("/no/such/corpus"), "{e}");
