@@ -1,12 +1,17 @@
-//! Detection (KUMC polyp boxes, STFT on FCOS) settings, defaults equal to the published code's
-//! (`STFT/configs/STFT/kumc_R_50_STFT.yaml` over `stft_core/config/defaults.py`): the network's
-//! head and post-processing ([`DetectorConfig`]) and the fine-tuning run ([`DetectConfig`]).
-//! Both refuse unknown fields and [`DetectConfig::validate`] names the first bad field.
+//! The detection network's settings (KUMC polyp boxes, STFT on FCOS), defaults equal to the
+//! published code's (`STFT/configs/STFT/kumc_R_50_STFT.yaml` over
+//! `stft_core/config/defaults.py`): pyramid width, head, STFT branch, targets and
+//! post-processing ([`DetectorConfig`], the `[detector]` section of a job spec or `--config`
+//! file). The fine-tuning run's settings (optimiser, schedule, input size, reference frames)
+//! are detection's fields of [`crate::FinetuneConfig`]. Unknown fields are refused and
+//! [`DetectorConfig::validate`] names the first bad field.
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(test)]
+use crate::Error;
+use crate::Result;
 use crate::error::check;
-use crate::{Error, InitFrom, Result, TrainPrecision};
 
 /// The box-regression loss of FCOS (`MODEL.FCOS.IOU_LOSS_TYPE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,256 +224,123 @@ impl DetectorConfig {
         self.validate_at("")
     }
 
+    /// The published network (`kumc_R_50_STFT.yaml`: 256 FPN channels).
+    pub fn published() -> Self {
+        Self::default()
+    }
+
+    /// The small network of `shared/reference/endofm-tiny-detect` (64 FPN channels; for tests
+    /// and CPU runs).
+    pub fn tiny() -> Self {
+        Self {
+            fpn_channels: 64,
+            ..Self::default()
+        }
+    }
+
+    /// The preset of this name (`vit_b` → published, `tiny` → tiny).
+    pub fn for_preset(name: &str) -> Option<Self> {
+        match name {
+            "vit_b" => Some(Self::published()),
+            "tiny" => Some(Self::tiny()),
+            _ => None,
+        }
+    }
+
+    /// The network of a run: the fields of `given` (a JSON object) over the preset's network
+    /// (`tiny` → [`DetectorConfig::tiny`], anything else or none → the published one),
+    /// validated.
+    ///
+    /// # Errors
+    /// `given` not an object, an unknown field or a bad value; the error names the field.
+    pub fn resolve(preset: Option<&str>, given: Option<&serde_json::Value>) -> Result<Self> {
+        let base = preset
+            .and_then(Self::for_preset)
+            .unwrap_or_else(Self::published);
+        let cfg: Self = crate::overlay::overlay(&base, given, "detector")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// Background label of the published targets (`num_classes + 5`).
     pub fn background_label(&self) -> i64 {
         self.num_classes as i64 + 5
     }
 }
 
-/// Fine-tuning the detector (defaults: the published KUMC config on one GPU).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DetectConfig {
-    /// The network beyond the backbone.
-    pub detector: DetectorConfig,
-    /// Epochs over the training frames.
-    pub epochs: usize,
-    /// Current frames (each with its reference frames) per rank per step
-    /// (`SOLVER.IMS_PER_BATCH` per GPU).
-    pub batch_per_rank: usize,
-    /// SGD learning rate (`SOLVER.BASE_LR`), not scaled with the batch.
-    pub lr: f64,
-    /// Learning-rate factor of biases (`SOLVER.BIAS_LR_FACTOR`).
-    pub bias_lr_factor: f64,
-    /// SGD momentum.
-    pub momentum: f64,
-    /// Weight decay of weights (`SOLVER.WEIGHT_DECAY`).
-    pub weight_decay: f64,
-    /// Weight decay of biases (`SOLVER.WEIGHT_DECAY_BIAS`).
-    pub weight_decay_bias: f64,
-    /// Linear warm-up from `warmup_factor · lr` over `warmup_iters` steps.
-    pub warmup_factor: f64,
-    /// Warm-up length in steps.
-    pub warmup_iters: usize,
-    /// Steps after which the learning rate is multiplied by `gamma` (`SOLVER.STEPS`).
-    pub decay_steps: Vec<usize>,
-    /// Step-decay factor (`SOLVER.GAMMA`).
-    pub gamma: f64,
-    /// Stochastic-depth rate of the backbone while fine-tuning (published 0.1).
-    pub drop_path_rate: f64,
-    /// Resize every frame to `max_size × max_size`, as the published `Resize.get_size` does
-    /// (its aspect-keeping variant, `get_size_`, is unused); `false` keeps the aspect ratio
-    /// (short side `min_size`, long side at most `max_size`).
-    pub square_resize: bool,
-    /// Short side frames are resized to when `square_resize` is off (`INPUT.MIN_SIZE_TRAIN`).
-    pub min_size: usize,
-    /// Longest side allowed after resizing (`INPUT.MAX_SIZE_*`).
-    pub max_size: usize,
-    /// Resized sides are rounded down to a multiple of this (the patch grid; 32 keeps every
-    /// pyramid level integral).
-    pub size_divisor: usize,
-    /// Reference frames are drawn 1..=`ref_max_offset` frames before and after the current one
-    /// (`MODEL.VID.STFT.MAX_OFFSET`).
-    pub ref_max_offset: usize,
-    /// Probability of a horizontal flip in training (`INPUT.HORIZONTAL_FLIP_PROB_TRAIN`).
-    pub flip_prob: f64,
-    /// Score from which a detection counts in the image-level and box-level P/R/F1.
-    pub score_threshold: f64,
-    /// Which network of a pre-training checkpoint initialises the backbone.
-    pub init_from: InitFrom,
-    /// Seed of initialisation, data order, reference draws and flips.
-    pub seed: u64,
-    /// Numeric precision.
-    pub precision: TrainPrecision,
-    /// Evaluate on the validation split every this many epochs (and after the last).
-    pub val_every: usize,
-    /// Write a checkpoint every this many steps (and at every epoch end); 0 = epoch ends only.
-    pub checkpoint_every: usize,
-    /// Step checkpoints kept.
-    pub keep_checkpoints: usize,
-    /// Write a metrics line every this many steps.
-    pub log_every: usize,
-}
-
-impl Default for DetectConfig {
-    fn default() -> Self {
-        Self {
-            detector: DetectorConfig::default(),
-            epochs: 20,
-            batch_per_rank: 1,
-            lr: 0.0025,
-            bias_lr_factor: 2.0,
-            momentum: 0.9,
-            weight_decay: 1e-4,
-            weight_decay_bias: 0.0,
-            warmup_factor: 1.0 / 3.0,
-            warmup_iters: 8000,
-            decay_steps: vec![64000, 80000, 88000],
-            gamma: 0.5,
-            drop_path_rate: 0.1,
-            square_resize: true,
-            min_size: 600,
-            max_size: 640,
-            size_divisor: 32,
-            ref_max_offset: 9,
-            flip_prob: 0.5,
-            score_threshold: 0.5,
-            init_from: InitFrom::Teacher,
-            seed: 0,
-            precision: TrainPrecision::Auto,
-            val_every: 1,
-            checkpoint_every: 0,
-            keep_checkpoints: 2,
-            log_every: 1,
-        }
-    }
-}
-
-impl DetectConfig {
-    /// Checks every field; the error names the first bad one.
-    pub fn validate(&self) -> Result<()> {
-        self.detector.validate_at("detector.")?;
-        for (field, v) in [
-            ("epochs", self.epochs),
-            ("batch_per_rank", self.batch_per_rank),
-            ("min_size", self.min_size),
-            ("max_size", self.max_size),
-            ("size_divisor", self.size_divisor),
-            ("ref_max_offset", self.ref_max_offset),
-            ("val_every", self.val_every),
-            ("keep_checkpoints", self.keep_checkpoints),
-            ("log_every", self.log_every),
-        ] {
-            check(v >= 1, field, || "must be at least 1".into())?;
-        }
-        check(self.max_size >= self.min_size, "max_size", || {
-            format!(
-                "{} is smaller than min_size {}",
-                self.max_size, self.min_size
-            )
-        })?;
-        check(self.min_size >= self.size_divisor, "min_size", || {
-            format!(
-                "{} is smaller than size_divisor {}",
-                self.min_size, self.size_divisor
-            )
-        })?;
-        for (field, v) in [("lr", self.lr), ("bias_lr_factor", self.bias_lr_factor)] {
-            check(v.is_finite() && v > 0.0, field, || {
-                format!("{v} must be a positive number")
-            })?;
-        }
-        for (field, v) in [
-            ("weight_decay", self.weight_decay),
-            ("weight_decay_bias", self.weight_decay_bias),
-        ] {
-            check(v.is_finite() && v >= 0.0, field, || {
-                format!("{v} must be zero or positive")
-            })?;
-        }
-        check((0.0..1.0).contains(&self.momentum), "momentum", || {
-            format!("{} is outside [0, 1)", self.momentum)
-        })?;
-        check(
-            self.warmup_factor > 0.0 && self.warmup_factor <= 1.0,
-            "warmup_factor",
-            || format!("{} is outside (0, 1]", self.warmup_factor),
-        )?;
-        check(self.gamma > 0.0 && self.gamma <= 1.0, "gamma", || {
-            format!("{} is outside (0, 1]", self.gamma)
-        })?;
-        check(
-            self.decay_steps.windows(2).all(|w| w[0] < w[1]),
-            "decay_steps",
-            || format!("{:?} must be increasing", self.decay_steps),
-        )?;
-        check(
-            (0.0..1.0).contains(&self.drop_path_rate),
-            "drop_path_rate",
-            || format!("{} is outside [0, 1)", self.drop_path_rate),
-        )?;
-        for (field, v) in [
-            ("flip_prob", self.flip_prob),
-            ("score_threshold", self.score_threshold),
-        ] {
-            check((0.0..=1.0).contains(&v), field, || {
-                format!("{v} is outside [0, 1]")
-            })?;
-        }
-        Ok(())
-    }
-
-    /// The learning rate at 0-based `step` before the bias factor: linear warm-up from
-    /// `warmup_factor` to 1 over `warmup_iters`, times `gamma` per decay step passed (the
-    /// published `WarmupMultiStepLR`).
-    pub fn lr_at(&self, step: usize) -> f64 {
-        let warm = if step < self.warmup_iters {
-            let alpha = step as f64 / self.warmup_iters as f64;
-            self.warmup_factor * (1.0 - alpha) + alpha
-        } else {
-            1.0
-        };
-        let passed = self.decay_steps.iter().filter(|s| **s <= step).count();
-        self.lr * warm * self.gamma.powi(passed as i32)
-    }
-
-    /// Reads a JSON document over the defaults; unknown fields are refused. The result is
-    /// validated.
-    pub fn from_json_str(text: &str, origin: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(text).map_err(|source| Error::Parse {
-            origin: origin.to_string(),
-            source,
-        })?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{FinetuneConfig, TaskKind};
 
     #[test]
     fn defaults_are_the_published_config_and_valid() {
-        let c = DetectConfig::default();
-        c.validate().unwrap();
-        assert_eq!((c.lr, c.weight_decay, c.gamma), (0.0025, 1e-4, 0.5));
-        assert_eq!((c.min_size, c.max_size), (600, 640));
-        assert_eq!(c.detector.fpn_strides, [8, 16, 32, 64, 128]);
-        assert_eq!(c.detector.background_label(), 7);
+        let d = DetectorConfig::published();
+        d.validate().unwrap();
+        assert_eq!(d.fpn_strides, [8, 16, 32, 64, 128]);
+        assert_eq!(d.background_label(), 7);
+        assert_eq!(DetectorConfig::for_preset("tiny").unwrap().fpn_channels, 64);
+        let c = FinetuneConfig::for_task(TaskKind::Detect);
+        c.validate_for(TaskKind::Detect).unwrap();
+        assert_eq!((c.lr, c.weight_decay, c.decay_gamma), (0.0025, 1e-4, 0.5));
+        assert_eq!((c.min_size, c.max_size, c.batch_per_rank), (600, 640, 1));
     }
 
     #[test]
     fn bad_fields_are_named() {
-        let err = |text: &str| {
-            DetectConfig::from_json_str(text, "t")
-                .unwrap_err()
-                .to_string()
+        let field = |preset: Option<&str>, v: serde_json::Value| match DetectorConfig::resolve(
+            preset,
+            Some(&v),
+        ) {
+            Err(Error::InvalidConfig { field, .. }) => field,
+            other => panic!("{other:?}"),
         };
-        assert!(err(r#"{"lr": 0}"#).contains("`lr`"));
-        assert!(err(r#"{"bogus": 1}"#).contains("bogus"));
-        assert!(err(r#"{"detector": {"nms_th": 2}}"#).contains("`detector.nms_th`"));
-        assert!(
-            err(r#"{"detector": {"fpn_channels": 48}}"#).contains("`detector.group_norm_groups`")
+        assert_eq!(field(None, serde_json::json!({"nms_th": 2})), "nms_th");
+        assert_eq!(field(None, serde_json::json!({"bogus": 1})), "bogus");
+        assert_eq!(
+            field(Some("tiny"), serde_json::json!({"fpn_channels": 48})),
+            "group_norm_groups"
         );
-        assert!(
-            err(r#"{"detector": {"fpn_strides": [8, 16, 32, 64, 100]}}"#)
-                .contains("`detector.fpn_strides`")
+        assert_eq!(
+            field(
+                None,
+                serde_json::json!({"fpn_strides": [8, 16, 32, 64, 100]})
+            ),
+            "fpn_strides"
         );
-        assert!(err(r#"{"decay_steps": [5, 3]}"#).contains("`decay_steps`"));
+        let tiny =
+            DetectorConfig::resolve(Some("tiny"), Some(&serde_json::json!({"num_convs": 1})))
+                .unwrap();
+        assert_eq!((tiny.fpn_channels, tiny.num_convs), (64, 1));
+        let ft =
+            |v: serde_json::Value| match FinetuneConfig::resolve(TaskKind::Detect, 112, Some(&v)) {
+                Err(Error::InvalidConfig { field, .. }) => field,
+                other => panic!("{other:?}"),
+            };
+        assert_eq!(
+            ft(serde_json::json!({"decay_steps": [5, 3]})),
+            "decay_steps"
+        );
+        assert_eq!(
+            ft(serde_json::json!({"max_size": 64, "min_size": 96})),
+            "max_size"
+        );
+        assert_eq!(ft(serde_json::json!({"test_refs": 3})), "test_refs");
+        assert_eq!(ft(serde_json::json!({"crop": 96})), "crop");
+        assert_eq!(ft(serde_json::json!({"flip_prob": "half"})), "flip_prob");
     }
 
     #[test]
     fn warmup_then_step_decay() {
-        let c = DetectConfig {
+        let c = FinetuneConfig {
             warmup_iters: 10,
             decay_steps: vec![20, 30],
-            ..DetectConfig::default()
+            ..FinetuneConfig::for_task(TaskKind::Detect)
         };
-        assert!((c.lr_at(0) - c.lr / 3.0).abs() < 1e-12);
-        assert!((c.lr_at(5) - c.lr * (1.0 / 3.0 * 0.5 + 0.5)).abs() < 1e-12);
-        assert_eq!(c.lr_at(10), c.lr);
-        assert_eq!(c.lr_at(20), c.lr * 0.5);
-        assert_eq!(c.lr_at(35), c.lr * 0.25);
+        assert!((c.warmup_step_lr(0) - c.lr / 3.0).abs() < 1e-12);
+        assert!((c.warmup_step_lr(5) - c.lr * (1.0 / 3.0 * 0.5 + 0.5)).abs() < 1e-12);
+        assert_eq!(c.warmup_step_lr(10), c.lr);
+        assert_eq!(c.warmup_step_lr(20), c.lr * 0.5);
+        assert_eq!(c.warmup_step_lr(35), c.lr * 0.25);
     }
 }

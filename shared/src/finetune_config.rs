@@ -41,11 +41,6 @@ impl TaskKind {
             )),
         }
     }
-
-    /// Whether this build can fine-tune and evaluate the task.
-    pub fn implemented(self) -> bool {
-        matches!(self, TaskKind::Classify | TaskKind::Segment)
-    }
 }
 
 impl std::fmt::Display for TaskKind {
@@ -136,15 +131,42 @@ pub struct FinetuneConfig {
     /// Segmentation: frames of a training sequence fed at once (a random run of consecutive
     /// frames); 0 = the whole sequence, as published.
     pub max_frames: usize,
-}
-
-/// `cfg` as a JSON object.
-fn base_map(cfg: &FinetuneConfig) -> Result<serde_json::Map<String, serde_json::Value>> {
-    match serde_json::to_value(cfg) {
-        Ok(serde_json::Value::Object(map)) => Ok(map),
-        Ok(_) => Err(Error::invalid("finetune", "settings are not an object")),
-        Err(e) => Err(Error::invalid("finetune", e.to_string())),
-    }
+    /// Detection: learning-rate factor of biases (`SOLVER.BIAS_LR_FACTOR`).
+    pub bias_lr_factor: f64,
+    /// Detection: weight decay of biases (`SOLVER.WEIGHT_DECAY_BIAS`).
+    pub weight_decay_bias: f64,
+    /// Detection: linear warm-up starts at `warmup_factor · lr` (`SOLVER.WARMUP_FACTOR`).
+    pub warmup_factor: f64,
+    /// Detection: warm-up length in steps (`SOLVER.WARMUP_ITERS`).
+    pub warmup_iters: usize,
+    /// Detection: steps after which the learning rate is multiplied by `decay_gamma`
+    /// (`SOLVER.STEPS`).
+    pub decay_steps: Vec<usize>,
+    /// Detection: step-decay factor (`SOLVER.GAMMA`).
+    pub decay_gamma: f64,
+    /// Detection: resize every frame to `max_size × max_size`, as the published
+    /// `Resize.get_size` does; `false` keeps the aspect ratio (short side `min_size`, long side
+    /// at most `max_size`, the published `get_size_`).
+    pub square_resize: bool,
+    /// Detection: short side in pixels when `square_resize` is off (`INPUT.MIN_SIZE_TRAIN`).
+    pub min_size: usize,
+    /// Detection: longest side in pixels after resizing (`INPUT.MAX_SIZE_TRAIN`).
+    pub max_size: usize,
+    /// Detection: resized sides are rounded down to a multiple of this (32 keeps every pyramid
+    /// level integral).
+    pub size_divisor: usize,
+    /// Detection: reference frames are drawn 1..=`ref_max_offset` frames before and after the
+    /// current one (`MODEL.VID.STFT.MAX_OFFSET`).
+    pub ref_max_offset: usize,
+    /// Detection: reference frames at test (half before, half after; the published
+    /// `MODEL.VID.STFT.TEST_REF_NUM` 10).
+    pub test_refs: usize,
+    /// Detection: probability of a horizontal flip in training
+    /// (`INPUT.HORIZONTAL_FLIP_PROB_TRAIN`).
+    pub flip_prob: f64,
+    /// Detection: score from which a detection counts in the image-level and box-level
+    /// precision, recall and F1 (the paper's 0.5).
+    pub score_threshold: f64,
 }
 
 /// Fields every task reads.
@@ -154,9 +176,6 @@ const COMMON_FIELDS: &[&str] = &[
     "lr",
     "weight_decay",
     "drop_path_rate",
-    "crop",
-    "mean",
-    "std",
     "init_from",
     "seed",
     "precision",
@@ -168,6 +187,9 @@ const COMMON_FIELDS: &[&str] = &[
 
 /// Fields only classification reads.
 const CLASSIFY_FIELDS: &[&str] = &[
+    "crop",
+    "mean",
+    "std",
     "momentum",
     "min_lr",
     "frames",
@@ -179,10 +201,32 @@ const CLASSIFY_FIELDS: &[&str] = &[
 
 /// Fields only segmentation reads.
 const SEGMENT_FIELDS: &[&str] = &[
+    "crop",
+    "mean",
+    "std",
     "train_resize",
     "rotation_degrees",
     "poly_power",
     "max_frames",
+];
+
+/// Fields only detection reads.
+const DETECT_FIELDS: &[&str] = &[
+    "momentum",
+    "bias_lr_factor",
+    "weight_decay_bias",
+    "warmup_factor",
+    "warmup_iters",
+    "decay_steps",
+    "decay_gamma",
+    "square_resize",
+    "min_size",
+    "max_size",
+    "size_divisor",
+    "ref_max_offset",
+    "test_refs",
+    "flip_prob",
+    "score_threshold",
 ];
 
 impl Default for FinetuneConfig {
@@ -214,6 +258,20 @@ impl Default for FinetuneConfig {
             rotation_degrees: 5.0,
             poly_power: 0.9,
             max_frames: 0,
+            bias_lr_factor: 2.0,
+            weight_decay_bias: 0.0,
+            warmup_factor: 1.0 / 3.0,
+            warmup_iters: 8000,
+            decay_steps: vec![64000, 80000, 88000],
+            decay_gamma: 0.5,
+            square_resize: true,
+            min_size: 600,
+            max_size: 640,
+            size_divisor: 32,
+            ref_max_offset: 9,
+            test_refs: 10,
+            flip_prob: 0.5,
+            score_threshold: 0.5,
         }
     }
 }
@@ -285,7 +343,10 @@ impl FinetuneConfig {
     /// ([`Default`]); segmentation's the published TransUNet `train.py`/`trainer.py` (150
     /// epochs, one sequence per step, AdamW lr 1e-4 (absolute, not scaled by the batch) with
     /// weight decay 0.05 and polynomial decay 0.9, resize 256 → random crop 224, flip,
-    /// rotation ±5°, per-image min–max scaling then mean/std 0.5, drop-path 0.1).
+    /// rotation ±5°, per-image min–max scaling then mean/std 0.5, drop-path 0.1); detection's
+    /// the published STFT-FCOS KUMC config (`kumc_R_50_STFT.yaml`: one frame with its reference
+    /// frames per step, SGD lr 0.0025 (absolute) with momentum 0.9, weight decay 1e-4, biases
+    /// at twice the rate without decay, warm-up then step decay, 640² frames, drop-path 0.1).
     pub fn for_task(task: TaskKind) -> Self {
         let base = Self::default();
         match task {
@@ -298,7 +359,13 @@ impl FinetuneConfig {
                 std: 0.5,
                 ..base
             },
-            TaskKind::Classify | TaskKind::Detect => base,
+            TaskKind::Detect => Self {
+                batch_per_rank: 1,
+                lr: 0.0025,
+                weight_decay: 1e-4,
+                ..base
+            },
+            TaskKind::Classify => base,
         }
     }
 
@@ -308,7 +375,7 @@ impl FinetuneConfig {
         let own: &[&str] = match task {
             TaskKind::Classify => CLASSIFY_FIELDS,
             TaskKind::Segment => SEGMENT_FIELDS,
-            TaskKind::Detect => &[],
+            TaskKind::Detect => DETECT_FIELDS,
         };
         COMMON_FIELDS.iter().chain(own).copied().collect()
     }
@@ -335,20 +402,13 @@ impl FinetuneConfig {
         if task == TaskKind::Segment {
             base.train_resize = crop + 32;
         }
-        let mut value =
-            serde_json::to_value(&base).map_err(|e| Error::invalid("finetune", e.to_string()))?;
-        if let Some(over) = overrides {
-            let serde_json::Value::Object(over) = over else {
-                return Err(Error::invalid(
-                    "finetune",
-                    "expected an object of fine-tuning settings",
-                ));
-            };
+        if let Some(serde_json::Value::Object(over)) = overrides {
             let used = Self::fields_of(task);
             let all: Vec<&str> = COMMON_FIELDS
                 .iter()
                 .chain(CLASSIFY_FIELDS)
                 .chain(SEGMENT_FIELDS)
+                .chain(DETECT_FIELDS)
                 .copied()
                 .collect();
             for key in over.keys() {
@@ -359,23 +419,8 @@ impl FinetuneConfig {
                     ));
                 }
             }
-            if let serde_json::Value::Object(map) = &mut value {
-                for (k, v) in over {
-                    // Each value alone over the defaults, so that a bad one is named.
-                    let mut single = base_map(&base)?;
-                    single.insert(k.clone(), v.clone());
-                    if let Err(e) =
-                        serde_json::from_value::<Self>(serde_json::Value::Object(single))
-                    {
-                        let reason = e.to_string();
-                        let reason = reason.split(" at line ").next().unwrap_or(&reason);
-                        return Err(Error::invalid(k.clone(), format!("{v}: {reason}")));
-                    }
-                    map.insert(k.clone(), v.clone());
-                }
-            }
         }
-        let cfg = Self::from_json_str(&value.to_string(), "finetune settings")?;
+        let cfg: Self = crate::overlay::overlay(&base, overrides, "finetune")?;
         cfg.validate_for(task)?;
         Ok(cfg)
     }
@@ -417,7 +462,88 @@ impl FinetuneConfig {
                 || format!("{} must be a positive number", self.poly_power),
             )?;
         }
+        if task == TaskKind::Detect {
+            self.validate_detect()?;
+        }
         Ok(())
+    }
+
+    /// The rules of detection's fields.
+    fn validate_detect(&self) -> Result<()> {
+        for (field, v) in [
+            ("min_size", self.min_size),
+            ("max_size", self.max_size),
+            ("size_divisor", self.size_divisor),
+            ("ref_max_offset", self.ref_max_offset),
+        ] {
+            check(v >= 1, field, || "must be at least 1".into())?;
+        }
+        check(self.max_size >= self.min_size, "max_size", || {
+            format!(
+                "{} is smaller than min_size {}",
+                self.max_size, self.min_size
+            )
+        })?;
+        check(self.min_size >= self.size_divisor, "min_size", || {
+            format!(
+                "{} is smaller than size_divisor {}",
+                self.min_size, self.size_divisor
+            )
+        })?;
+        check(self.test_refs.is_multiple_of(2), "test_refs", || {
+            format!(
+                "{}: test references are drawn half before and half after the frame",
+                self.test_refs
+            )
+        })?;
+        check(
+            self.bias_lr_factor.is_finite() && self.bias_lr_factor > 0.0,
+            "bias_lr_factor",
+            || format!("{} must be a positive number", self.bias_lr_factor),
+        )?;
+        check(
+            self.weight_decay_bias.is_finite() && self.weight_decay_bias >= 0.0,
+            "weight_decay_bias",
+            || format!("{} must be zero or positive", self.weight_decay_bias),
+        )?;
+        check(
+            self.warmup_factor > 0.0 && self.warmup_factor <= 1.0,
+            "warmup_factor",
+            || format!("{} is outside (0, 1]", self.warmup_factor),
+        )?;
+        check(
+            self.decay_gamma > 0.0 && self.decay_gamma <= 1.0,
+            "decay_gamma",
+            || format!("{} is outside (0, 1]", self.decay_gamma),
+        )?;
+        check(
+            self.decay_steps.windows(2).all(|w| w[0] < w[1]),
+            "decay_steps",
+            || format!("{:?} must be increasing", self.decay_steps),
+        )?;
+        for (field, v) in [
+            ("flip_prob", self.flip_prob),
+            ("score_threshold", self.score_threshold),
+        ] {
+            check((0.0..=1.0).contains(&v), field, || {
+                format!("{v} is outside [0, 1]")
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Detection's learning rate at 0-based `step` before the bias factor: linear warm-up from
+    /// `warmup_factor` to 1 over `warmup_iters`, times `decay_gamma` per decay step passed (the
+    /// published `WarmupMultiStepLR`, linear method).
+    pub fn warmup_step_lr(&self, step: usize) -> f64 {
+        let warm = if step < self.warmup_iters {
+            let alpha = step as f64 / self.warmup_iters as f64;
+            self.warmup_factor * (1.0 - alpha) + alpha
+        } else {
+            1.0
+        };
+        let passed = self.decay_steps.iter().filter(|s| **s <= step).count();
+        self.lr * warm * self.decay_gamma.powi(passed as i32)
     }
 
     /// The learning rate the run starts at: `lr · batch_per_rank · world_size / 256`.

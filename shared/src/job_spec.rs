@@ -271,6 +271,11 @@ pub struct JobSpec {
     /// `task = "segment"` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub segmenter: Option<crate::SegmenterConfig>,
+    /// `[detector]`: the detection network beyond the backbone (pyramid width, head,
+    /// post-processing; default: the tiny one for the `tiny` preset, else the published
+    /// STFT-FCOS). `finetune` jobs with `task = "detect"` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detector: Option<crate::DetectorConfig>,
 }
 
 /// Keys of a table as the document wrote them.
@@ -283,6 +288,7 @@ struct Given {
     train: Keys,
     finetune: Keys,
     segmenter: Keys,
+    detector: Keys,
 }
 
 /// `e` with its field named below `prefix` (`finetune.lr`).
@@ -294,6 +300,18 @@ fn prefixed(prefix: &str, e: Error) -> Error {
         },
         other => other,
     }
+}
+
+/// The fields of `section` (parsed over the published defaults) that the document wrote, as a
+/// JSON object.
+fn given_fields<T: Serialize>(section: &T, given: &Keys, name: &str) -> Result<serde_json::Value> {
+    let parsed = serde_json::to_value(section).map_err(|e| Error::invalid(name, e.to_string()))?;
+    Ok(serde_json::Value::Object(
+        given
+            .iter()
+            .filter_map(|k| parsed.get(k).map(|v| (k.clone(), v.clone())))
+            .collect(),
+    ))
 }
 
 /// The largest world size a spec may ask for.
@@ -327,6 +345,7 @@ impl JobSpec {
             train: keys("train"),
             finetune: keys("finetune"),
             segmenter: keys("segmenter"),
+            detector: keys("detector"),
         })
     }
 
@@ -348,6 +367,7 @@ impl JobSpec {
             train: keys("train"),
             finetune: keys("finetune"),
             segmenter: keys("segmenter"),
+            detector: keys("detector"),
         })
     }
 
@@ -391,29 +411,31 @@ impl JobSpec {
             && let Ok(model) = self.model.resolve()
         {
             match self.task {
-                Some(task) if task.implemented() => {
+                Some(task) => {
                     self.resolve_finetune_for(task, model.img_size, &given.finetune)?;
                 }
                 _ => self.size_finetune_for(model.img_size, &given.finetune),
             }
         }
+        // Network sections: fields left out come from the preset's network, not the published
+        // one.
+        let preset = self
+            .model
+            .config
+            .is_none()
+            .then_some(self.model.preset.as_str());
         if let Some(seg) = &self.segmenter {
-            // Fields left out come from the preset's network, not the published one.
-            let parsed = serde_json::to_value(seg)
-                .map_err(|e| Error::invalid("segmenter", e.to_string()))?;
-            let over: serde_json::Map<String, serde_json::Value> = given
-                .segmenter
-                .iter()
-                .filter_map(|k| parsed.get(k).map(|v| (k.clone(), v.clone())))
-                .collect();
-            let preset = self
-                .model
-                .config
-                .is_none()
-                .then_some(self.model.preset.as_str());
+            let over = given_fields(seg, &given.segmenter, "segmenter")?;
             self.segmenter = Some(
-                crate::SegmenterConfig::resolve(preset, Some(&serde_json::Value::Object(over)))
+                crate::SegmenterConfig::resolve(preset, Some(&over))
                     .map_err(|e| prefixed("segmenter", e))?,
+            );
+        }
+        if let Some(det) = &self.detector {
+            let over = given_fields(det, &given.detector, "detector")?;
+            self.detector = Some(
+                crate::DetectorConfig::resolve(preset, Some(&over))
+                    .map_err(|e| prefixed("detector", e))?,
             );
         }
         if self.kind == JobKind::Evaluate && self.split.is_none() {
@@ -617,6 +639,9 @@ impl JobSpec {
             if let Some(seg) = &self.segmenter {
                 seg.validate().map_err(|e| prefixed("segmenter", e))?;
             }
+            if let Some(det) = &self.detector {
+                det.validate().map_err(|e| prefixed("detector", e))?;
+            }
         }
         self.validate_across_fields()
     }
@@ -782,14 +807,6 @@ impl JobSpec {
                         format!("is required for {kind} jobs (classify, segment or detect)"),
                     ));
                 };
-                if !task.implemented() {
-                    return Err(Error::invalid(
-                        "task",
-                        format!(
-                            "`{task}` is not implemented yet: this version fine-tunes and evaluates `classify` and `segment`"
-                        ),
-                    ));
-                }
                 if self.train != PretrainConfig::default() {
                     return Err(Error::invalid(
                         "train",
@@ -813,6 +830,16 @@ impl JobSpec {
                         "segmenter",
                         format!(
                             "is for finetune jobs with task = \"segment\" (this is a {kind} job, task `{task}`); an evaluate job reads the network from the model"
+                        ),
+                    ));
+                }
+                if self.detector.is_some()
+                    && (task != TaskKind::Detect || self.kind != JobKind::Finetune)
+                {
+                    return Err(Error::invalid(
+                        "detector",
+                        format!(
+                            "is for finetune jobs with task = \"detect\" (this is a {kind} job, task `{task}`); an evaluate job reads the network from the model"
                         ),
                     ));
                 }
@@ -1172,10 +1199,8 @@ device = "cpu"
                 format!("{MINIMAL}\n[finetune]\nepochs = 20\n"),
                 "finetune.epochs",
             ),
-            // Fine-tuning needs an implemented task and no pretrain-only fields.
+            // Fine-tuning needs a task and no pretrain-only fields.
             (FINETUNE.replace("task = \"classify\"\n", ""), "task"),
-            (FINETUNE.replace("\"classify\"", "\"detect\""), "task"),
-            (FINETUNE.replace("\"classify\"", "\"detect\""), "task"),
             (format!("{FINETUNE}\n[train]\nepochs = 3\n"), "train.epochs"),
             (
                 format!("{FINETUNE}\n[train]\nepochs = 100\n"),
@@ -1209,12 +1234,30 @@ device = "cpu"
             assert_eq!(field_of(err), field, "{text}");
             assert!(!message.is_empty());
         }
-        let err = JobSpec::from_toml(&FINETUNE.replace("\"classify\"", "\"detect\""))
-            .expect_err("detect");
-        assert!(
-            err.to_string().contains("`detect` is not implemented"),
-            "{err}"
-        );
+        // Detection: its own defaults, other tasks' settings refused by name, and a [detector]
+        // table only with it, completed by the preset's network.
+        let detect = FINETUNE.replace("\"classify\"", "\"detect\"");
+        let det = JobSpec::from_toml(&detect).expect("detect");
+        assert_eq!((det.finetune.batch_per_rank, det.finetune.lr), (1, 0.0025));
+        assert_eq!(JobSpec::from_json(&det.to_json()).expect("round trip"), det);
+        for (table, field) in [
+            ("crop = 96", "finetune.crop"),
+            ("decay_steps = [9, 3]", "finetune.decay_steps"),
+            ("[detector]\nnms_th = 2.0", "detector.nms_th"),
+        ] {
+            let err = JobSpec::from_toml(&format!("{detect}{table}\n")).expect_err(table);
+            assert_eq!(field_of(err), field, "{table}");
+        }
+        let err = JobSpec::from_toml(&format!("{detect}\n[detector]\nbogus = 2\n"))
+            .expect_err("unknown detector field");
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let ok = JobSpec::from_toml(&format!("{detect}\n[detector]\nnum_convs = 1\n"))
+            .expect("detector");
+        let d = ok.detector.expect("detector");
+        assert_eq!((d.num_convs, d.fpn_channels), (1, 64));
+        let err = JobSpec::from_toml(&format!("{FINETUNE}\n[detector]\nnum_convs = 1\n"))
+            .expect_err("detector on classify");
+        assert_eq!(field_of(err), "detector");
         // Segmentation: its own defaults, classification's settings refused by name, and a
         // [segmenter] table only with it.
         let seg =

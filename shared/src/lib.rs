@@ -7,6 +7,7 @@ pub mod failure;
 pub mod finetune_config;
 pub mod job_spec;
 pub mod model_config;
+pub mod overlay;
 pub mod prom_text;
 pub mod segmenter_config;
 pub mod storage;
@@ -14,7 +15,7 @@ pub mod telemetry;
 pub mod text;
 pub mod train_config;
 
-pub use detect_config::{DetectConfig, DetectorConfig, IouLossKind};
+pub use detect_config::{DetectorConfig, IouLossKind};
 pub use error::{Error, Result};
 pub use failure::FailureClass;
 pub use finetune_config::{FinetuneConfig, InitFrom, TaskKind};

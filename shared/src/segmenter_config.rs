@@ -157,27 +157,7 @@ impl SegmenterConfig {
         let base = preset
             .and_then(Self::for_preset)
             .unwrap_or_else(Self::published);
-        let Some(given) = given else {
-            return Ok(base);
-        };
-        let serde_json::Value::Object(given) = given else {
-            return Err(Error::invalid(
-                "segmenter",
-                "expected an object of segmentation network sizes",
-            ));
-        };
-        let mut value =
-            serde_json::to_value(&base).map_err(|e| Error::invalid("segmenter", e.to_string()))?;
-        if let serde_json::Value::Object(map) = &mut value {
-            for (k, v) in given {
-                map.insert(k.clone(), v.clone());
-            }
-        }
-        let cfg: Self = serde_json::from_value(value).map_err(|e| {
-            let reason = e.to_string();
-            let reason = reason.split(" at line ").next().unwrap_or(&reason);
-            Error::invalid("segmenter", reason.to_string())
-        })?;
+        let cfg: Self = crate::overlay::overlay(&base, given, "segmenter")?;
         cfg.validate()?;
         Ok(cfg)
     }

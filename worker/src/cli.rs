@@ -797,7 +797,9 @@ fn run_bench(cmd: BenchCommand) -> anyhow::Result<()> {
                     device,
                     precision,
                     steps,
-                    cfg: endofm_shared::DetectConfig::default(),
+                    cfg: endofm_shared::FinetuneConfig::for_task(TaskKind::Detect),
+                    // The published head at every preset, to compare with the published step.
+                    detector: endofm_shared::DetectorConfig::published(),
                 };
                 let result = crate::bench::detect::detect_step(&model, &opts)?;
                 print_json(&serde_json::to_value(&result)?);

@@ -21,7 +21,7 @@ pub mod cvc;
 pub mod kumc;
 pub mod media;
 pub mod polypdiag;
-mod prefetch;
+pub(crate) mod prefetch;
 pub mod segment;
 
 use std::fmt;

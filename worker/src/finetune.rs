@@ -23,7 +23,9 @@ use std::sync::atomic::AtomicBool;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
-use endofm_shared::{FinetuneConfig, InitFrom, ModelConfig, SegmenterConfig, StorageUri, TaskKind};
+use endofm_shared::{
+    DetectorConfig, FinetuneConfig, InitFrom, ModelConfig, SegmenterConfig, StorageUri, TaskKind,
+};
 
 use crate::init::InitSource;
 use crate::model::timesformer::{resize_pos_table, resize_time_table};
@@ -50,6 +52,10 @@ pub struct FinetuneRunConfig {
     /// unless the preset is `tiny`); see [`SegmenterConfig::resolve`].
     #[serde(default)]
     pub segmenter: Option<serde_json::Value>,
+    /// Detection: the network beyond the backbone over the preset's (the published one unless
+    /// the preset is `tiny`); see [`DetectorConfig::resolve`].
+    #[serde(default)]
+    pub detector: Option<serde_json::Value>,
 }
 
 /// The stem/decoder of a segmentation run: `given`, else the preset's (`tiny`), else the
@@ -58,6 +64,14 @@ pub fn segmenter_for(preset: Option<&str>, given: Option<SegmenterConfig>) -> Se
     given
         .or_else(|| preset.and_then(SegmenterConfig::for_preset))
         .unwrap_or_else(SegmenterConfig::published)
+}
+
+/// The detection network of a run: `given`, else the preset's (`tiny`), else the published
+/// STFT-FCOS.
+pub fn detector_for(preset: Option<&str>, given: Option<DetectorConfig>) -> DetectorConfig {
+    given
+        .or_else(|| preset.and_then(DetectorConfig::for_preset))
+        .unwrap_or_else(DetectorConfig::published)
 }
 
 /// The fine-tuning settings of `task` for `model`: the task's defaults sized for the model's
@@ -88,6 +102,8 @@ pub struct FinetuneJob {
     pub cfg: FinetuneConfig,
     /// Segmentation: the stem/decoder around the backbone's blocks.
     pub segmenter: SegmenterConfig,
+    /// Detection: the pyramid, head and post-processing on the backbone.
+    pub detector: DetectorConfig,
     /// Initial weights; `None` = random backbone.
     pub init: Option<InitSource>,
     /// Stop after this many steps in total (the schedule still spans every epoch).
@@ -127,7 +143,7 @@ pub fn run(
     match job.task {
         TaskKind::Classify => classify::finetune(job, collective),
         TaskKind::Segment => segment::finetune(job, collective),
-        other => Err(not_implemented(other)),
+        TaskKind::Detect => detect::run::finetune(job, collective),
     }
 }
 
@@ -283,14 +299,6 @@ impl Outcome {
             headline: None,
             metrics: std::collections::BTreeMap::new(),
         }
-    }
-}
-
-/// The error for a task this build cannot run.
-pub fn not_implemented(task: TaskKind) -> Error {
-    Error::Input {
-        name: "task".into(),
-        reason: format!("`{task}` is not implemented in this version (classify and segment are)"),
     }
 }
 
@@ -481,6 +489,9 @@ pub struct ModelInfo {
     /// Segmentation: the stem/decoder sizes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub segmenter: Option<SegmenterConfig>,
+    /// Detection: the network beyond the backbone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detector: Option<DetectorConfig>,
 }
 
 /// A fine-tuned model on local disk: its weights and what it is.
@@ -563,6 +574,7 @@ pub fn locate_model(text: &str) -> Result<LocalModel> {
             epoch: None,
             selected_by: None,
             segmenter: m.field("segmenter").ok(),
+            detector: m.field("detector").ok(),
         })
     } else {
         None
@@ -585,6 +597,8 @@ pub struct EvaluateJob {
     pub model: Option<ModelConfig>,
     /// Segmentation: the stem/decoder when the model folder does not say.
     pub segmenter: Option<SegmenterConfig>,
+    /// Detection: the network beyond the backbone when the model folder does not say.
+    pub detector: Option<DetectorConfig>,
     /// Sampling settings overrides (JSON object of [`FinetuneConfig`] fields).
     pub overrides: Option<serde_json::Value>,
     /// Dataset root.
@@ -608,6 +622,6 @@ pub fn evaluate(
     match job.task {
         TaskKind::Classify => classify::evaluate(job, collective),
         TaskKind::Segment => segment::evaluate(job, collective),
-        other => Err(not_implemented(other)),
+        TaskKind::Detect => detect::run::evaluate(job, collective),
     }
 }

@@ -97,6 +97,13 @@ pub fn finetune_job_for(
                 .then_some(spec.model.preset.as_str()),
             spec.segmenter.clone(),
         ),
+        detector: crate::finetune::detector_for(
+            spec.model
+                .config
+                .is_none()
+                .then_some(spec.model.preset.as_str()),
+            spec.detector.clone(),
+        ),
         model: spec.model.resolve()?,
         cfg: spec.finetune.clone(),
         init: spec
@@ -131,6 +138,12 @@ pub fn evaluate_job_for(a: &AssignmentFile, spec: &JobSpec) -> Result<EvaluateJo
             .config
             .is_none()
             .then(|| endofm_shared::SegmenterConfig::for_preset(&spec.model.preset))
+            .flatten(),
+        detector: spec
+            .model
+            .config
+            .is_none()
+            .then(|| endofm_shared::DetectorConfig::for_preset(&spec.model.preset))
             .flatten(),
         overrides: None,
         data: StorageUri::parse(&spec.data.uri)?,

@@ -12,7 +12,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use endofm_shared::{DetectConfig, ModelConfig, TrainPrecision};
+use endofm_shared::{DetectorConfig, FinetuneConfig, ModelConfig, TrainPrecision};
 
 use crate::collective::Solo;
 use crate::finetune::classify::resolve_precision;
@@ -36,8 +36,10 @@ pub struct DetectStepOptions {
     pub precision: TrainPrecision,
     /// Timed steps (after one warm-up step).
     pub steps: usize,
-    /// Training settings (head sizes, optimiser).
-    pub cfg: DetectConfig,
+    /// Training settings (optimiser).
+    pub cfg: FinetuneConfig,
+    /// The network beyond the backbone.
+    pub detector: DetectorConfig,
 }
 
 /// The deformable convolution's part of a step.
@@ -105,7 +107,7 @@ pub fn detect_step(model: &ModelConfig, opts: &DetectStepOptions) -> Result<Dete
     let mut model_cfg = model.clone();
     model_cfg.drop_path_rate = opts.cfg.drop_path_rate;
     tch::manual_seed(0);
-    let net = Detector::new(&model_cfg, &opts.cfg.detector, opts.device)?;
+    let net = Detector::new(&model_cfg, &opts.detector, opts.device)?;
     let mut opt = DetectOptimizer::new(&net, &opts.cfg);
     let precision = resolve_precision(opts.precision, opts.device)?;
     let side = ((640 * model.img_size / 224) / 32).max(1) as i64 * 32;
@@ -200,7 +202,7 @@ pub fn detect_step(model: &ModelConfig, opts: &DetectStepOptions) -> Result<Dete
         preset: opts.preset.clone(),
         batch: opts.batch,
         clip: [3, side, side],
-        fpn_channels: opts.cfg.detector.fpn_channels,
+        fpn_channels: opts.detector.fpn_channels,
         device: format!("{:?}", opts.device).to_lowercase(),
         threads: tch::get_num_threads(),
         dtype: match precision {

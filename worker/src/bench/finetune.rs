@@ -162,7 +162,12 @@ pub fn finetune_step(
             })?;
             (times, "frames", opts.batch as usize)
         }
-        other => return Err(crate::finetune::not_implemented(other)),
+        TaskKind::Detect => {
+            return Err(Error::Input {
+                name: "task".into(),
+                reason: "detection's step is measured by bench::detect::detect_step".into(),
+            });
+        }
     };
     let mut times = times;
     times.sort_by(f64::total_cmp);

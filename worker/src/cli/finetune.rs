@@ -91,6 +91,7 @@ pub struct ModelArgs {
 struct Fallback {
     model: Option<ModelConfig>,
     segmenter: Option<endofm_shared::SegmenterConfig>,
+    detector: Option<endofm_shared::DetectorConfig>,
 }
 
 impl ModelArgs {
@@ -107,9 +108,9 @@ impl ModelArgs {
     }
 }
 
-/// `--preset` (its network, and for segmentation its stem/decoder) or `--config`: a model
-/// configuration, or a run's configuration (`config.json` of a fine-tuning output: its `model`
-/// and `segmenter` sections).
+/// `--preset` (its network, and for segmentation and detection the layers around it) or
+/// `--config`: a model configuration, or a run's configuration (`config.json` of a fine-tuning
+/// output: its `model`, `segmenter` and `detector` sections).
 fn fallback_of(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result<Fallback> {
     if let (None, Some(path)) = (preset, config) {
         let text = std::fs::read_to_string(path)
@@ -125,12 +126,18 @@ fn fallback_of(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result
                     .map(|s| endofm_shared::SegmenterConfig::resolve(None, Some(s)))
                     .transpose()
                     .with_context(|| format!("{} (segmenter)", path.display()))?,
+                detector: value
+                    .get("detector")
+                    .map(|s| endofm_shared::DetectorConfig::resolve(None, Some(s)))
+                    .transpose()
+                    .with_context(|| format!("{} (detector)", path.display()))?,
             });
         }
     }
     Ok(Fallback {
         model: model_of(preset, config)?,
         segmenter: preset.and_then(endofm_shared::SegmenterConfig::for_preset),
+        detector: preset.and_then(endofm_shared::DetectorConfig::for_preset),
     })
 }
 
@@ -166,8 +173,8 @@ pub struct PredictArgs {
     /// Classification: one probability per consecutive time window, as JSON lines.
     #[arg(long)]
     pub window: bool,
-    /// Segmentation: where the masks (masks/NNNNNN.png) and overlay.mp4 go (default
-    /// ./prediction-<video name>).
+    /// Segmentation: where the masks (masks/NNNNNN.png) and overlay.mp4 go; detection: where
+    /// detections.jsonl and annotated.mp4 go (default ./prediction-<video name>).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Segmentation: frames the network sees at once (a run of consecutive frames; default 8).
@@ -176,11 +183,7 @@ pub struct PredictArgs {
 }
 
 fn task_of(text: &str) -> anyhow::Result<TaskKind> {
-    let task = TaskKind::parse(text)?;
-    if !task.implemented() {
-        bail!("--task {task}: not implemented in this version (classify and segment are)");
-    }
-    Ok(task)
+    Ok(TaskKind::parse(text)?)
 }
 
 fn model_of(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result<Option<ModelConfig>> {
@@ -236,6 +239,9 @@ pub fn finetune_job(args: &FinetuneArgs) -> anyhow::Result<FinetuneJob> {
             "the \"segmenter\" section of --config is for --task segment (this is --task {task})"
         );
     }
+    if run.detector.is_some() && task != TaskKind::Detect {
+        bail!("the \"detector\" section of --config is for --task detect (this is --task {task})");
+    }
     let mut over = match run.finetune.take() {
         Some(serde_json::Value::Object(m)) => m,
         Some(_) => bail!("the \"finetune\" section of --config must be an object"),
@@ -267,6 +273,11 @@ pub fn finetune_job(args: &FinetuneArgs) -> anyhow::Result<FinetuneJob> {
             args.preset.as_deref(),
             run.segmenter.as_ref(),
         )?,
+        detector: endofm_shared::DetectorConfig::resolve(
+            args.preset.as_deref(),
+            run.detector.as_ref(),
+        )
+        .context("the \"detector\" section of --config")?,
         model,
         cfg,
         init: args
@@ -315,6 +326,7 @@ pub fn run_evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
         weights: args.model.weights.clone(),
         model: fallback.model,
         segmenter: fallback.segmenter,
+        detector: fallback.detector,
         overrides: None,
         data: StorageUri::parse(&args.data).context("--data")?,
         split,
@@ -328,10 +340,47 @@ pub fn run_evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `./prediction-<video name without extension>`.
+fn default_prediction_dir(video: &str) -> PathBuf {
+    let stem = video
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or("video")
+        .split('.')
+        .next()
+        .unwrap_or("video");
+    PathBuf::from(format!("prediction-{stem}"))
+}
+
 /// Runs `predict`: one JSON object, or with --window one JSON line per window.
 pub fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
     let (task, device, fallback) = args.model.resolve()?;
     let model = fallback.model.clone();
+    if task == TaskKind::Detect {
+        if args.window || args.frames.is_some() {
+            bail!(
+                "--window and --frames are for classification and segmentation; detection predicts every frame with its reference frames"
+            );
+        }
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| default_prediction_dir(&args.video));
+        let (frames, files) = finetune::detect::predict::predict(
+            &args.model.weights,
+            model.as_ref(),
+            fallback.detector.as_ref(),
+            &args.video,
+            &out,
+            device,
+        )?;
+        for f in &frames {
+            print_json(&serde_json::to_value(f)?);
+        }
+        print_json(&serde_json::to_value(&files)?);
+        return Ok(());
+    }
     if task == TaskKind::Segment {
         if args.window {
             bail!("--window is for classification; segmentation predicts every frame");
@@ -340,19 +389,10 @@ pub fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
         if window == 0 {
             bail!("--frames must be at least 1");
         }
-        let out = args.out.clone().unwrap_or_else(|| {
-            let stem = args
-                .video
-                .trim_end_matches('/')
-                .rsplit('/')
-                .next()
-                .unwrap_or("video")
-                .split('.')
-                .next()
-                .unwrap_or("video")
-                .to_string();
-            PathBuf::from(format!("prediction-{stem}"))
-        });
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| default_prediction_dir(&args.video));
         let frames = finetune::segment::predict(
             &args.model.weights,
             model.as_ref(),
@@ -374,7 +414,7 @@ pub fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
     }
     if args.out.is_some() || args.frames.is_some() {
         bail!(
-            "--out and --frames are for segmentation; classification prints its predictions and samples frames as the model was trained"
+            "--out and --frames are for segmentation and detection; classification prints its predictions and samples frames as the model was trained"
         );
     }
     let predictions = finetune::classify::predict(

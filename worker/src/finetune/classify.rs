@@ -220,6 +220,7 @@ impl ClassifyTask<'_> {
             epoch: Some(epoch),
             selected_by: Some((format!("val_{SELECT_BY}"), value)),
             segmenter: None,
+            detector: None,
         };
         self.out.put(
             &format!("{BEST}/info.json"),

@@ -2,7 +2,7 @@
 //! training does it (`STFT/tools/train_net.py`, `stft_core/engine/trainer.py`,
 //! `stft_core/solver/build.py`): SGD with momentum over every parameter that receives a
 //! gradient, biases at `bias_lr_factor` × the learning rate and `weight_decay_bias`, linear
-//! warm-up then step decay ([`DetectConfig::lr_at`]); one step = the ViT on each sample's
+//! warm-up then step decay ([`FinetuneConfig::warmup_step_lr`]); one step = the ViT on each sample's
 //! clip (current frame + references), the five losses summed, backward, gradients averaged over
 //! the ranks (the loss normalisers are the ranks' mean counts, as the published `reduce_sum`),
 //! the update.
@@ -13,11 +13,13 @@
 
 pub mod data;
 pub mod metrics;
+pub mod predict;
+pub mod run;
 
 use rand::Rng;
 use tch::{Kind, Tensor};
 
-use endofm_shared::DetectConfig;
+use endofm_shared::FinetuneConfig;
 
 use crate::Result;
 use crate::collective::Collective;
@@ -40,7 +42,7 @@ impl DetectOptimizer {
     /// Every trainable parameter of `net` that receives a gradient (not the unused `fpn1`
     /// branch, not the offset convolutions, whose gradient the published code never computes),
     /// in key order; a parameter is a bias when its key contains `bias` (the published rule).
-    pub fn new(net: &Detector, cfg: &DetectConfig) -> Self {
+    pub fn new(net: &Detector, cfg: &FinetuneConfig) -> Self {
         let mut params: Vec<(String, Tensor)> = net
             .var_store()
             .variables()
@@ -67,6 +69,30 @@ impl DetectOptimizer {
     pub fn step(&mut self, lr: f64) {
         self.weights.step(lr);
         self.biases.step(lr * self.bias_lr_factor);
+    }
+
+    /// Updates done.
+    pub fn steps(&self) -> u64 {
+        self.weights.steps
+    }
+
+    /// Host copies of both groups' momentum buffers (`momentum_buffer.<key>`).
+    pub fn state(&self) -> std::collections::BTreeMap<String, Tensor> {
+        let mut state = self.weights.state();
+        state.extend(self.biases.state());
+        state
+    }
+
+    /// Restores both groups from [`DetectOptimizer::state`]'s tensors (`origin` names the
+    /// file in errors); `steps` updates were done.
+    pub fn load_state(
+        &mut self,
+        state: &std::collections::BTreeMap<String, Tensor>,
+        origin: &std::path::Path,
+        steps: u64,
+    ) -> Result<()> {
+        self.weights.load_state(state, origin, steps)?;
+        self.biases.load_state(state, origin, steps)
     }
 }
 
@@ -129,7 +155,7 @@ pub fn train_step(
 /// which `cfg.square_resize` keeps; otherwise the short side goes to `min_size` with the long
 /// side at most `max_size` (the published `get_size_`). Either way rounded down to a multiple
 /// of `size_divisor` (at least one).
-pub fn input_size(cfg: &DetectConfig, height: usize, width: usize) -> (usize, usize) {
+pub fn input_size(cfg: &FinetuneConfig, height: usize, width: usize) -> (usize, usize) {
     let d = cfg.size_divisor.max(1);
     let round = |v: usize| (v / d).max(1) * d;
     if cfg.square_resize {
@@ -166,11 +192,11 @@ mod tests {
 
     #[test]
     fn published_resize_is_square_and_the_aspect_variant_keeps_the_shape() {
-        let cfg = DetectConfig::default();
+        let cfg = FinetuneConfig::for_task(endofm_shared::TaskKind::Detect);
         assert_eq!(input_size(&cfg, 1080, 1350), (640, 640));
-        let aspect = DetectConfig {
+        let aspect = FinetuneConfig {
             square_resize: false,
-            ..DetectConfig::default()
+            ..FinetuneConfig::for_task(endofm_shared::TaskKind::Detect)
         };
         // Short side 600 would make the long side 750 > 640: short side 512 (rounded to 32).
         assert_eq!(input_size(&aspect, 1080, 1350), (512, 640));

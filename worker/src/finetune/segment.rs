@@ -368,6 +368,7 @@ fn write_model(
         epoch,
         selected_by,
         segmenter: Some(model.segmenter_config().clone()),
+        detector: None,
     };
     out.put(
         &format!("{BEST}/info.json"),

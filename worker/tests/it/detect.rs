@@ -136,7 +136,7 @@ fn model_verify_and_forward_serve_detection_directories() {
 /// image-level numbers follow from the box lists.
 #[test]
 fn a_tiny_detector_trains_and_scores_on_generated_kumc_frames() {
-    use endofm_shared::{DetectConfig, DetectorConfig};
+    use endofm_shared::{DetectorConfig, FinetuneConfig, TaskKind};
     use endofm_worker::datasets::Split;
     use endofm_worker::datasets::kumc::Kumc;
     use endofm_worker::finetune::detect::data::{evaluate_split, frame_index, load_sample};
@@ -161,20 +161,20 @@ fn a_tiny_detector_trains_and_scores_on_generated_kumc_frames() {
     model.depth = 1;
     model.embed_dim = 64;
     model.num_heads = 2;
-    let cfg = DetectConfig {
-        detector: DetectorConfig {
-            fpn_channels: 32,
-            num_convs: 1,
-            ..DetectorConfig::default()
-        },
+    let det = DetectorConfig {
+        fpn_channels: 32,
+        num_convs: 1,
+        ..DetectorConfig::default()
+    };
+    let cfg = FinetuneConfig {
         max_size: 96,
         min_size: 64,
         warmup_iters: 2,
         drop_path_rate: 0.0,
-        ..DetectConfig::default()
+        ..FinetuneConfig::for_task(TaskKind::Detect)
     };
     tch::manual_seed(0);
-    let net = Detector::new(&model, &cfg.detector, Device::Cpu).unwrap();
+    let net = Detector::new(&model, &det, Device::Cpu).unwrap();
     let mut opt = DetectOptimizer::new(&net, &cfg);
     let train = ds.split(Split::Train).unwrap();
     let index = frame_index(train);
@@ -192,14 +192,14 @@ fn a_tiny_detector_trains_and_scores_on_generated_kumc_frames() {
             endofm_worker::precision::Precision::Fp32,
             (&s.clip.unsqueeze(0), &[s.targets]),
             step as u64,
-            cfg.lr_at(step),
+            cfg.warmup_step_lr(step),
             &mut endofm_worker::collective::Solo,
         )
         .unwrap();
         assert!(losses.total.is_finite(), "{losses:?}");
         totals.push(losses.total);
     }
-    let (scores, frames) = evaluate_split(&net, &ds, Split::Val, &cfg, 10, 0).unwrap();
+    let (scores, frames) = evaluate_split(&net, &ds, Split::Val, &cfg, 0).unwrap();
     assert_eq!(frames.len(), ds.split(Split::Val).unwrap().len());
     for v in [
         scores.image.precision,

@@ -1,7 +1,7 @@
 //! KUMC frames into detector inputs, and scoring a detector on a split.
 //!
 //! A sample is the current frame and its reference frames of the same video
-//! (`cvcvid_stft.py`): in training one from 1–[`DetectConfig::ref_max_offset`] frames before and
+//! (`cvcvid_stft.py`): in training one from 1–[`FinetuneConfig::ref_max_offset`] frames before and
 //! one from as many after ([`super::reference_frames`]); at test, as the published
 //! `_forward_test`, half of `test_refs` drawn without replacement from the `ref_max_offset`
 //! frames before and half from those after, clamped to the video (the published buffer repeats
@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use rand::Rng;
 use tch::{Kind, Tensor};
 
-use endofm_shared::DetectConfig;
+use endofm_shared::FinetuneConfig;
 
 use super::metrics::{DetectionScores, FrameBoxes, ScoredBox, score};
 use crate::datasets::Split;
@@ -70,8 +70,24 @@ fn lookup<'a>(
 /// A frame as the published input at `size`: (3, H, W) float32.
 fn input_frame(ds: &Kumc, frame: &KumcFrame, size: (usize, usize), flip: bool) -> Result<Tensor> {
     let pixels = ds.read_frame(frame)?;
-    let t = Tensor::from_slice(&pixels.data)
-        .view([pixels.h as i64, pixels.w as i64, 3])
+    Ok(input_from_rgb(
+        &pixels.data,
+        (pixels.h, pixels.w),
+        size,
+        flip,
+    ))
+}
+
+/// RGB pixels (`height × width × 3`) as the published input at `size` (height, width):
+/// resized (bilinear), BGR·255 − [`PIXEL_MEAN_BGR`], (3, H, W) float32, mirrored when `flip`.
+pub fn input_from_rgb(
+    rgb: &[u8],
+    (h, w): (usize, usize),
+    size: (usize, usize),
+    flip: bool,
+) -> Tensor {
+    let t = Tensor::from_slice(rgb)
+        .view([h as i64, w as i64, 3])
         .permute([2, 0, 1])
         .to_kind(Kind::Float)
         .flip([0]) // RGB → BGR
@@ -80,7 +96,7 @@ fn input_frame(ds: &Kumc, frame: &KumcFrame, size: (usize, usize), flip: bool) -
         .squeeze_dim(0);
     let mean = Tensor::from_slice(&PIXEL_MEAN_BGR.map(|v| v as f32)).view([3, 1, 1]);
     let t = t - mean;
-    Ok(if flip { t.flip([2]) } else { t })
+    if flip { t.flip([2]) } else { t }
 }
 
 /// Builds the sample of `frames[i]` with reference frame numbers `refs`.
@@ -90,7 +106,7 @@ pub fn load_sample(
     index: &HashMap<(&str, usize), usize>,
     i: usize,
     refs: &[usize],
-    cfg: &DetectConfig,
+    cfg: &FinetuneConfig,
     flip: bool,
 ) -> Result<DetectSample> {
     let cur = &frames[i];
@@ -163,20 +179,97 @@ pub fn test_references(
     refs
 }
 
-/// Runs `net` on every frame of `split` (test-time references from a generator seeded with
-/// `seed`) and scores the detections in original-frame pixels. Returns the scores and the
-/// per-frame boxes (for plots).
+/// The true boxes of a frame, in its own pixels.
+pub fn truth_of(frame: &KumcFrame) -> Vec<ScoredBox> {
+    frame
+        .annotation
+        .boxes
+        .iter()
+        .map(|b| ScoredBox {
+            label: b.class.id(),
+            score: 1.0,
+            xyxy: [b.xmin, b.ymin, b.xmax, b.ymax],
+        })
+        .collect()
+}
+
+/// A generator for the draws of item `index` under `seed` (its own stream, so every rank and
+/// every resumed run draws the same for the same item).
+pub fn item_rng(seed: u64, salt: u64, index: usize) -> rand_chacha::ChaCha8Rng {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ salt);
+    rng.set_stream(index as u64);
+    rng
+}
+
+/// Salt of test-time reference draws.
+pub const TEST_SALT: u64 = 0x7E57_4EF5;
+
+/// The detections of `net` on `frames[i]` (test-time references drawn from `seed` and `i`),
+/// in the frame's own pixels.
 ///
 /// Errors: a frame that cannot be read (named).
+pub fn predict_frame(
+    net: &Detector,
+    ds: &Kumc,
+    frames: &[KumcFrame],
+    index: &HashMap<(&str, usize), usize>,
+    i: usize,
+    cfg: &FinetuneConfig,
+    seed: u64,
+) -> Result<Vec<ScoredBox>> {
+    let f = &frames[i];
+    let mut rng = item_rng(seed, TEST_SALT, i);
+    let refs = test_references(
+        &mut rng,
+        f.number,
+        f.video_frames,
+        cfg.ref_max_offset,
+        cfg.test_refs,
+    );
+    let sample = load_sample(ds, frames, index, i, &refs, cfg, false)?;
+    let clip = sample.clip.unsqueeze(0).to_device(net.device());
+    let (_, dets) = net.detect(&clip)?;
+    let size = (clip.size()[3] as f64, clip.size()[4] as f64);
+    Ok(scaled_boxes(&dets[0], size, sample.original))
+}
+
+/// Detections at the network's input size `from` (height, width) as boxes in a frame of
+/// `to` = (height, width) pixels.
+pub fn scaled_boxes(
+    det: &crate::model::detector::Detections,
+    from: (f64, f64),
+    to: (usize, usize),
+) -> Vec<ScoredBox> {
+    let (sy, sx) = (to.0 as f64 / from.0, to.1 as f64 / from.1);
+    let boxes: Vec<f32> = Vec::try_from(det.boxes.reshape([-1])).unwrap_or_default();
+    let scores: Vec<f32> = Vec::try_from(&det.scores).unwrap_or_default();
+    let labels: Vec<i64> = Vec::try_from(&det.labels).unwrap_or_default();
+    (0..scores.len().min(labels.len()).min(boxes.len() / 4))
+        .map(|j| ScoredBox {
+            label: labels[j],
+            score: f64::from(scores[j]),
+            xyxy: [
+                f64::from(boxes[4 * j]) * sx,
+                f64::from(boxes[4 * j + 1]) * sy,
+                f64::from(boxes[4 * j + 2]) * sx,
+                f64::from(boxes[4 * j + 3]) * sy,
+            ],
+        })
+        .collect()
+}
+
+/// Runs `net` on every frame of `split` in one process ([`predict_frame`]) and scores the
+/// detections in original-frame pixels. Returns the scores and the per-frame boxes.
+///
+/// Errors: an empty split; a frame that cannot be read (named).
 pub fn evaluate_split(
     net: &Detector,
     ds: &Kumc,
     split: Split,
-    cfg: &DetectConfig,
-    test_refs: usize,
+    cfg: &FinetuneConfig,
     seed: u64,
 ) -> Result<(DetectionScores, Vec<FrameBoxes>)> {
-    use rand::SeedableRng;
     let frames = ds.split(split)?;
     if frames.is_empty() {
         return Err(Error::Input {
@@ -185,53 +278,126 @@ pub fn evaluate_split(
         });
     }
     let index = frame_index(frames);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let device = net.device();
-    let mut all = Vec::with_capacity(frames.len());
-    for (i, f) in frames.iter().enumerate() {
-        let refs = test_references(
-            &mut rng,
-            f.number,
-            f.video_frames,
-            cfg.ref_max_offset,
-            test_refs,
-        );
-        let sample = load_sample(ds, frames, &index, i, &refs, cfg, false)?;
-        let clip = sample.clip.unsqueeze(0).to_device(device);
-        let (_, dets) = net.detect(&clip)?;
-        let det = &dets[0];
-        let (h, w) = sample.original;
-        let size = (clip.size()[3] as f64, clip.size()[4] as f64);
-        let (sy, sx) = (h as f64 / size.0, w as f64 / size.1);
-        let boxes: Vec<f32> = Vec::try_from(det.boxes.reshape([-1])).unwrap_or_default();
-        let scores: Vec<f32> = Vec::try_from(&det.scores).unwrap_or_default();
-        let labels: Vec<i64> = Vec::try_from(&det.labels).unwrap_or_default();
-        let predicted = (0..scores.len())
-            .map(|j| ScoredBox {
-                label: labels[j],
-                score: scores[j] as f64,
-                xyxy: [
-                    boxes[4 * j] as f64 * sx,
-                    boxes[4 * j + 1] as f64 * sy,
-                    boxes[4 * j + 2] as f64 * sx,
-                    boxes[4 * j + 3] as f64 * sy,
-                ],
+    let all = (0..frames.len())
+        .map(|i| {
+            Ok(FrameBoxes {
+                truth: truth_of(&frames[i]),
+                predicted: predict_frame(net, ds, frames, &index, i, cfg, seed)?,
             })
-            .collect();
-        let truth = f
-            .annotation
-            .boxes
-            .iter()
-            .map(|b| ScoredBox {
-                label: b.class.id(),
-                score: 1.0,
-                xyxy: [b.xmin, b.ymin, b.xmax, b.ymax],
-            })
-            .collect();
-        all.push(FrameBoxes { truth, predicted });
-    }
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok((
         score(&all, net.config().num_classes, cfg.score_threshold),
         all,
     ))
+}
+
+/// Salt of training draws (references and flip).
+const TRAIN_SALT: u64 = 0x7EA1_4DE7;
+
+/// Steps per epoch: each step takes `batch` frames per rank; the remainder of a split that
+/// does not fill every rank's batch is dropped (like `DistributedSampler(drop_last=True)`).
+pub fn iters_per_epoch(frames: usize, batch: usize, world: usize) -> usize {
+    frames / (batch * world).max(1)
+}
+
+/// One training batch of a rank.
+#[derive(Debug)]
+pub struct TrainBatch {
+    /// (B, 3, T, H, W) float32, frame 0 of each sample the current frame.
+    pub clips: Tensor,
+    /// The current frames' boxes.
+    pub targets: Vec<Targets>,
+    /// Seconds the consumer waited for it.
+    pub wait_s: f64,
+}
+
+/// Training batches for one rank from global step `first` on, prefetched in order by
+/// background threads. Step `k` of epoch `e` gives rank `r` the frames at positions
+/// `(k·world + r)·B … + B` of epoch `e`'s order (a permutation drawn from the seed); each
+/// frame's reference frames and flip are drawn from the seed, the epoch and the frame, so a
+/// resumed run reads exactly what an uninterrupted one would.
+#[derive(Debug)]
+pub struct TrainLoader {
+    pool: crate::datasets::prefetch::Prefetch<(Tensor, Vec<Targets>)>,
+}
+
+impl TrainLoader {
+    /// Starts the loader.
+    ///
+    /// Errors: a training split too small for one batch per rank; at run time, an unreadable
+    /// frame (named) or frames of different sizes in one batch under the aspect-keeping
+    /// resize.
+    pub fn start(
+        ds: std::sync::Arc<Kumc>,
+        cfg: &FinetuneConfig,
+        rank: usize,
+        world: usize,
+        threads: usize,
+        first: usize,
+    ) -> Result<Self> {
+        let n = ds.split(Split::Train)?.len();
+        let batch = cfg.batch_per_rank;
+        let ipe = iters_per_epoch(n, batch, world);
+        if ipe == 0 {
+            return Err(Error::Input {
+                name: "train split".into(),
+                reason: format!("{n} frames cannot give each of {world} ranks a batch of {batch}"),
+            });
+        }
+        let cfg = cfg.clone();
+        let pool = crate::datasets::prefetch::Prefetch::start(
+            "det-data",
+            threads,
+            2,
+            (first, None),
+            move |step| {
+                let (epoch, k) = (step / ipe, step % ipe);
+                let frames = ds.split(Split::Train)?;
+                let index = frame_index(frames);
+                let order = crate::datasets::segment::epoch_order(cfg.seed, epoch, frames.len());
+                let mut clips = Vec::with_capacity(batch);
+                let mut targets = Vec::with_capacity(batch);
+                for b in 0..batch {
+                    let i = order[(k * world + rank) * batch + b];
+                    let f = &frames[i];
+                    let mut rng = item_rng(cfg.seed ^ ((epoch as u64) << 32), TRAIN_SALT, i);
+                    let refs = super::reference_frames(
+                        &mut rng,
+                        f.number,
+                        f.video_frames,
+                        cfg.ref_max_offset,
+                    );
+                    let flip = rng.random_bool(cfg.flip_prob);
+                    let s = load_sample(&ds, frames, &index, i, &refs, &cfg, flip)?;
+                    if let Some(first) = clips.first().map(Tensor::size)
+                        && first != s.clip.size()
+                    {
+                        return Err(Error::Input {
+                            name: f.image.clone(),
+                            reason: format!(
+                                "resized to {:?}, another frame of its batch to {first:?}: with square_resize off, use batch_per_rank 1 or frames of one size",
+                                s.clip.size()
+                            ),
+                        });
+                    }
+                    clips.push(s.clip);
+                    targets.push(s.targets);
+                }
+                Ok((Tensor::stack(&clips, 0), targets))
+            },
+        )?;
+        Ok(Self { pool })
+    }
+
+    /// The next batch (blocks until it is ready).
+    pub fn next_batch(&mut self) -> Result<TrainBatch> {
+        let t0 = std::time::Instant::now();
+        let (clips, targets) = self.pool.take()?;
+        Ok(TrainBatch {
+            clips,
+            targets,
+            wait_s: t0.elapsed().as_secs_f64(),
+        })
+    }
 }
