@@ -1,13 +1,17 @@
 //! PNG plots of a run report (800×500, plotters' bitmap backend): training loss and validation
 //! metric per epoch (`training`), confusion-matrix heat maps (`confusion`), ROC curves
-//! (`roc`) and values per step in stacked panels (`series`, pre-training's report). Text is
+//! (`roc`), values per step in stacked panels (`series`, pre-training's report), segmentation
+//! mask overlays (`overlay`), detection boxes over frames (`boxes`, also drawn onto the frames
+//! of the annotated prediction video) and precision–recall curves (`pr`). Text is
 //! drawn with a TrueType font read once at run time (`font`: DejaVu Sans, installed by
 //! `scripts/setup.sh`); without one, every plot function returns an error that says what to
 //! install.
 
+mod boxes;
 mod confusion;
 mod font;
 mod overlay;
+mod pr;
 mod roc;
 mod series;
 mod training;
@@ -19,9 +23,13 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+pub use boxes::{
+    BoxSample, DrawBox, PREDICTED_COLOUR, TRUTH_COLOUR, annotate_frame, box_grid, draw_boxes,
+};
 pub use confusion::confusion_matrix;
 pub use font::{FONT_ENV, font_file};
 pub use overlay::{OverlaySample, mask_grid};
+pub use pr::{PrCurve, pr_curve};
 pub use roc::roc_curve;
 pub use series::{Corner, Panel, Series, step_panels};
 pub use training::training_curves;
