@@ -274,7 +274,7 @@ fn tile(k: usize, width: usize, height: usize) -> Tile {
     }
 }
 
-/// Scales a frame's box to a tile of `tile_w × tile_h` pixels.
+/// Scales a frame's box by `sx` horizontally and `sy` vertically (frame → tile pixels).
 fn scale_box(b: &DrawBox, sx: f64, sy: f64) -> DrawBox {
     let [x1, y1, x2, y2] = b.xyxy;
     DrawBox {
