@@ -387,9 +387,14 @@ async fn dependencies_are_checked_at_submit_and_followed() {
             err.message()
         );
     }
-    let err = refused(&mut jobs, finetune("").replace("classify", "detect")).await;
+    // A detection network section on a classification job is refused by name.
+    let err = refused(
+        &mut jobs,
+        format!("{}[detector]\nnum_convs = 1\n", finetune("")),
+    )
+    .await;
     assert!(
-        err.message().contains("`task`") && err.message().contains("detect"),
+        err.message().contains("`detector`") && err.message().contains("detect"),
         "{}",
         err.message()
     );

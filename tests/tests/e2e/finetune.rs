@@ -390,3 +390,132 @@ decoder_channels = [16, 16, 8, 8]
         );
     }
 }
+
+/// A small generated KUMC-layout dataset, once per test process.
+fn kumc() -> PathBuf {
+    static DATA: OnceLock<PathBuf> = OnceLock::new();
+    DATA.get_or_init(|| {
+        synth(
+            "kumc",
+            &[
+                "--videos",
+                "8",
+                "--size",
+                "64",
+                "--frames",
+                "5",
+                "--max-frames",
+                "6",
+                "--polyp-scale",
+                "3",
+                "--seed",
+                "8",
+            ],
+        )
+    })
+    .clone()
+}
+
+#[test]
+fn detection_job_on_two_ranks_from_a_pretraining_job() {
+    let _serial = serial();
+    let mut c = Cluster::start();
+    c.add_worker("cpu:2");
+    let dir = c.dir.path().to_path_buf();
+    let pre = c.submit(&tiny_spec(
+        "pre",
+        &dir.join("pre"),
+        corpus().to_str().unwrap(),
+        1,
+        "max_steps = 1",
+        "",
+    ));
+    let out = dir.join("det");
+    let spec = format!(
+        r#"name = "det"
+kind = "finetune"
+task = "detect"
+output = "{out}"
+init = "job:{pre}"
+max_restarts = 0
+collective_timeout_s = 30
+[data]
+uri = "{data}"
+threads = 1
+[model]
+preset = "tiny"
+[resources]
+world_size = 2
+device = "cpu"
+threads_per_rank = 1
+[finetune]
+epochs = 2
+max_size = 64
+min_size = 64
+warmup_iters = 4
+lr = 0.005
+test_refs = 2
+[detector]
+fpn_channels = 32
+num_convs = 1
+"#,
+        out = out.display(),
+        data = kumc().display()
+    );
+    let det = c.submit(&spec);
+    let (code, job) = c.wait(&det, LONG);
+    assert_eq!(code, 0, "{job}\n{}", c.logs());
+    assert_eq!(state(&job), "succeeded", "{job}");
+    assert_eq!(job["result"]["headline"], "test_f1", "{job}");
+    assert!(out.join("report.json").is_file() && out.join("best/model.safetensors").is_file());
+    for plot in [
+        "samples_test.png",
+        "pr_test.png",
+        "loss_terms.png",
+        "training.png",
+    ] {
+        assert!(out.join("plots").join(plot).is_file(), "{plot}");
+    }
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["world_size"], 2);
+    assert_eq!(config["detector"]["fpn_channels"], 32);
+    assert_eq!(config["finetune"]["batch_per_rank"], 1);
+    // Both ranks scored their share of the validation frames and gathered the boxes: a
+    // one-process evaluation of the chosen model gives the numbers recorded for its epoch.
+    let eval = Command::new(bin("endofm-worker").unwrap())
+        .args(["evaluate", "--task", "detect", "--weights"])
+        .arg(&out)
+        .arg("--data")
+        .arg(kumc())
+        .args(["--split", "val", "--threads", "1", "--out"])
+        .arg(dir.join("det-eval"))
+        .env("RUST_LOG", "warn")
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("running evaluate");
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let line: Value = String::from_utf8_lossy(&eval.stdout)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("evaluate prints its outcome");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let chosen = report["selection"]["epoch"].as_u64().unwrap() as usize;
+    let recorded = &report["history"][chosen]["val"];
+    for key in ["f1", "box_f1", "ap50", "ap50_95", "predicted_boxes"] {
+        let (a, b) = (
+            line["metrics"][format!("val_{key}")].as_f64().unwrap(),
+            recorded[key].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() < 1e-6,
+            "{key}: evaluate {a}, recorded at epoch {chosen} {b}"
+        );
+    }
+}

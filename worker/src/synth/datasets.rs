@@ -11,7 +11,9 @@
 //! - **KUMC** (`<split>2019/{Image,Annotation}/NNN/<k>.{jpg,xml}`, `ImageSets/<split>.txt`):
 //!   one VOC file per frame with the renderer's tight boxes as pixel edges (`xmin = x0`,
 //!   `xmax = x1`, half-open); each video's polyps get one class, alternating adenomatous /
-//!   hyperplastic within a split.
+//!   hyperplastic within a split, and the class shows the way it tends to in colonoscopy:
+//!   hyperplastic polyps are drawn smaller (0.6 × the scale) and paler (1.5 × the contrast,
+//!   at most 4) than adenomatous ones, so a detector can tell them apart.
 //!
 //! Each video is rendered from its own seed, so train, val and test share no source video.
 //! Frame counts are drawn per video from `frames` (inclusive range). `labels.json` at the root
@@ -249,12 +251,25 @@ struct Planned {
     base_seed: u64,
 }
 
-/// The renderer parameters of a video of `frames` frames and label `label`.
-pub fn video_params(spec: &DownstreamSpec, frames: usize, label: i64) -> SynthParams {
+/// The renderer parameters of a video of `frames` frames, label `label` and (KUMC) polyp
+/// class `class`: hyperplastic polyps smaller and paler than adenomatous ones.
+pub fn video_params(
+    spec: &DownstreamSpec,
+    frames: usize,
+    label: i64,
+    class: Option<PolypClass>,
+) -> SynthParams {
+    let (scale, contrast) = match class {
+        Some(PolypClass::Hyperplastic) => (
+            (spec.polyp_scale * 0.6).max(0.25),
+            (spec.polyp_contrast * 1.5).min(4.0),
+        ),
+        _ => (spec.polyp_scale, spec.polyp_contrast),
+    };
     SynthParams {
         polyp_probability: if label == 1 { 1.0 } else { 0.0 },
-        polyp_scale: spec.polyp_scale,
-        polyp_contrast: spec.polyp_contrast,
+        polyp_scale: scale,
+        polyp_contrast: contrast,
         ..SynthParams::pretrain(spec.short_side, frames)
     }
 }
@@ -313,7 +328,7 @@ fn plan(spec: &DownstreamSpec) -> Vec<Planned> {
 /// polyp of at least `min_polyp_area` in at least `min_polyp_share` of the frames; any clip
 /// for label 0, which cannot show one).
 fn render_planned(spec: &DownstreamSpec, p: &Planned) -> Result<(u64, Frames, Labels)> {
-    let params = video_params(spec, p.frames, p.label);
+    let params = video_params(spec, p.frames, p.label, p.class);
     for attempt in 0..MAX_ATTEMPTS {
         let seed = clip_seed(p.base_seed, attempt);
         let (frames, labels) = render_clip(&params, seed)?;

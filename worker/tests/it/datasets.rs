@@ -209,8 +209,11 @@ fn cvc_masks_and_frames_are_the_renderers() {
         assert!(cvc.split(split).unwrap().iter().any(|n| n == name));
         let seq = cvc.read(name).unwrap();
         let frames = r["frames"].as_u64().unwrap() as usize;
-        let (want, labels) =
-            render_clip(&video_params(&spec, frames, 1), r["seed"].as_u64().unwrap()).unwrap();
+        let (want, labels) = render_clip(
+            &video_params(&spec, frames, 1, None),
+            r["seed"].as_u64().unwrap(),
+        )
+        .unwrap();
         assert_eq!(
             seq.frames, want,
             "{name}: frames differ from the renderer's"
@@ -242,8 +245,16 @@ fn kumc_boxes_are_the_renderers() {
             let r = &by_name[video];
             assert_eq!(r["split"], split.name());
             let n = r["frames"].as_u64().unwrap() as usize;
-            let (_, labels) =
-                render_clip(&video_params(&spec, n, 1), r["seed"].as_u64().unwrap()).unwrap();
+            // The class the record names sets the polyps' size and colour.
+            let class = r["class"]
+                .as_str()
+                .and_then(endofm_worker::datasets::kumc::PolypClass::parse);
+            assert!(class.is_some(), "{r}");
+            let (_, labels) = render_clip(
+                &video_params(&spec, n, 1, class),
+                r["seed"].as_u64().unwrap(),
+            )
+            .unwrap();
             let mine: Vec<_> = frames.iter().filter(|f| f.video == video).collect();
             assert_eq!(mine.len(), n);
             for f in mine {

@@ -10,6 +10,7 @@ mod convert;
 mod corpus;
 mod datasets;
 mod detect;
+mod detect_run;
 mod faults;
 mod finetune;
 mod gpu;

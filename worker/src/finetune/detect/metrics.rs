@@ -112,6 +112,9 @@ pub struct DetectionScores {
     /// Overall precision–recall points at IoU 0.5 (every score), for the report's curve:
     /// `(recall, precision)` in rank order.
     pub pr_curve: Vec<(f64, f64)>,
+    /// Box-level P/R/F1 at IoU ≥ 0.5 and the threshold with the class ignored (any predicted
+    /// box may match any true box): where the boxes are, whatever they are called.
+    pub located: Prf,
 }
 
 /// Greedy matching in one frame: `preds` (indices into `frame.predicted`, already ranked) to
@@ -215,6 +218,22 @@ pub fn score(frames: &[FrameBoxes], num_classes: usize, score_threshold: f64) ->
     }
     let image = Prf::new(tp, fp, fn_);
 
+    // Class ignored: every box relabelled 1, matched as one class.
+    let (mut ltp, mut lfp, mut lfn) = (0, 0, 0);
+    for f in frames {
+        let one = |b: &ScoredBox| ScoredBox { label: 1, ..*b };
+        let agnostic = FrameBoxes {
+            truth: f.truth.iter().map(one).collect(),
+            predicted: f.predicted.iter().map(one).collect(),
+        };
+        let preds = ranked(&agnostic, 1, score_threshold);
+        let (flags, missed) = match_frame(&agnostic, &preds, 1, 0.5);
+        ltp += flags.iter().filter(|h| **h).count() as u64;
+        lfp += flags.iter().filter(|h| !**h).count() as u64;
+        lfn += missed;
+    }
+    let located = Prf::new(ltp, lfp, lfn);
+
     let mut per_class = BTreeMap::new();
     let (mut sum_tp, mut sum_fp, mut sum_fn) = (0, 0, 0);
     let (mut ap50s, mut ap5095s) = (Vec::new(), Vec::new());
@@ -299,6 +318,7 @@ pub fn score(frames: &[FrameBoxes], num_classes: usize, score_threshold: f64) ->
             ap50_95: mean(&ap5095s),
         },
         pr_curve,
+        located,
     }
 }
 
@@ -350,6 +370,9 @@ mod tests {
         assert!((s.per_class[&2].ap50 - 0.5).abs() < 1e-12);
         assert!(s.per_class[&1].ap50_95 < s.per_class[&1].ap50);
         assert_eq!(s.pr_curve.len(), 4);
+        // Class ignored: the class-2 box on the polyp-free frame stays a false positive, the
+        // low-score one is below the threshold.
+        assert_eq!((s.located.tp, s.located.fp, s.located.fn_), (1, 2, 2));
     }
 
     #[test]

@@ -142,7 +142,7 @@ pub fn class_name(label: i64) -> String {
 /// The report's scalars of a split: `f1`, `precision`, `recall` (the paper's image-level
 /// numbers at the score threshold), `box_f1`, `box_precision`, `box_recall` (IoU ≥ 0.5),
 /// `ap50`, `ap50_95` (mean over classes with true boxes), the same per class
-/// (`<class>_box_f1`, `<class>_ap50`, …), and the counts `frames`, `true_boxes`,
+/// (`<class>_box_f1`, `<class>_ap50`, …), `located_box_*` (IoU ≥ 0.5 with the class ignored), and the counts `frames`, `true_boxes`,
 /// `predicted_boxes` (at the threshold).
 pub fn scalars(
     s: &DetectionScores,
@@ -164,6 +164,9 @@ pub fn scalars(
     for (label, b) in &s.per_class {
         boxes(format!("{}_", class_name(*label)), b);
     }
+    m.insert("located_box_f1".into(), s.located.f1);
+    m.insert("located_box_precision".into(), s.located.precision);
+    m.insert("located_box_recall".into(), s.located.recall);
     m.insert("frames".into(), frames.len() as f64);
     m.insert(
         "true_boxes".into(),
