@@ -33,7 +33,23 @@ impl Collective for Solo {
     fn world_size(&self) -> usize {
         1
     }
-    fn all_reduce_sum(&mut self, _buffer: &mut Tensor) -> Result<()> {
-        Ok(())
+    fn all_reduce_sum(&mut self, buffer: &mut Tensor) -> Result<()> {
+        // The identity, but held to the contract of every backend, so that one-process runs
+        // catch a buffer a multi-rank run would refuse.
+        check_float32(buffer)
     }
+}
+
+/// The buffer contract every backend shares: float32 elements.
+///
+/// Errors: [`crate::Error::DType`] naming the buffer and its element type.
+pub fn check_float32(buffer: &Tensor) -> Result<()> {
+    if buffer.kind() != tch::Kind::Float {
+        return Err(crate::Error::DType {
+            name: "all-reduce buffer".into(),
+            found: format!("{:?}", buffer.kind()),
+            expected: "f32",
+        });
+    }
+    Ok(())
 }

@@ -373,13 +373,7 @@ impl Collective for RingCollective {
     }
 
     fn all_reduce_sum(&mut self, buffer: &mut Tensor) -> Result<()> {
-        if buffer.kind() != Kind::Float {
-            return Err(Error::DType {
-                name: "all-reduce buffer".into(),
-                found: format!("{:?}", buffer.kind()),
-                expected: "f32",
-            });
-        }
+        super::check_float32(buffer)?;
         if buffer.device() != Device::Cpu {
             return Err(Error::Input {
                 name: "all-reduce buffer".into(),

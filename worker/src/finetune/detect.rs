@@ -127,9 +127,12 @@ pub fn train_step(
             let pre = Tensor::cat(&out.pre_bbox, 1).to_kind(Kind::Float);
             let gt = loss::ground_truth(cfg, &out.locations, targets, &pre)?;
             let counts = loss::local_counts(cfg, &gt);
-            let mut buffer = Tensor::from_slice(&counts);
+            // Float32 on the model's device, as every collective takes; the counts are whole
+            // numbers far below 2^24, exact in float32.
+            let mut buffer = Tensor::from_slice(&counts.map(|c| c as f32)).to_device(device);
             collective.all_reduce_sum(&mut buffer)?;
-            let sums: Vec<f64> = Vec::try_from(buffer).unwrap_or_else(|_| counts.to_vec());
+            let sums: Vec<f64> =
+                Vec::try_from(buffer.to_device(tch::Device::Cpu).to_kind(Kind::Double))?;
             let norm = loss::Normalisers::from_reduced(
                 [sums[0], sums[1], sums[2]],
                 collective.world_size(),
