@@ -1,4 +1,5 @@
-//! KUMC frames into detector inputs, and scoring a detector on a split.
+//! KUMC frames into detector inputs: training batches ([`TrainLoader`]) and one frame's
+//! detections at test ([`predict_frame`]).
 //!
 //! A sample is the current frame and its reference frames of the same video
 //! (`cvcvid_stft.py`): in training one from 1–[`FinetuneConfig::ref_max_offset`] frames before and
@@ -9,7 +10,9 @@
 //! network size ([`super::input_size`]; bilinear on the tensor, where the published code
 //! resizes the PIL image), turned into the published input (`BGR·255 − PIXEL_MEAN`, std 1), and
 //! the current frame's boxes are scaled alike; a horizontal flip mirrors boxes the published
-//! way (`x1' = W − x2 − 1`).
+//! way (`x1' = W − x2 − 1`). Every frame's draws (references, flip) come from its own
+//! generator stream keyed by the seed, the epoch and the frame ([`item_rng`]), so ranks, thread
+//! counts and resumed runs all see the same samples.
 
 use std::collections::HashMap;
 
@@ -18,7 +21,7 @@ use tch::{Kind, Tensor};
 
 use endofm_shared::FinetuneConfig;
 
-use super::metrics::{DetectionScores, FrameBoxes, ScoredBox, score};
+use super::metrics::ScoredBox;
 use crate::datasets::Split;
 use crate::datasets::kumc::{Kumc, KumcFrame};
 use crate::model::Detector;
@@ -259,39 +262,6 @@ pub fn scaled_boxes(
         .collect()
 }
 
-/// Runs `net` on every frame of `split` in one process ([`predict_frame`]) and scores the
-/// detections in original-frame pixels. Returns the scores and the per-frame boxes.
-///
-/// Errors: an empty split; a frame that cannot be read (named).
-pub fn evaluate_split(
-    net: &Detector,
-    ds: &Kumc,
-    split: Split,
-    cfg: &FinetuneConfig,
-    seed: u64,
-) -> Result<(DetectionScores, Vec<FrameBoxes>)> {
-    let frames = ds.split(split)?;
-    if frames.is_empty() {
-        return Err(Error::Input {
-            name: format!("{split} split"),
-            reason: "has no frames to score".into(),
-        });
-    }
-    let index = frame_index(frames);
-    let all = (0..frames.len())
-        .map(|i| {
-            Ok(FrameBoxes {
-                truth: truth_of(&frames[i]),
-                predicted: predict_frame(net, ds, frames, &index, i, cfg, seed)?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok((
-        score(&all, net.config().num_classes, cfg.score_threshold),
-        all,
-    ))
-}
-
 /// Salt of training draws (references and flip).
 const TRAIN_SALT: u64 = 0x7EA1_4DE7;
 
@@ -399,5 +369,52 @@ impl TrainLoader {
             targets,
             wait_s: t0.elapsed().as_secs_f64(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    #[test]
+    fn item_streams_are_keyed_by_seed_salt_and_item() {
+        let draw = |seed, salt, i| item_rng(seed, salt, i).random::<u64>();
+        assert_eq!(draw(1, 2, 3), draw(1, 2, 3));
+        assert_ne!(draw(1, 2, 3), draw(1, 2, 4));
+        assert_ne!(draw(1, 2, 3), draw(1, 5, 3));
+        assert_ne!(draw(1, 2, 3), draw(7, 2, 3));
+        assert_eq!(iters_per_epoch(10, 2, 2), 2);
+        assert_eq!(iters_per_epoch(3, 2, 2), 0);
+    }
+
+    #[test]
+    fn detections_scale_back_to_the_frame() {
+        let det = crate::model::detector::Detections {
+            boxes: Tensor::from_slice(&[8.0f32, 16.0, 32.0, 48.0]).view([1, 4]),
+            scores: Tensor::from_slice(&[0.75f32]),
+            labels: Tensor::from_slice(&[2i64]),
+        };
+        let b = scaled_boxes(&det, (64.0, 64.0), (128, 80));
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].label, 2);
+        assert_eq!(b[0].xyxy, [10.0, 32.0, 40.0, 96.0]);
+    }
+
+    #[test]
+    fn the_input_is_bgr_minus_the_published_mean_and_flips() {
+        // One red pixel row: R=255 at x = 0, black at x = 1.
+        let rgb = [255u8, 0, 0, 0, 0, 0];
+        let t = input_from_rgb(&rgb, (1, 2), (1, 2), false);
+        let v: Vec<f32> = Vec::try_from(t.flatten(0, -1)).unwrap();
+        // Channel 2 (R in BGR) at x = 0.
+        assert!(
+            (v[4] - (255.0 - PIXEL_MEAN_BGR[2] as f32)).abs() < 1e-4,
+            "{v:?}"
+        );
+        assert!((v[0] + PIXEL_MEAN_BGR[0] as f32).abs() < 1e-4);
+        let f = input_from_rgb(&rgb, (1, 2), (1, 2), true);
+        let w: Vec<f32> = Vec::try_from(f.flatten(0, -1)).unwrap();
+        assert!((w[5] - v[4]).abs() < 1e-6);
     }
 }

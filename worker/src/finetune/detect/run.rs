@@ -766,7 +766,10 @@ fn pr_plot(
     let _ = frames;
     let op = &scores.overall.at_threshold;
     let curve = PrCurve {
-        name: format!("all classes, AP50 {:.3}", scores.overall.ap50),
+        name: format!(
+            "classes pooled (mean AP50 over classes {:.3})",
+            scores.overall.ap50
+        ),
         points: scores.pr_curve.clone(),
         operating_point: (op.tp + op.fp > 0).then_some((op.recall, op.precision)),
     };
