@@ -173,7 +173,7 @@ fn draw_label(
 /// Draws the true boxes (yellow) and the predicted boxes (green, each labelled "class score"
 /// in black on green above its top-left corner) on an RGB frame (row-major,
 /// `height × width × 3`), for the annotated prediction video. Outlines are
-/// `max(2, min(width, height) / 200)` pixels wide; text is `clamp(height / 30, 12, 28)` pixels
+/// `max(2, min(width, height) / 200)` pixels wide; text is `clamp(height / 30, 9, 28)` pixels
 /// high. Errors when `rgb` does not hold `width × height` pixels, or when a box has a label
 /// and no font is installed (the error says what to install).
 pub fn annotate_frame(
@@ -215,7 +215,7 @@ pub fn annotate_frame(
             )));
         }
     };
-    let size = (h / 30).clamp(12, 28);
+    let size = (h / 30).clamp(9, 28);
     let drawn: DrawResult = (|| {
         let backend: BitMapBackend = BitMapBackend::with_buffer_and_format(rgb, (w, h))?;
         let area = backend.into_drawing_area();
