@@ -457,6 +457,10 @@ pub struct SynthArgs {
     /// visible; cvc and kumc: 1, the renderer's natural colour).
     #[arg(long)]
     pub polyp_contrast: Option<f64>,
+    /// Downstream kinds: the most polyps a video shows, 1 or 2 (2: a quarter of the videos
+    /// with polyps show two).
+    #[arg(long)]
+    pub max_polyps: Option<usize>,
     /// polypdiag: share of a positive video's frames that must show its polyp (0.5).
     #[arg(long)]
     pub min_polyp_share: Option<f64>,
@@ -1079,6 +1083,7 @@ fn run_synth(args: SynthArgs) -> anyhow::Result<()> {
         threads: args.threads.unwrap_or(0),
         polyp_scale: args.polyp_scale.unwrap_or(defaults.polyp_scale),
         polyp_contrast: args.polyp_contrast.unwrap_or(defaults.polyp_contrast),
+        max_polyps: args.max_polyps.unwrap_or(defaults.max_polyps),
         min_polyp_share: args.min_polyp_share.unwrap_or(defaults.min_polyp_share),
         min_polyp_area: args.min_polyp_area.unwrap_or(defaults.min_polyp_area),
         ..defaults
@@ -1100,11 +1105,12 @@ fn run_synth_pretrain(args: &SynthArgs) -> anyhow::Result<()> {
         Some(n) => n,
     };
     if args.polyp_contrast.is_some()
+        || args.max_polyps.is_some()
         || args.min_polyp_share.is_some()
         || args.min_polyp_area.is_some()
     {
         bail!(
-            "--polyp-contrast, --min-polyp-share and --min-polyp-area are for the downstream kinds"
+            "--polyp-contrast, --max-polyps, --min-polyp-share and --min-polyp-area are for the downstream kinds"
         );
     }
     if args.max_frames.is_some() {

@@ -40,6 +40,9 @@ pub struct SynthParams {
     /// the generated classification set); 1 to 4. At 1 the draws and pixels are those of
     /// earlier versions.
     pub polyp_contrast: f64,
+    /// Most polyps a clip shows (1 or 2; a clip with polyps shows two a quarter of the time
+    /// when 2 is allowed). At 2 the draws and pixels are those of earlier versions.
+    pub max_polyps: usize,
 }
 
 impl SynthParams {
@@ -53,6 +56,7 @@ impl SynthParams {
             polyp_probability: 0.3,
             polyp_scale: 1.0,
             polyp_contrast: 1.0,
+            max_polyps: 2,
         }
     }
 
@@ -88,6 +92,12 @@ impl SynthParams {
             return bad(format!(
                 "polyp scale must be in [0.25, 4], got {}",
                 self.polyp_scale
+            ));
+        }
+        if !(1..=2).contains(&self.max_polyps) {
+            return bad(format!(
+                "the most polyps per clip must be 1 or 2, got {}",
+                self.max_polyps
             ));
         }
         Ok(())
@@ -436,6 +446,7 @@ mod tests {
             polyp_probability,
             polyp_scale: 1.0,
             polyp_contrast: 1.0,
+            max_polyps: 2,
         }
     }
 
@@ -582,6 +593,10 @@ mod tests {
             },
             SynthParams {
                 polyp_contrast: 0.5,
+                ..small(4, 0.1)
+            },
+            SynthParams {
+                max_polyps: 3,
                 ..small(4, 0.1)
             },
         ] {

@@ -83,6 +83,8 @@ pub struct DownstreamSpec {
     pub polyp_scale: f64,
     /// How much paler than the wall polyps are (see [`SynthParams::polyp_contrast`]).
     pub polyp_contrast: f64,
+    /// Most polyps per video (see [`SynthParams::max_polyps`]).
+    pub max_polyps: usize,
     /// Label-1 videos qualify when at least this share of their frames shows a polyp covering
     /// at least [`DownstreamSpec::min_polyp_area`] of the frame (0.5: half the frames).
     pub min_polyp_share: f64,
@@ -117,6 +119,7 @@ impl DownstreamSpec {
                 DownstreamKind::PolypDiag => 2.0,
                 _ => 1.0,
             },
+            max_polyps: 2,
             min_polyp_share: 0.5,
             min_polyp_area: 0.0,
             val_fraction: 0.2,
@@ -178,6 +181,7 @@ impl DownstreamSpec {
         SynthParams {
             polyp_scale: self.polyp_scale,
             polyp_contrast: self.polyp_contrast,
+            max_polyps: self.max_polyps,
             ..SynthParams::pretrain(self.short_side, hi)
         }
         .validate()
@@ -270,6 +274,7 @@ pub fn video_params(
         polyp_probability: if label == 1 { 1.0 } else { 0.0 },
         polyp_scale: scale,
         polyp_contrast: contrast,
+        max_polyps: spec.max_polyps,
         ..SynthParams::pretrain(spec.short_side, frames)
     }
 }
@@ -452,6 +457,7 @@ pub fn write_downstream(out: &Path, spec: &DownstreamSpec) -> Result<DownstreamS
         "height": params.height,
         "polyp_scale": spec.polyp_scale,
         "polyp_contrast": spec.polyp_contrast,
+        "max_polyps": spec.max_polyps,
         "min_polyp_share": spec.min_polyp_share,
         "min_polyp_area": spec.min_polyp_area,
         "videos": records,

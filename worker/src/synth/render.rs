@@ -236,6 +236,7 @@ impl Scene {
         let camera = camera_path(&mut rng, w, h, t);
         let polyps = if rng.random_bool(params.polyp_probability) {
             let count = if rng.random_bool(0.25) { 2 } else { 1 };
+            let count = count.min(params.max_polyps);
             (0..count)
                 .map(|_| {
                     // Place it a little ahead of where the camera is at some frame of the clip.
