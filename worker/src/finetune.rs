@@ -586,6 +586,38 @@ pub fn locate_model(text: &str) -> Result<LocalModel> {
     })
 }
 
+/// What a fine-tuned model is when its weights do not say (no `info.json`): from `--preset`,
+/// or from a fine-tuning run's `config.json` (its `model`, `segmenter`, `detector` and
+/// `finetune` sections).
+#[derive(Debug, Clone, Default)]
+pub struct Fallback {
+    /// The backbone.
+    pub model: Option<ModelConfig>,
+    /// Segmentation: the stem/decoder.
+    pub segmenter: Option<SegmenterConfig>,
+    /// Detection: the network beyond the backbone.
+    pub detector: Option<DetectorConfig>,
+    /// The settings the model was trained with (input sizes, thresholds, references).
+    pub finetune: Option<FinetuneConfig>,
+}
+
+impl Fallback {
+    /// The settings of a model without `info.json` for `task` on `model`: the recorded
+    /// training settings when known, else the task's defaults for the network; `overrides` laid
+    /// over either.
+    pub(crate) fn settings(
+        &self,
+        task: TaskKind,
+        model: &ModelConfig,
+        overrides: Option<&serde_json::Value>,
+    ) -> Result<FinetuneConfig> {
+        match &self.finetune {
+            Some(trained) => settings_with(trained, overrides),
+            None => finetune_config(task, model, overrides),
+        }
+    }
+}
+
 /// An evaluation of a fine-tuned model on one split.
 #[derive(Debug, Clone)]
 pub struct EvaluateJob {
@@ -593,12 +625,8 @@ pub struct EvaluateJob {
     pub task: TaskKind,
     /// The model (`locate_model` text: output location, folder or file).
     pub weights: String,
-    /// The backbone when the model folder does not say (`info.json` missing).
-    pub model: Option<ModelConfig>,
-    /// Segmentation: the stem/decoder when the model folder does not say.
-    pub segmenter: Option<SegmenterConfig>,
-    /// Detection: the network beyond the backbone when the model folder does not say.
-    pub detector: Option<DetectorConfig>,
+    /// What the network is when the model folder does not say (`info.json` missing).
+    pub fallback: Fallback,
     /// Sampling settings overrides (JSON object of [`FinetuneConfig`] fields).
     pub overrides: Option<serde_json::Value>,
     /// Dataset root.

@@ -132,19 +132,19 @@ pub fn evaluate_job_for(a: &AssignmentFile, spec: &JobSpec) -> Result<EvaluateJo
             .init
             .clone()
             .ok_or_else(|| missing("init (the model)"))?,
-        model: Some(spec.model.resolve()?),
-        segmenter: spec
-            .model
-            .config
-            .is_none()
-            .then(|| endofm_shared::SegmenterConfig::for_preset(&spec.model.preset))
-            .flatten(),
-        detector: spec
-            .model
-            .config
-            .is_none()
-            .then(|| endofm_shared::DetectorConfig::for_preset(&spec.model.preset))
-            .flatten(),
+        fallback: {
+            let preset = spec
+                .model
+                .config
+                .is_none()
+                .then_some(spec.model.preset.as_str());
+            crate::finetune::Fallback {
+                model: Some(spec.model.resolve()?),
+                segmenter: preset.and_then(endofm_shared::SegmenterConfig::for_preset),
+                detector: preset.and_then(endofm_shared::DetectorConfig::for_preset),
+                finetune: None,
+            }
+        },
         overrides: None,
         data: StorageUri::parse(&spec.data.uri)?,
         split: Split::parse(spec.split.as_deref().unwrap_or("test"))?,

@@ -10,7 +10,7 @@ use endofm_shared::{InitFrom, ModelConfig, Preset, StorageUri, TaskKind};
 
 use super::{RunExec, cores, parse_device, print_json, set_threads};
 use crate::datasets::Split;
-use crate::finetune::{self, EvaluateJob, FinetuneJob, FinetuneRunConfig};
+use crate::finetune::{self, EvaluateJob, Fallback, FinetuneJob, FinetuneRunConfig};
 use crate::init::InitSource;
 
 /// `finetune` arguments.
@@ -86,14 +86,6 @@ pub struct ModelArgs {
     pub threads: Option<i32>,
 }
 
-/// The network a model's weights need when they do not say (no `info.json`).
-#[derive(Debug, Clone, Default)]
-struct Fallback {
-    model: Option<ModelConfig>,
-    segmenter: Option<endofm_shared::SegmenterConfig>,
-    detector: Option<endofm_shared::DetectorConfig>,
-}
-
 impl ModelArgs {
     /// The task (implemented ones only), the device (threads applied) and the fallback network.
     fn resolve(&self) -> anyhow::Result<(TaskKind, tch::Device, Fallback)> {
@@ -110,7 +102,8 @@ impl ModelArgs {
 
 /// `--preset` (its network, and for segmentation and detection the layers around it) or
 /// `--config`: a model configuration, or a run's configuration (`config.json` of a fine-tuning
-/// output: its `model`, `segmenter` and `detector` sections).
+/// output: its `model`, `segmenter`, `detector` and `finetune` sections, the last the settings
+/// the model was trained with).
 fn fallback_of(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result<Fallback> {
     if let (None, Some(path)) = (preset, config) {
         let text = std::fs::read_to_string(path)
@@ -131,6 +124,13 @@ fn fallback_of(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result
                     .map(|s| endofm_shared::DetectorConfig::resolve(None, Some(s)))
                     .transpose()
                     .with_context(|| format!("{} (detector)", path.display()))?,
+                finetune: value
+                    .get("finetune")
+                    .map(|f| {
+                        endofm_shared::FinetuneConfig::from_json_str(&f.to_string(), "finetune")
+                    })
+                    .transpose()
+                    .with_context(|| format!("{} (finetune)", path.display()))?,
             });
         }
     }
@@ -138,6 +138,7 @@ fn fallback_of(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result
         model: model_of(preset, config)?,
         segmenter: preset.and_then(endofm_shared::SegmenterConfig::for_preset),
         detector: preset.and_then(endofm_shared::DetectorConfig::for_preset),
+        finetune: None,
     })
 }
 
@@ -324,9 +325,7 @@ pub fn run_evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
     let job = EvaluateJob {
         task,
         weights: args.model.weights.clone(),
-        model: fallback.model,
-        segmenter: fallback.segmenter,
-        detector: fallback.detector,
+        fallback,
         overrides: None,
         data: StorageUri::parse(&args.data).context("--data")?,
         split,
@@ -356,7 +355,6 @@ fn default_prediction_dir(video: &str) -> PathBuf {
 /// Runs `predict`: one JSON object, or with --window one JSON line per window.
 pub fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
     let (task, device, fallback) = args.model.resolve()?;
-    let model = fallback.model.clone();
     if task == TaskKind::Detect {
         if args.window || args.frames.is_some() {
             bail!(
@@ -369,8 +367,7 @@ pub fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| default_prediction_dir(&args.video));
         let (frames, files) = finetune::detect::predict::predict(
             &args.model.weights,
-            model.as_ref(),
-            fallback.detector.as_ref(),
+            &fallback,
             &args.video,
             &out,
             device,
@@ -395,8 +392,7 @@ pub fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| default_prediction_dir(&args.video));
         let frames = finetune::segment::predict(
             &args.model.weights,
-            model.as_ref(),
-            fallback.segmenter.as_ref(),
+            &fallback,
             &args.video,
             &out,
             window,
@@ -419,7 +415,7 @@ pub fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
     }
     let predictions = finetune::classify::predict(
         &args.model.weights,
-        model.as_ref(),
+        &fallback,
         &args.video,
         args.window,
         device,

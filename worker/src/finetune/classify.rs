@@ -648,12 +648,12 @@ pub(super) fn publish(report: &mut Report, out: &Store, rank: usize) -> Result<O
 /// Builds the classifier a located model describes (or `fallback`), with its weights.
 fn load_classifier(
     weights_text: &str,
-    fallback: Option<&endofm_shared::ModelConfig>,
+    fallback: &super::Fallback,
     overrides: Option<&serde_json::Value>,
     device: Device,
 ) -> Result<(Classifier, FinetuneConfig, String)> {
     let located = locate_model(weights_text)?;
-    let (cfg, ft) = match (&located.info, fallback) {
+    let (cfg, ft) = match (&located.info, fallback.model.as_ref()) {
         (Some(info), _) => {
             if info.task != TaskKind::Classify {
                 return Err(Error::Input {
@@ -673,7 +673,7 @@ fn load_classifier(
             );
             (
                 model.clone(),
-                super::finetune_config(TaskKind::Classify, model, overrides)?,
+                fallback.settings(TaskKind::Classify, model, overrides)?,
             )
         }
         (None, None) => {
@@ -695,7 +695,7 @@ fn load_classifier(
 pub fn evaluate(job: &EvaluateJob, collective: &mut dyn Collective) -> Result<Outcome> {
     let (model, cfg, described) = load_classifier(
         &job.weights,
-        job.model.as_ref(),
+        &job.fallback,
         job.overrides.as_ref(),
         job.device,
     )?;
@@ -766,7 +766,7 @@ pub struct Prediction {
 /// (start 0), or with `windows` one per consecutive window of the sampling span.
 pub fn predict(
     weights_text: &str,
-    fallback: Option<&endofm_shared::ModelConfig>,
+    fallback: &super::Fallback,
     video: &str,
     windows: bool,
     device: Device,

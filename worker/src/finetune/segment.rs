@@ -822,13 +822,12 @@ fn publish(
 /// Builds the segmentation network a located model describes (or `fallback`), with weights.
 fn load_segmenter(
     weights_text: &str,
-    fallback: Option<&endofm_shared::ModelConfig>,
-    fallback_segmenter: Option<&SegmenterConfig>,
+    fallback: &super::Fallback,
     overrides: Option<&serde_json::Value>,
     device: Device,
 ) -> Result<(Segmenter, FinetuneConfig)> {
     let located = locate_model(weights_text)?;
-    let (model, seg, cfg) = match (&located.info, fallback) {
+    let (model, seg, cfg) = match (&located.info, fallback.model.as_ref()) {
         (Some(info), _) => {
             if info.task != TaskKind::Segment {
                 return Err(Error::Input {
@@ -849,10 +848,11 @@ fn load_segmenter(
         }
         (None, Some(model)) => (
             model.clone(),
-            fallback_segmenter
-                .cloned()
+            fallback
+                .segmenter
+                .clone()
                 .unwrap_or_else(SegmenterConfig::published),
-            super::finetune_config(TaskKind::Segment, model, overrides)?,
+            fallback.settings(TaskKind::Segment, model, overrides)?,
         ),
         (None, None) => {
             return Err(Error::Input {
@@ -873,8 +873,7 @@ fn load_segmenter(
 pub fn evaluate(job: &EvaluateJob, collective: &mut dyn Collective) -> Result<Outcome> {
     let (model, cfg) = load_segmenter(
         &job.weights,
-        job.model.as_ref(),
-        job.segmenter.as_ref(),
+        &job.fallback,
         job.overrides.as_ref(),
         job.device,
     )?;
@@ -951,14 +950,13 @@ pub struct FramePrediction {
 /// green.
 pub fn predict(
     weights_text: &str,
-    fallback: Option<&endofm_shared::ModelConfig>,
-    fallback_segmenter: Option<&SegmenterConfig>,
+    fallback: &super::Fallback,
     video: &str,
     out: &Path,
     window: usize,
     device: Device,
 ) -> Result<Vec<FramePrediction>> {
-    let (model, cfg) = load_segmenter(weights_text, fallback, fallback_segmenter, None, device)?;
+    let (model, cfg) = load_segmenter(weights_text, fallback, None, device)?;
     let precision = resolve_precision(cfg.precision, device)?;
     let mut media = crate::datasets::media::Media::open_uri(video)?;
     let info = media.info();

@@ -10,8 +10,6 @@ use std::path::Path;
 
 use tch::{Device, Tensor};
 
-use endofm_shared::{DetectorConfig, ModelConfig};
-
 use super::data::{TEST_SALT, input_from_rgb, item_rng, scaled_boxes, test_references};
 use super::input_size;
 use super::run::{class_name, load_detector};
@@ -63,13 +61,12 @@ pub struct PredictionFiles {
 /// already holds a prediction, a decode or write failure (named).
 pub fn predict(
     weights_text: &str,
-    fallback: Option<&ModelConfig>,
-    fallback_detector: Option<&DetectorConfig>,
+    fallback: &crate::finetune::Fallback,
     video: &str,
     out: &Path,
     device: Device,
 ) -> Result<(Vec<FrameDetections>, PredictionFiles)> {
-    let (net, cfg) = load_detector(weights_text, fallback, fallback_detector, None, device)?;
+    let (net, cfg) = load_detector(weights_text, fallback, None, device)?;
     let mut media = crate::datasets::media::Media::open_uri(video)?;
     let info = media.info();
     if info.frames == 0 {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tch::{Device, Kind, Tensor};
 
-use endofm_shared::{DetectorConfig, FinetuneConfig, ModelConfig, TaskKind};
+use endofm_shared::{DetectorConfig, FinetuneConfig, TaskKind};
 
 use super::data::{TrainLoader, frame_index, iters_per_epoch, predict_frame, truth_of};
 use super::metrics::{DetectionScores, FrameBoxes, ScoredBox, score};
@@ -828,17 +828,16 @@ fn grid_samples(
     Ok(samples)
 }
 
-/// Builds the detector a located model describes (or the fallbacks), with its weights, and the
-/// settings it was trained with (`overrides` laid over them).
+/// Builds the detector a located model describes (or `fallback` says), with its weights, and
+/// the settings it was trained with (`overrides` laid over them).
 pub fn load_detector(
     weights_text: &str,
-    fallback: Option<&ModelConfig>,
-    fallback_detector: Option<&DetectorConfig>,
+    fallback: &crate::finetune::Fallback,
     overrides: Option<&serde_json::Value>,
     device: Device,
 ) -> Result<(Detector, FinetuneConfig)> {
     let located = locate_model(weights_text)?;
-    let (model, det, cfg) = match (&located.info, fallback) {
+    let (model, det, cfg) = match (&located.info, fallback.model.as_ref()) {
         (Some(info), _) => {
             if info.task != TaskKind::Detect {
                 return Err(Error::Input {
@@ -856,10 +855,11 @@ pub fn load_detector(
         }
         (None, Some(model)) => (
             model.clone(),
-            fallback_detector
-                .cloned()
+            fallback
+                .detector
+                .clone()
                 .unwrap_or_else(DetectorConfig::published),
-            crate::finetune::finetune_config(TaskKind::Detect, model, overrides)?,
+            fallback.settings(TaskKind::Detect, model, overrides)?,
         ),
         (None, None) => {
             return Err(Error::Input {
@@ -881,8 +881,7 @@ pub fn load_detector(
 pub fn evaluate(job: &EvaluateJob, collective: &mut dyn Collective) -> Result<Outcome> {
     let (net, cfg) = load_detector(
         &job.weights,
-        job.model.as_ref(),
-        job.detector.as_ref(),
+        &job.fallback,
         job.overrides.as_ref(),
         job.device,
     )?;
