@@ -120,6 +120,73 @@ pub struct FinetuneJob {
     pub observer: Option<Arc<dyn RunObserver>>,
 }
 
+impl FinetuneJob {
+    /// What every fine-tuning checkpoint's manifest records beside its files: the task, the
+    /// settings, the task's `network` sections (e.g. `segmenter`), the loop `state`, and where
+    /// the backbone came from (`init` as described at initialisation, and the source given).
+    pub(crate) fn checkpoint_extra(
+        &self,
+        network: serde_json::Map<String, serde_json::Value>,
+        state: serde_json::Value,
+        init: &str,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        let mut extra = serde_json::Map::new();
+        extra.insert("task".into(), serde_json::json!(self.task));
+        extra.insert(
+            "finetune".into(),
+            serde_json::to_value(&self.cfg).unwrap_or_default(),
+        );
+        extra.extend(network);
+        extra.insert("state".into(), state);
+        extra.insert("init".into(), serde_json::json!(init));
+        extra.insert(
+            "init_source".into(),
+            serde_json::json!(self.init.as_ref().map(InitSource::describe)),
+        );
+        extra
+    }
+
+    /// The run machinery's settings of this job on `world` ranks: the backbone as trained
+    /// (`model`), the corpus fingerprint, and the resolved configuration written to
+    /// `config.json` (kind, task, preset, data, world size, model, fine-tuning settings,
+    /// initialisation, plus the task's `network` sections such as `segmenter`).
+    pub(crate) fn run_settings(
+        &self,
+        model: &ModelConfig,
+        world: usize,
+        corpus: crate::data::CorpusFingerprint,
+        network: serde_json::Map<String, serde_json::Value>,
+    ) -> crate::run::RunSettings {
+        let mut resolved = serde_json::json!({
+            "kind": "finetune",
+            "task": self.task,
+            "preset": self.preset,
+            "data": self.data.to_string(),
+            "world_size": world,
+            "model": model,
+            "finetune": self.cfg,
+            "init": self.init.as_ref().map(InitSource::describe),
+        });
+        if let serde_json::Value::Object(map) = &mut resolved {
+            map.extend(network);
+        }
+        crate::run::RunSettings {
+            out: self.out.clone(),
+            model: model.clone(),
+            corpus,
+            resolved_config: resolved,
+            max_steps: self.max_steps,
+            checkpoint_every: self.cfg.checkpoint_every,
+            keep_checkpoints: self.cfg.keep_checkpoints,
+            log_every: self.cfg.log_every,
+            progress: self.progress,
+            device: self.device,
+            stop: Arc::clone(&self.stop),
+            observer: self.observer.clone(),
+        }
+    }
+}
+
 /// What a fine-tuning or evaluation run produced.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
@@ -639,6 +706,26 @@ pub struct EvaluateJob {
     pub device: Device,
     /// Decode threads.
     pub data_threads: usize,
+}
+
+impl EvaluateJob {
+    /// The evaluation's output location, refused when it is a fine-tuning output (its
+    /// `report.json` would be replaced).
+    pub(crate) fn output(&self) -> Result<Store> {
+        let out = Store::open(&self.out, true)?;
+        if out.exists(&format!("{BEST}/info.json"))?
+            || !out.list(crate::run::checkpoint::DIR)?.is_empty()
+        {
+            return Err(Error::Input {
+                name: "--out".into(),
+                reason: format!(
+                    "{} is a training output (its report.json would be replaced); give the evaluation its own location",
+                    self.out
+                ),
+            });
+        }
+        Ok(out)
+    }
 }
 
 /// Evaluates a fine-tuned model on one split (every rank scores its share; rank 0 writes the

@@ -22,11 +22,10 @@ use crate::datasets::{PolypDiag, Split};
 use crate::eval::metrics::{BinaryMetrics, BinaryPrediction};
 use crate::eval::plots::write_report_plots;
 use crate::eval::report::{EpochRecord, REPORT_FILE, Report, Selection, SplitMetrics};
-use crate::init::InitSource;
 use crate::model::{Classifier, LoadMode, weights};
 use crate::precision::{Precision, with_precision};
 use crate::run::checkpoint::{Checkpointable, Committed, Manifest, Snapshot, host_vars};
-use crate::run::{self, MetricsLine, RunSettings, StepOutcome, Task};
+use crate::run::{self, MetricsLine, StepOutcome, Task};
 use crate::store::Store;
 use crate::train::step::step_seed;
 use crate::{Error, Result};
@@ -80,22 +79,12 @@ struct ClassifyTask<'a> {
 
 impl Checkpointable for ClassifyTask<'_> {
     fn snapshot(&self) -> Snapshot {
-        let mut extra = serde_json::Map::new();
-        extra.insert("task".into(), serde_json::json!(TaskKind::Classify));
-        extra.insert(
-            "finetune".into(),
-            serde_json::to_value(&self.job.cfg).unwrap_or_default(),
-        );
         let mut state = self.state.clone();
         state.sgd_steps = self.sgd.steps;
-        extra.insert(
-            "state".into(),
+        let extra = self.job.checkpoint_extra(
+            serde_json::Map::new(),
             serde_json::to_value(&state).unwrap_or_default(),
-        );
-        extra.insert("init".into(), serde_json::json!(self.init));
-        extra.insert(
-            "init_source".into(),
-            serde_json::json!(self.job.init.as_ref().map(InitSource::describe)),
+            &self.init,
         );
         Snapshot {
             files: vec![
@@ -485,29 +474,12 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
         Classifier::new(&model_cfg, NUM_LABELS, job.device)?
     };
     let sgd = optimizer_for(&model, &job.cfg);
-    let settings = RunSettings {
-        out: job.out.clone(),
-        model: model_cfg.clone(),
-        corpus: CorpusFingerprint::of(&keys),
-        resolved_config: serde_json::json!({
-            "kind": "finetune",
-            "task": TaskKind::Classify,
-            "preset": job.preset,
-            "data": job.data.to_string(),
-            "world_size": world,
-            "model": model_cfg,
-            "finetune": job.cfg,
-            "init": job.init.as_ref().map(InitSource::describe),
-        }),
-        max_steps: job.max_steps,
-        checkpoint_every: job.cfg.checkpoint_every,
-        keep_checkpoints: job.cfg.keep_checkpoints,
-        log_every: job.cfg.log_every,
-        progress: job.progress,
-        device: job.device,
-        stop: Arc::clone(&job.stop),
-        observer: job.observer.clone(),
-    };
+    let settings = job.run_settings(
+        &model_cfg,
+        world,
+        CorpusFingerprint::of(&keys),
+        serde_json::Map::new(),
+    );
     let mut task = ClassifyTask {
         job,
         model,
@@ -702,18 +674,7 @@ pub fn evaluate(job: &EvaluateJob, collective: &mut dyn Collective) -> Result<Ou
     let dataset = PolypDiag::open(&job.data)?;
     dataset.split(job.split)?;
     let dataset = Arc::new(dataset);
-    let out = Store::open(&job.out, true)?;
-    if out.exists(&format!("{BEST}/info.json"))?
-        || !out.list(crate::run::checkpoint::DIR)?.is_empty()
-    {
-        return Err(Error::Input {
-            name: "--out".into(),
-            reason: format!(
-                "{} is a training output (its report.json would be replaced); give the evaluation its own location",
-                job.out
-            ),
-        });
-    }
+    let out = job.output()?;
     let precision = resolve_precision(cfg.precision, job.device)?;
     let (preds, loss) = score_split(
         &model,

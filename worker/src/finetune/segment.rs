@@ -24,11 +24,10 @@ use crate::datasets::segment::{SegLoader, eval_samples, iters_per_epoch};
 use crate::eval::metrics::MaskOverlap;
 use crate::eval::plots::{OverlaySample, mask_grid};
 use crate::eval::report::{EpochRecord, Report, Selection, SplitMetrics};
-use crate::init::InitSource;
 use crate::model::{LoadMode, Segmenter, weights};
 use crate::precision::{Precision, with_precision};
 use crate::run::checkpoint::{Checkpointable, Committed, Manifest, Snapshot, host_vars};
-use crate::run::{self, MetricsLine, RunSettings, StepOutcome, Task};
+use crate::run::{self, MetricsLine, StepOutcome, Task};
 use crate::store::Store;
 use crate::train::step::step_seed;
 use crate::{Error, Result};
@@ -67,26 +66,17 @@ struct SegmentTask<'a> {
 
 impl Checkpointable for SegmentTask<'_> {
     fn snapshot(&self) -> Snapshot {
-        let mut extra = serde_json::Map::new();
-        extra.insert("task".into(), serde_json::json!(TaskKind::Segment));
-        extra.insert(
-            "finetune".into(),
-            serde_json::to_value(&self.job.cfg).unwrap_or_default(),
-        );
-        extra.insert(
+        let mut state = self.state.clone();
+        state.adam_steps = self.opt.steps;
+        let mut network = serde_json::Map::new();
+        network.insert(
             "segmenter".into(),
             serde_json::to_value(&self.job.segmenter).unwrap_or_default(),
         );
-        let mut state = self.state.clone();
-        state.adam_steps = self.opt.steps;
-        extra.insert(
-            "state".into(),
+        let extra = self.job.checkpoint_extra(
+            network,
             serde_json::to_value(&state).unwrap_or_default(),
-        );
-        extra.insert("init".into(), serde_json::json!(self.init));
-        extra.insert(
-            "init_source".into(),
-            serde_json::json!(self.job.init.as_ref().map(InitSource::describe)),
+            &self.init,
         );
         Snapshot {
             files: vec![
@@ -682,30 +672,9 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
         Segmenter::new(&model_cfg, &job.segmenter, job.device)?
     };
     let opt = AdamW::for_store(model.var_store(), job.cfg.weight_decay);
-    let settings = RunSettings {
-        out: job.out.clone(),
-        model: model_cfg.clone(),
-        corpus: CorpusFingerprint::of(&keys),
-        resolved_config: serde_json::json!({
-            "kind": "finetune",
-            "task": TaskKind::Segment,
-            "preset": job.preset,
-            "data": job.data.to_string(),
-            "world_size": world,
-            "model": model_cfg,
-            "segmenter": job.segmenter,
-            "finetune": job.cfg,
-            "init": job.init.as_ref().map(InitSource::describe),
-        }),
-        max_steps: job.max_steps,
-        checkpoint_every: job.cfg.checkpoint_every,
-        keep_checkpoints: job.cfg.keep_checkpoints,
-        log_every: job.cfg.log_every,
-        progress: job.progress,
-        device: job.device,
-        stop: Arc::clone(&job.stop),
-        observer: job.observer.clone(),
-    };
+    let mut network = serde_json::Map::new();
+    network.insert("segmenter".into(), serde_json::json!(job.segmenter));
+    let settings = job.run_settings(&model_cfg, world, CorpusFingerprint::of(&keys), network);
     let mut task = SegmentTask {
         job,
         model,
@@ -879,18 +848,7 @@ pub fn evaluate(job: &EvaluateJob, collective: &mut dyn Collective) -> Result<Ou
     )?;
     let dataset = Arc::new(Cvc::open(&job.data)?);
     dataset.split(job.split)?;
-    let out = Store::open(&job.out, true)?;
-    if out.exists(&format!("{BEST}/info.json"))?
-        || !out.list(crate::run::checkpoint::DIR)?.is_empty()
-    {
-        return Err(Error::Input {
-            name: "--out".into(),
-            reason: format!(
-                "{} is a training output (its report.json would be replaced); give the evaluation its own location",
-                job.out
-            ),
-        });
-    }
+    let out = job.output()?;
     let precision = resolve_precision(cfg.precision, job.device)?;
     let (scores, overlays) = score_split(
         &model,

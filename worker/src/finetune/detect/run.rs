@@ -25,11 +25,10 @@ use crate::eval::plots::{BoxSample, Corner, DrawBox, Panel, PrCurve, Series};
 use crate::eval::report::{EpochRecord, Report, Selection, SplitMetrics};
 use crate::finetune::classify::resolve_precision;
 use crate::finetune::{BEST, EvaluateJob, FinetuneJob, ModelInfo, Outcome, locate_model};
-use crate::init::InitSource;
 use crate::model::{Detector, LoadMode, weights};
 use crate::precision::Precision;
 use crate::run::checkpoint::{Checkpointable, Committed, Manifest, Snapshot, host_vars};
-use crate::run::{self, MetricsLine, RunSettings, StepOutcome, Task};
+use crate::run::{self, MetricsLine, StepOutcome, Task};
 use crate::store::Store;
 use crate::train::step::step_seed;
 use crate::{Error, Result};
@@ -82,26 +81,17 @@ struct DetectTask<'a> {
 
 impl Checkpointable for DetectTask<'_> {
     fn snapshot(&self) -> Snapshot {
-        let mut extra = serde_json::Map::new();
-        extra.insert("task".into(), serde_json::json!(TaskKind::Detect));
-        extra.insert(
-            "finetune".into(),
-            serde_json::to_value(&self.job.cfg).unwrap_or_default(),
-        );
-        extra.insert(
+        let mut state = self.state.clone();
+        state.sgd_steps = self.opt.steps();
+        let mut network = serde_json::Map::new();
+        network.insert(
             "detector".into(),
             serde_json::to_value(&self.job.detector).unwrap_or_default(),
         );
-        let mut state = self.state.clone();
-        state.sgd_steps = self.opt.steps();
-        extra.insert(
-            "state".into(),
+        let extra = self.job.checkpoint_extra(
+            network,
             serde_json::to_value(&state).unwrap_or_default(),
-        );
-        extra.insert("init".into(), serde_json::json!(self.init));
-        extra.insert(
-            "init_source".into(),
-            serde_json::json!(self.job.init.as_ref().map(InitSource::describe)),
+            &self.init,
         );
         Snapshot {
             files: vec![
@@ -564,30 +554,9 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
         Detector::new(&model_cfg, &job.detector, job.device)?
     };
     let opt = DetectOptimizer::new(&net, &job.cfg);
-    let settings = RunSettings {
-        out: job.out.clone(),
-        model: model_cfg.clone(),
-        corpus: CorpusFingerprint::of(&keys),
-        resolved_config: serde_json::json!({
-            "kind": "finetune",
-            "task": TaskKind::Detect,
-            "preset": job.preset,
-            "data": job.data.to_string(),
-            "world_size": world,
-            "model": model_cfg,
-            "detector": job.detector,
-            "finetune": job.cfg,
-            "init": job.init.as_ref().map(InitSource::describe),
-        }),
-        max_steps: job.max_steps,
-        checkpoint_every: job.cfg.checkpoint_every,
-        keep_checkpoints: job.cfg.keep_checkpoints,
-        log_every: job.cfg.log_every,
-        progress: job.progress,
-        device: job.device,
-        stop: Arc::clone(&job.stop),
-        observer: job.observer.clone(),
-    };
+    let mut network = serde_json::Map::new();
+    network.insert("detector".into(), serde_json::json!(job.detector));
+    let settings = job.run_settings(&model_cfg, world, CorpusFingerprint::of(&keys), network);
     let mut task = DetectTask {
         job,
         net,
@@ -887,18 +856,7 @@ pub fn evaluate(job: &EvaluateJob, collective: &mut dyn Collective) -> Result<Ou
     )?;
     let dataset = Kumc::open(&job.data)?;
     dataset.split(job.split)?;
-    let out = Store::open(&job.out, true)?;
-    if out.exists(&format!("{BEST}/info.json"))?
-        || !out.list(crate::run::checkpoint::DIR)?.is_empty()
-    {
-        return Err(Error::Input {
-            name: "--out".into(),
-            reason: format!(
-                "{} is a training output (its report.json would be replaced); give the evaluation its own location",
-                job.out
-            ),
-        });
-    }
+    let out = job.output()?;
     let (scores, frames) = score_split(
         &net,
         &dataset,
