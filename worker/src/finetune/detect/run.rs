@@ -658,7 +658,7 @@ fn publish(
         if let Some((split, scores, frames)) = shown {
             let file = format!("pr_{split}.png");
             let path = tmp.path().join(&file);
-            pr_plot(split, scores, frames, threshold, &path)?;
+            pr_plot(split, scores, threshold, &path)?;
             files.push((file, path));
             let file = format!("samples_{split}.png");
             let path = tmp.path().join(&file);
@@ -728,11 +728,9 @@ fn loss_terms_plot(history: &[[f64; 5]], path: &std::path::Path) -> Result<()> {
 fn pr_plot(
     split: Split,
     scores: &DetectionScores,
-    frames: &[FrameBoxes],
     threshold: f64,
     path: &std::path::Path,
 ) -> Result<()> {
-    let _ = frames;
     let op = &scores.overall.at_threshold;
     let curve = PrCurve {
         name: format!(
