@@ -709,11 +709,13 @@ pub struct EvaluateJob {
 }
 
 impl EvaluateJob {
-    /// The evaluation's output location, refused when it is a fine-tuning output (its
-    /// `report.json` would be replaced).
+    /// The evaluation's output location, refused when it is a fine-tuning output or a model
+    /// folder (`best/` of one: a report would be written among the model's files).
     pub(crate) fn output(&self) -> Result<Store> {
         let out = Store::open(&self.out, true)?;
         if out.exists(&format!("{BEST}/info.json"))?
+            || out.exists("info.json")?
+            || out.exists("model.safetensors")?
             || !out.list(crate::run::checkpoint::DIR)?.is_empty()
         {
             return Err(Error::Input {

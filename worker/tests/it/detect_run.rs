@@ -187,6 +187,19 @@ fn detection_learns_prominent_polyps_and_reports_it() {
         assert_eq!(ev["metrics"][key], result["metrics"][key], "{key}");
     }
     assert!(eval_out.join("plots/samples_test.png").is_file());
+    // An evaluation never writes into the model folder it scores.
+    let err = worker_err(&[
+        "evaluate",
+        "--task",
+        "detect",
+        "--weights",
+        o,
+        "--data",
+        d,
+        "--out",
+        out.join("best").to_str().unwrap(),
+    ]);
+    assert!(err.contains("training output"), "{err}");
     // Prediction on a frame folder: one JSON line per frame and an annotated video.
     let video = data.join("test2019/Image").join(
         std::fs::read_dir(data.join("test2019/Image"))
@@ -371,6 +384,16 @@ fn bad_detection_inputs_are_refused_naming_the_file() {
         err.contains(&format!("{v}/1.xml")) && err.contains("sessile"),
         "{err}"
     );
+    // A test frame that is not an image: refused before any training, naming the file.
+    let data = kumc(tmp.path(), 4, [4, 4], 15);
+    let v = first_video(&data, "test");
+    std::fs::write(
+        data.join(format!("test2019/Image/{v}/1.jpg")),
+        b"not an image",
+    )
+    .unwrap();
+    let err = run(&data, "o5");
+    assert!(err.contains(&format!("{v}/1.jpg")), "{err}");
     // Settings of another task, a bad value and a network the head cannot build are refused
     // by name, before anything is written.
     let data = kumc(tmp.path(), 4, [4, 4], 14);
@@ -386,6 +409,12 @@ fn bad_detection_inputs_are_refused_naming_the_file() {
             "group_norm_groups",
         ),
         ("nms", r#""epochs": 1"#, r#""nms_th": "high""#, "nms_th"),
+        (
+            "classes",
+            r#""epochs": 1"#,
+            r#""num_classes": 1, "fpn_channels": 32"#,
+            "num_classes",
+        ),
     ] {
         let bad = det_config(tmp.path(), name, finetune, detector);
         let out = tmp.path().join(format!("o-{name}"));

@@ -487,7 +487,8 @@ impl Task for DetectTask<'_> {
 
 /// Opens the dataset (every list and annotation validated, naming the file) and checks the
 /// splits a run reads.
-fn open_dataset(data: &endofm_shared::StorageUri) -> Result<Arc<Kumc>> {
+fn open_dataset(data: &endofm_shared::StorageUri, det: &DetectorConfig) -> Result<Arc<Kumc>> {
+    check_classes(det)?;
     let ds = Kumc::open(data)?;
     for split in [Split::Train, Split::Val] {
         if ds.split(split)?.is_empty() {
@@ -497,7 +498,30 @@ fn open_dataset(data: &endofm_shared::StorageUri) -> Result<Arc<Kumc>> {
             });
         }
     }
+    // Every frame of every split read once (decoded, its size checked against its
+    // annotation), so a bad image anywhere is refused, naming the file, before any training.
+    for split in ds.splits().collect::<Vec<_>>() {
+        for frame in ds.split(split)? {
+            ds.read_frame(frame)?;
+        }
+    }
     Ok(Arc::new(ds))
+}
+
+/// The network must predict exactly KUMC's classes (the published ids 1 and 2).
+fn check_classes(det: &DetectorConfig) -> Result<()> {
+    let classes = PolypClass::ALL.len();
+    if det.num_classes != classes {
+        return Err(Error::Input {
+            name: "detector.num_classes".into(),
+            reason: format!(
+                "{}: KUMC has {classes} polyp classes ({}); the detector must predict exactly those",
+                det.num_classes,
+                PolypClass::ALL.map(PolypClass::name).join(", ")
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The notes every detection report carries.
@@ -521,7 +545,7 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
     let precision = resolve_precision(job.cfg.precision, job.device)?;
     let rank = collective.rank();
     let world = collective.world_size();
-    let dataset = open_dataset(&job.data)?;
+    let dataset = open_dataset(&job.data, &job.detector)?;
     let train = dataset.split(Split::Train)?;
     let ipe = iters_per_epoch(train.len(), job.cfg.batch_per_rank, world);
     if ipe == 0 {
@@ -852,6 +876,7 @@ pub fn evaluate(job: &EvaluateJob, collective: &mut dyn Collective) -> Result<Ou
         job.overrides.as_ref(),
         job.device,
     )?;
+    check_classes(net.config())?;
     let dataset = Kumc::open(&job.data)?;
     dataset.split(job.split)?;
     let out = job.output()?;
