@@ -120,6 +120,21 @@ pub struct FinetuneJob {
     pub observer: Option<Arc<dyn RunObserver>>,
 }
 
+/// Loads a fine-tuning checkpoint's `model.safetensors` into `vs` (strictly: every key with its
+/// shape), the half of `Checkpointable::restore` every task shares.
+pub(crate) fn restore_model(
+    vs: &tch::nn::VarStore,
+    c: &crate::run::checkpoint::Committed<'_>,
+) -> Result<()> {
+    weights::load_tensors(
+        vs,
+        c.read("model.safetensors")?,
+        &c.origin("model.safetensors"),
+        LoadMode::Strict,
+    )?;
+    Ok(())
+}
+
 impl FinetuneJob {
     /// What every fine-tuning checkpoint's manifest records beside its files: the task, the
     /// settings, the task's `network` sections (e.g. `segmenter`), the loop `state`, and where

@@ -22,7 +22,7 @@ use crate::datasets::{PolypDiag, Split};
 use crate::eval::metrics::{BinaryMetrics, BinaryPrediction};
 use crate::eval::plots::write_report_plots;
 use crate::eval::report::{EpochRecord, REPORT_FILE, Report, Selection, SplitMetrics};
-use crate::model::{Classifier, LoadMode, weights};
+use crate::model::{Classifier, LoadMode};
 use crate::precision::{Precision, with_precision};
 use crate::run::checkpoint::{Checkpointable, Committed, Manifest, Snapshot, host_vars};
 use crate::run::{self, MetricsLine, StepOutcome, Task};
@@ -100,12 +100,7 @@ impl Checkpointable for ClassifyTask<'_> {
 
     fn restore(&mut self, c: &Committed<'_>) -> Result<()> {
         let state: State = c.manifest().field("state")?;
-        weights::load_tensors(
-            self.model.var_store(),
-            c.read("model.safetensors")?,
-            &c.origin("model.safetensors"),
-            LoadMode::Strict,
-        )?;
+        crate::finetune::restore_model(self.model.var_store(), c)?;
         self.sgd.load_state(
             &c.read("optimizer.safetensors")?,
             &c.origin("optimizer.safetensors"),

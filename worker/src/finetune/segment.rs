@@ -24,7 +24,7 @@ use crate::datasets::segment::{SegLoader, eval_samples, iters_per_epoch};
 use crate::eval::metrics::MaskOverlap;
 use crate::eval::plots::{OverlaySample, mask_grid};
 use crate::eval::report::{EpochRecord, Report, Selection, SplitMetrics};
-use crate::model::{LoadMode, Segmenter, weights};
+use crate::model::{LoadMode, Segmenter};
 use crate::precision::{Precision, with_precision};
 use crate::run::checkpoint::{Checkpointable, Committed, Manifest, Snapshot, host_vars};
 use crate::run::{self, MetricsLine, StepOutcome, Task};
@@ -92,12 +92,7 @@ impl Checkpointable for SegmentTask<'_> {
 
     fn restore(&mut self, c: &Committed<'_>) -> Result<()> {
         let state: State = c.manifest().field("state")?;
-        weights::load_tensors(
-            self.model.var_store(),
-            c.read("model.safetensors")?,
-            &c.origin("model.safetensors"),
-            LoadMode::Strict,
-        )?;
+        crate::finetune::restore_model(self.model.var_store(), c)?;
         self.opt.load_state(
             &c.read("optimizer.safetensors")?,
             &c.origin("optimizer.safetensors"),

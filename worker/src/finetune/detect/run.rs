@@ -25,7 +25,7 @@ use crate::eval::plots::{BoxSample, Corner, DrawBox, Panel, PrCurve, Series};
 use crate::eval::report::{EpochRecord, Report, Selection, SplitMetrics};
 use crate::finetune::classify::resolve_precision;
 use crate::finetune::{BEST, EvaluateJob, FinetuneJob, ModelInfo, Outcome, locate_model};
-use crate::model::{Detector, LoadMode, weights};
+use crate::model::{Detector, LoadMode};
 use crate::precision::Precision;
 use crate::run::checkpoint::{Checkpointable, Committed, Manifest, Snapshot, host_vars};
 use crate::run::{self, MetricsLine, StepOutcome, Task};
@@ -104,12 +104,7 @@ impl Checkpointable for DetectTask<'_> {
 
     fn restore(&mut self, c: &Committed<'_>) -> Result<()> {
         let state: State = c.manifest().field("state")?;
-        weights::load_tensors(
-            self.net.var_store(),
-            c.read("model.safetensors")?,
-            &c.origin("model.safetensors"),
-            LoadMode::Strict,
-        )?;
+        crate::finetune::restore_model(self.net.var_store(), c)?;
         self.opt.load_state(
             &c.read("optimizer.safetensors")?,
             &c.origin("optimizer.safetensors"),
