@@ -412,7 +412,16 @@ impl FinetuneConfig {
                 .copied()
                 .collect();
             for key in over.keys() {
-                if all.contains(&key.as_str()) && !used.contains(&key.as_str()) {
+                if !all.contains(&key.as_str()) {
+                    return Err(Error::invalid(
+                        key.clone(),
+                        format!(
+                            "unknown field; {task} fine-tuning reads {}",
+                            used.join(", ")
+                        ),
+                    ));
+                }
+                if !used.contains(&key.as_str()) {
                     return Err(Error::invalid(
                         key.clone(),
                         format!("is not a setting of {task} fine-tuning"),
@@ -637,6 +646,18 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("`poly_power`"), "{err}");
+        // A misspelt field lists what this task reads, not every task's fields.
+        let err = FinetuneConfig::resolve(
+            TaskKind::Detect,
+            64,
+            Some(&serde_json::json!({"epochz": 3})),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`epochz`") && err.contains("warmup_iters") && !err.contains("crop"),
+            "{err}"
+        );
     }
 
     #[test]

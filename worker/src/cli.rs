@@ -63,7 +63,9 @@ pub enum Command {
     Finetune(finetune::FinetuneArgs),
     /// Score a fine-tuned model on one split of a dataset; writes report.json and plots.
     Evaluate(finetune::EvaluateArgs),
-    /// Class probability of one video (or of each time window with --window) as JSON.
+    /// Run a fine-tuned model on one video or frame folder: classify prints the class
+    /// probability (per time window with --window), segment writes masks and an overlay video,
+    /// detect prints each frame's boxes and writes an annotated video.
     Predict(finetune::PredictArgs),
     /// Benchmarks printing one JSON object per case.
     #[command(subcommand)]
@@ -453,8 +455,9 @@ pub struct SynthArgs {
     /// pretrain: 1, polypdiag: 2, cvc and kumc: 1.5).
     #[arg(long)]
     pub polyp_scale: Option<f64>,
-    /// Downstream kinds: how much paler than the wall polyps are, 1 to 4 (polypdiag: 2, clearly
-    /// visible; cvc and kumc: 1, the renderer's natural colour).
+    /// Downstream kinds: how far the polyps' colour is from the wall's, 1 to 4 (1: the
+    /// renderer's natural reddish mounds, cvc's default; polypdiag: 2, clearly paler; kumc: 1.5,
+    /// hyperplastic paler and adenomatous browner than the wall, so the classes differ).
     #[arg(long)]
     pub polyp_contrast: Option<f64>,
     /// Downstream kinds: the most polyps a video shows, 1 or 2 (2: a quarter of the videos

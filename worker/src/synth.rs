@@ -35,14 +35,48 @@ pub struct SynthParams {
     /// Factor on the polyps' footprint radius and height (1: the default mix of small and
     /// mid-sized polyps; larger values give the prominent polyps of close-up clips); 0.25 to 4.
     pub polyp_scale: f64,
-    /// How much paler than the surrounding wall a polyp is rendered (1: the renderer's natural
-    /// reddish mounds, close to the wall's colour; 2: clearly visible pale polyps, the default of
-    /// the generated classification set); 1 to 4. At 1 the draws and pixels are those of
-    /// earlier versions.
+    /// How far a polyp's colour is moved from the surrounding wall's, the way `polyp_tone`
+    /// says (1: the renderer's natural reddish mounds, close to the wall's colour; 2: clearly
+    /// visible pale polyps, the default of the generated classification set); 1 to 4. At 1 the
+    /// draws and pixels are those of earlier versions.
     pub polyp_contrast: f64,
     /// Most polyps a clip shows (1 or 2; a clip with polyps shows two a quarter of the time
     /// when 2 is allowed). At 2 the draws and pixels are those of earlier versions.
     pub max_polyps: usize,
+    /// Which way `polyp_contrast` moves a polyp's colour from the wall's: paler (the default;
+    /// the draws and pixels of earlier versions) or darker and browner.
+    pub polyp_tone: PolypTone,
+}
+
+/// The colour a polyp differs from the wall by, after the NICE classification's colour
+/// criterion for colonoscopy: hyperplastic polyps (NICE type 1) look the same as or lighter
+/// than the surrounding mucosa, adenomas (type 2) browner relative to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolypTone {
+    /// Paler than the wall: green and blue lifted most (`1 + 0.7 (contrast − 1)`), red a
+    /// little (`1 + 0.2 (contrast − 1)`).
+    #[default]
+    Pale,
+    /// Darker and browner than the wall: red divided by `1 + 0.35 (contrast − 1)`, green by
+    /// `1 + 0.4 (contrast − 1)`, blue by `1 + 0.8 (contrast − 1)`.
+    Brown,
+}
+
+impl PolypTone {
+    /// The tint `tint` (RGB multipliers as drawn) moved by `contrast` (1 to 4; 1 leaves it).
+    pub fn apply(self, tint: [f32; 3], contrast: f32) -> [f32; 3] {
+        let c = contrast - 1.0;
+        let factors = match self {
+            PolypTone::Pale => [1.0 + 0.2 * c, 1.0 + 0.7 * c, 1.0 + 0.7 * c],
+            PolypTone::Brown => [
+                1.0 / (1.0 + 0.35 * c),
+                1.0 / (1.0 + 0.4 * c),
+                1.0 / (1.0 + 0.8 * c),
+            ],
+        };
+        std::array::from_fn(|i| tint[i] * factors[i])
+    }
 }
 
 impl SynthParams {
@@ -57,6 +91,7 @@ impl SynthParams {
             polyp_scale: 1.0,
             polyp_contrast: 1.0,
             max_polyps: 2,
+            polyp_tone: PolypTone::Pale,
         }
     }
 
@@ -447,7 +482,71 @@ mod tests {
             polyp_scale: 1.0,
             polyp_contrast: 1.0,
             max_polyps: 2,
+            polyp_tone: PolypTone::Pale,
         }
+    }
+
+    /// Mean R, G, B over the polyp pixels of a clip.
+    fn polyp_colour(frames: &Frames, labels: &Labels) -> [f64; 3] {
+        let mut sum = [0.0; 3];
+        let mut n = 0.0;
+        for (i, &m) in labels.masks.data.iter().enumerate() {
+            if m == 1 {
+                for (c, s) in sum.iter_mut().enumerate() {
+                    *s += f64::from(frames.data[i * 3 + c]);
+                }
+                n += 1.0;
+            }
+        }
+        sum.map(|s| s / n)
+    }
+
+    #[test]
+    fn tones_move_the_polyp_colour_paler_or_browner() {
+        let with = |tone, contrast| SynthParams {
+            polyp_scale: 2.0,
+            polyp_contrast: contrast,
+            polyp_tone: tone,
+            ..small(3, 1.0)
+        };
+        let seed = (0..32)
+            .find(|&s| render_clip(&with(PolypTone::Pale, 1.0), s).is_ok_and(|(_, l)| l.polyp))
+            .expect("a clip with a polyp");
+        // At contrast 1 the tone changes nothing.
+        let (pale1, _) = render_clip(&with(PolypTone::Pale, 1.0), seed).expect("render");
+        let (brown1, _) = render_clip(&with(PolypTone::Brown, 1.0), seed).expect("render");
+        assert!(pale1 == brown1, "tone changed the pixels at contrast 1");
+        let (natural, labels) = render_clip(&with(PolypTone::Pale, 1.0), seed).expect("render");
+        let (pale, pale_labels) = render_clip(&with(PolypTone::Pale, 2.5), seed).expect("render");
+        let (brown, brown_labels) =
+            render_clip(&with(PolypTone::Brown, 2.5), seed).expect("render");
+        // Only the polyp's colour moves: same masks, same wall.
+        assert!(labels == pale_labels && labels == brown_labels);
+        let [n, p, b] = [
+            polyp_colour(&natural, &labels),
+            polyp_colour(&pale, &labels),
+            polyp_colour(&brown, &labels),
+        ];
+        assert!(p.iter().zip(&n).all(|(p, n)| p > n), "pale {p:?} vs {n:?}");
+        assert!(b.iter().zip(&n).all(|(b, n)| b < n), "brown {b:?} vs {n:?}");
+        // Browner: blue falls most, so the red-to-blue ratio rises.
+        assert!(b[0] / b[2] > n[0] / n[2] * 1.3, "brown {b:?} vs {n:?}");
+        let wall = |f: &Frames| {
+            f.data
+                .chunks(3)
+                .zip(&labels.masks.data)
+                .filter(|(_, m)| **m == 0)
+                .map(|(px, _)| px.to_vec())
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (wall(&natural), wall(&brown));
+        let changed = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        // Only wall pixels the previous frame's polyp is motion-blurred into may change.
+        assert!(
+            changed * 100 <= a.len(),
+            "{changed} of {} wall pixels changed",
+            a.len()
+        );
     }
 
     #[test]

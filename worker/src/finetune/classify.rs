@@ -602,7 +602,15 @@ pub(super) fn publish(report: &mut Report, out: &Store, rank: usize) -> Result<O
             source,
         })?;
         out.put(REPORT_FILE, Bytes::from(bytes))?;
-        tracing::info!(report = %out.describe(REPORT_FILE), ?headline, "report written");
+        let headline_text = headline
+            .as_ref()
+            .map_or_else(|| "none".to_string(), |(k, v)| format!("{k} {v:.4}"));
+        tracing::info!(
+            task = %report.task,
+            report = %out.describe(REPORT_FILE),
+            headline = %headline_text,
+            "report written"
+        );
     }
     Ok(Outcome {
         run: None,

@@ -11,9 +11,10 @@
 //! - **KUMC** (`<split>2019/{Image,Annotation}/NNN/<k>.{jpg,xml}`, `ImageSets/<split>.txt`):
 //!   one VOC file per frame with the renderer's tight boxes as pixel edges (`xmin = x0`,
 //!   `xmax = x1`, half-open); each video's polyps get one class, alternating adenomatous /
-//!   hyperplastic within a split, and the class shows the way it tends to in colonoscopy:
-//!   hyperplastic polyps are drawn smaller (0.6 × the scale) and paler (1.5 × the contrast,
-//!   at most 4) than adenomatous ones, so a detector can tell them apart.
+//!   hyperplastic within a split, and the class shows in the colour the NICE classification
+//!   reads it by: hyperplastic polyps paler than the wall, adenomatous ones darker and browner
+//!   ([`PolypTone`]), both by `polyp_contrast` (at 1 the two classes look alike), so a
+//!   detector can tell them apart.
 //!
 //! Each video is rendered from its own seed, so train, val and test share no source video.
 //! Frame counts are drawn per video from `frames` (inclusive range). `labels.json` at the root
@@ -32,7 +33,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::{Labels, SynthParams, clip_seed, render_clip};
+use super::{Labels, PolypTone, SynthParams, clip_seed, render_clip};
 use crate::datasets::Split;
 use crate::datasets::kumc::{Kumc, PolypBox, PolypClass, write_voc};
 use crate::video::{EncodeOptions, Frames, encode_mp4};
@@ -81,7 +82,7 @@ pub struct DownstreamSpec {
     pub threads: usize,
     /// Factor on the polyps' size (see [`SynthParams::polyp_scale`]).
     pub polyp_scale: f64,
-    /// How much paler than the wall polyps are (see [`SynthParams::polyp_contrast`]).
+    /// How far the polyps' colour is from the wall's (see [`SynthParams::polyp_contrast`]).
     pub polyp_contrast: f64,
     /// Most polyps per video (see [`SynthParams::max_polyps`]).
     pub max_polyps: usize,
@@ -117,7 +118,8 @@ impl DownstreamSpec {
             polyp_scale,
             polyp_contrast: match kind {
                 DownstreamKind::PolypDiag => 2.0,
-                _ => 1.0,
+                DownstreamKind::Cvc => 1.0,
+                DownstreamKind::Kumc => 1.5,
             },
             max_polyps: 2,
             min_polyp_share: 0.5,
@@ -256,25 +258,23 @@ struct Planned {
 }
 
 /// The renderer parameters of a video of `frames` frames, label `label` and (KUMC) polyp
-/// class `class`: hyperplastic polyps smaller and paler than adenomatous ones.
+/// class `class`: hyperplastic polyps paler than the wall, adenomatous ones browner
+/// ([`PolypTone`]), both by `polyp_contrast` and at `polyp_scale`.
 pub fn video_params(
     spec: &DownstreamSpec,
     frames: usize,
     label: i64,
     class: Option<PolypClass>,
 ) -> SynthParams {
-    let (scale, contrast) = match class {
-        Some(PolypClass::Hyperplastic) => (
-            (spec.polyp_scale * 0.6).max(0.25),
-            (spec.polyp_contrast * 1.5).min(4.0),
-        ),
-        _ => (spec.polyp_scale, spec.polyp_contrast),
-    };
     SynthParams {
         polyp_probability: if label == 1 { 1.0 } else { 0.0 },
-        polyp_scale: scale,
-        polyp_contrast: contrast,
+        polyp_scale: spec.polyp_scale,
+        polyp_contrast: spec.polyp_contrast,
         max_polyps: spec.max_polyps,
+        polyp_tone: match class {
+            Some(PolypClass::Adenomatous) => PolypTone::Brown,
+            Some(PolypClass::Hyperplastic) | None => PolypTone::Pale,
+        },
         ..SynthParams::pretrain(spec.short_side, frames)
     }
 }

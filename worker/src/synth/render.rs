@@ -254,14 +254,9 @@ impl Scene {
                                 uniform(&mut rng, 0.7, 1.0),
                                 uniform(&mut rng, 0.75, 1.0),
                             ];
-                            // Contrast > 1 pales the mound (green and blue lifted most), so it
-                            // stands out from the reddish wall; 1 leaves the tint as drawn.
-                            let c = params.polyp_contrast as f32 - 1.0;
-                            [
-                                tint[0] * (1.0 + 0.2 * c),
-                                tint[1] * (1.0 + 0.7 * c),
-                                tint[2] * (1.0 + 0.7 * c),
-                            ]
+                            // Contrast > 1 moves the mound's colour away from the reddish
+                            // wall (paler, or browner); 1 leaves the tint as drawn.
+                            params.polyp_tone.apply(tint, params.polyp_contrast as f32)
                         },
                     }
                 })

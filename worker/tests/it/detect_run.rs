@@ -93,12 +93,15 @@ fn report(out: &Path) -> Value {
 #[test]
 fn detection_learns_prominent_polyps_and_reports_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = kumc(tmp.path(), 48, [3, 4], 3);
+    // 1,600 three-frame videos (960 to train on, 320 held out for each of val and test):
+    // many short videos, because a ViT trained from random weights generalises with the
+    // number of distinct scenes it sees, not with the frames of each.
+    let data = kumc(tmp.path(), 1600, [3, 3], 9);
     let cfg = det_config(
         tmp.path(),
         "learn",
-        r#""epochs": 12, "lr": 0.005, "warmup_iters": 50, "val_every": 4,
-           "decay_steps": [900, 1150], "decay_gamma": 0.2"#,
+        r#""epochs": 7, "batch_per_rank": 8, "lr": 0.02, "warmup_iters": 20, "val_every": 7,
+           "decay_steps": [2000, 2300], "decay_gamma": 0.2"#,
         r#""num_convs": 2, "fpn_channels": 64"#,
     );
     let out = tmp.path().join("out");
@@ -109,15 +112,13 @@ fn detection_learns_prominent_polyps_and_reports_it() {
     );
     let result = last_json(&worker_ok(&finetune_args(d, o, c)));
     let metric = |k: &str| result["metrics"][k].as_f64().unwrap();
-    // From random weights in about a minute: the training frames are learnt (boxes in the
-    // right place with the right class), and held-out videos are found well above an
-    // untrained detector's 0 (which predicts nothing at score 0.5). A random-initialised ViT
-    // this small does not generalise further from 28 synthetic videos; see the issue note.
+    // From random weights in 2,520 steps: boxes on held-out videos in the right place
+    // (IoU ≥ 0.5) with the right class (measured: test box F1 0.86, AP50 0.85; train 0.94).
     for (key, floor) in [
-        ("train_box_f1", 0.6),
-        ("train_ap50", 0.8),
-        ("test_located_box_f1", 0.3),
-        ("test_box_f1", 0.2),
+        ("test_box_f1", 0.8),
+        ("test_located_box_f1", 0.8),
+        ("test_ap50", 0.75),
+        ("train_box_f1", 0.85),
     ] {
         assert!(
             metric(key) >= floor,
@@ -165,7 +166,7 @@ fn detection_learns_prominent_polyps_and_reports_it() {
         .lines()
         .filter(|l| l.contains("train_loss_stft_reg_mean"))
         .count();
-    assert_eq!(epochs, 12);
+    assert_eq!(epochs, 7);
     // The chosen model evaluates to the same test numbers.
     let eval_out = tmp.path().join("eval");
     let ev = last_json(&worker_ok(&[

@@ -192,13 +192,19 @@ fn average_precision(frames: &[FrameBoxes], label: i64, t: f64) -> (f64, Vec<(f6
         }
         points.push((tp as f64 / n_truth as f64, tp as f64 / (tp + fp) as f64));
     }
-    // All-point interpolation: the precision envelope integrated over recall.
+    // All-point interpolation: the precision envelope (the best precision at this recall or
+    // beyond, a running maximum from the end) integrated over recall.
+    let mut envelope = vec![0.0; points.len()];
+    let mut best = 0.0_f64;
+    for (e, p) in envelope.iter_mut().zip(&points).rev() {
+        best = best.max(p.1);
+        *e = best;
+    }
     let mut ap = 0.0;
     let mut prev_recall = 0.0;
-    for i in 0..points.len() {
-        let envelope = points[i..].iter().map(|p| p.1).fold(0.0, f64::max);
-        ap += (points[i].0 - prev_recall) * envelope;
-        prev_recall = points[i].0;
+    for (p, e) in points.iter().zip(&envelope) {
+        ap += (p.0 - prev_recall) * e;
+        prev_recall = p.0;
     }
     (ap, points)
 }
@@ -388,5 +394,30 @@ mod tests {
         assert_eq!(s.per_class[&1].ap50, 1.0);
         assert_eq!(s.per_class[&1].ap50_95, 1.0);
         assert_eq!(iou(&t, &[25.0, 5.0, 45.0, 30.0]), 0.0);
+    }
+
+    #[test]
+    fn average_precision_integrates_the_precision_envelope() {
+        // Ranked hit (0.9), miss (0.8), hit (0.7), over 3 truths: points (1/3, 1), (1/3, 1/2),
+        // (2/3, 2/3); the envelope lifts the middle point to 2/3: AP = 1/3 + 0 + 1/3 · 2/3.
+        let t = [0.0, 0.0, 10.0, 10.0];
+        let far = [50.0, 50.0, 60.0, 60.0];
+        let frames = vec![
+            FrameBoxes {
+                truth: vec![b(1, 1.0, t)],
+                predicted: vec![b(1, 0.9, t)],
+            },
+            FrameBoxes {
+                truth: vec![b(1, 1.0, t)],
+                predicted: vec![b(1, 0.8, far), b(1, 0.7, t)],
+            },
+            FrameBoxes {
+                truth: vec![b(1, 1.0, t)],
+                predicted: vec![],
+            },
+        ];
+        let s = score(&frames, 1, 0.5);
+        assert!((s.per_class[&1].ap50 - 5.0 / 9.0).abs() < 1e-12, "{s:?}");
+        assert_eq!(s.pr_curve.len(), 3);
     }
 }

@@ -715,12 +715,21 @@ fn loss_terms_plot(history: &[[f64; 5]], path: &std::path::Path) -> Result<()> {
             .collect(),
         markers: history.len() < 30,
     };
-    let panel = |y: &str, series: Vec<Series>| Panel {
-        y_desc: y.into(),
-        series,
-        references: Vec::new(),
-        legend: Corner::UpperRight,
-        y_range: None,
+    // From 0 to 1.6 × the panel's largest value: the legend in the upper right sits above
+    // the curves (losses fall from their first epochs, centerness stays near its top).
+    let panel = |y: &str, series: Vec<Series>| {
+        let top = series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .filter(|v| v.is_finite())
+            .fold(0.0_f64, f64::max);
+        Panel {
+            y_desc: y.into(),
+            series,
+            references: Vec::new(),
+            legend: Corner::UpperRight,
+            y_range: (top > 0.0).then_some((0.0, top * 1.6)),
+        }
     };
     let total = Series {
         name: "sum of the five".into(),
