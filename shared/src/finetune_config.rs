@@ -638,22 +638,15 @@ mod tests {
                 .to_string();
             assert!(err.contains(field), "{doc}: {err}");
         }
-        let err = FinetuneConfig::resolve(
-            TaskKind::Classify,
-            64,
-            Some(&serde_json::json!({"poly_power": 1.0})),
-        )
-        .unwrap_err()
-        .to_string();
+        let refused = |task, doc: serde_json::Value| {
+            FinetuneConfig::resolve(task, 64, Some(&doc))
+                .unwrap_err()
+                .to_string()
+        };
+        let err = refused(TaskKind::Classify, serde_json::json!({"poly_power": 1.0}));
         assert!(err.contains("`poly_power`"), "{err}");
         // A misspelt field lists what this task reads, not every task's fields.
-        let err = FinetuneConfig::resolve(
-            TaskKind::Detect,
-            64,
-            Some(&serde_json::json!({"epochz": 3})),
-        )
-        .unwrap_err()
-        .to_string();
+        let err = refused(TaskKind::Detect, serde_json::json!({"epochz": 3}));
         assert!(
             err.contains("`epochz`") && err.contains("warmup_iters") && !err.contains("crop"),
             "{err}"

@@ -684,6 +684,17 @@ pub struct Fallback {
 }
 
 impl Fallback {
+    /// A backbone `model` with, when a preset names the network (`preset`), that preset's
+    /// segmentation and detection layers; no recorded training settings.
+    pub fn of_preset(model: Option<ModelConfig>, preset: Option<&str>) -> Self {
+        Self {
+            model,
+            segmenter: preset.and_then(SegmenterConfig::for_preset),
+            detector: preset.and_then(DetectorConfig::for_preset),
+            finetune: None,
+        }
+    }
+
     /// The settings of a model without `info.json` for `task` on `model`: the recorded
     /// training settings when known, else the task's defaults for the network; `overrides` laid
     /// over either.

@@ -513,10 +513,9 @@ mod tests {
             .find(|&s| render_clip(&with(PolypTone::Pale, 1.0), s).is_ok_and(|(_, l)| l.polyp))
             .expect("a clip with a polyp");
         // At contrast 1 the tone changes nothing.
-        let (pale1, _) = render_clip(&with(PolypTone::Pale, 1.0), seed).expect("render");
-        let (brown1, _) = render_clip(&with(PolypTone::Brown, 1.0), seed).expect("render");
-        assert!(pale1 == brown1, "tone changed the pixels at contrast 1");
         let (natural, labels) = render_clip(&with(PolypTone::Pale, 1.0), seed).expect("render");
+        let (brown1, _) = render_clip(&with(PolypTone::Brown, 1.0), seed).expect("render");
+        assert!(natural == brown1, "tone changed the pixels at contrast 1");
         let (pale, pale_labels) = render_clip(&with(PolypTone::Pale, 2.5), seed).expect("render");
         let (brown, brown_labels) =
             render_clip(&with(PolypTone::Brown, 2.5), seed).expect("render");

@@ -132,19 +132,13 @@ pub fn evaluate_job_for(a: &AssignmentFile, spec: &JobSpec) -> Result<EvaluateJo
             .init
             .clone()
             .ok_or_else(|| missing("init (the model)"))?,
-        fallback: {
-            let preset = spec
-                .model
+        fallback: crate::finetune::Fallback::of_preset(
+            Some(spec.model.resolve()?),
+            spec.model
                 .config
                 .is_none()
-                .then_some(spec.model.preset.as_str());
-            crate::finetune::Fallback {
-                model: Some(spec.model.resolve()?),
-                segmenter: preset.and_then(endofm_shared::SegmenterConfig::for_preset),
-                detector: preset.and_then(endofm_shared::DetectorConfig::for_preset),
-                finetune: None,
-            }
-        },
+                .then_some(spec.model.preset.as_str()),
+        ),
         overrides: None,
         data: StorageUri::parse(&spec.data.uri)?,
         split: Split::parse(spec.split.as_deref().unwrap_or("test"))?,

@@ -134,12 +134,7 @@ fn fallback_of(preset: Option<&str>, config: Option<&PathBuf>) -> anyhow::Result
             });
         }
     }
-    Ok(Fallback {
-        model: model_of(preset, config)?,
-        segmenter: preset.and_then(endofm_shared::SegmenterConfig::for_preset),
-        detector: preset.and_then(endofm_shared::DetectorConfig::for_preset),
-        finetune: None,
-    })
+    Ok(Fallback::of_preset(model_of(preset, config)?, preset))
 }
 
 /// `evaluate` arguments.

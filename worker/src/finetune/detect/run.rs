@@ -482,8 +482,7 @@ impl Task for DetectTask<'_> {
 
 /// Opens the dataset (every list and annotation validated, naming the file) and checks the
 /// splits a run reads.
-fn open_dataset(data: &endofm_shared::StorageUri, det: &DetectorConfig) -> Result<Arc<Kumc>> {
-    check_classes(det)?;
+fn open_dataset(data: &endofm_shared::StorageUri) -> Result<Arc<Kumc>> {
     let ds = Kumc::open(data)?;
     for split in [Split::Train, Split::Val] {
         if ds.split(split)?.is_empty() {
@@ -540,7 +539,8 @@ pub fn finetune(job: &FinetuneJob, collective: &mut dyn Collective) -> Result<Ou
     let precision = resolve_precision(job.cfg.precision, job.device)?;
     let rank = collective.rank();
     let world = collective.world_size();
-    let dataset = open_dataset(&job.data, &job.detector)?;
+    check_classes(&job.detector)?;
+    let dataset = open_dataset(&job.data)?;
     let train = dataset.split(Split::Train)?;
     let ipe = iters_per_epoch(train.len(), job.cfg.batch_per_rank, world);
     if ipe == 0 {
